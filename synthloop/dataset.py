@@ -1,0 +1,179 @@
+"""The one place datasets touch disk: Parquet shards, one row per image, written atomically.
+
+A dataset is a directory of `part-NNNNN.parquet` shards. Writers stream rows in bounded
+batches into a temporary directory beside the target and rename it into place on success,
+so a killed process leaves the previous version intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+# The columns every image dataset carries (DESIGN.md, "Data format").
+IMAGE_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("label", pa.string()),
+        ("split", pa.string()),
+        ("source", pa.string()),
+        ("parent_id", pa.string()),
+        ("image", pa.binary()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("channels", pa.int8()),
+        ("path", pa.string()),
+    ]
+)
+
+# Ingested rows are raw file bytes: not yet decoded, so no size or split yet.
+INGESTED_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("label", pa.string()),
+        ("source", pa.string()),
+        ("path", pa.string()),
+        ("image", pa.binary()),
+    ]
+)
+
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("path", pa.string()),
+        ("label", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory; on success it replaces `target` in one rename."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; on success it is renamed onto `target`."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, target)
+
+
+def write_json(target: Path, payload: dict[str, Any]) -> None:
+    with atomic_file(target) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def remove_stale_temporaries(target: Path) -> None:
+    """Drop temporaries a killed run left beside `target`."""
+    target = Path(target)
+    if target.parent.is_dir():
+        for stale in target.parent.glob(f".{target.name}.*-*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+
+
+class ShardWriter:
+    """Buffers rows and writes one Parquet shard per `shard_rows` rows into `directory`."""
+
+    def __init__(self, directory: Path, schema: pa.Schema, shard_rows: int = 8192) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.schema = schema
+        self.shard_rows = shard_rows
+        self._columns: dict[str, list[Any]] = {name: [] for name in schema.names}
+        self._buffered = 0
+        self.shards = 0
+        self.rows = 0
+
+    def append(self, row: dict[str, Any]) -> None:
+        for name, values in self._columns.items():
+            values.append(row.get(name))
+        self._buffered += 1
+        if self._buffered >= self.shard_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffered:
+            return
+        table = pa.table(self._columns, schema=self.schema)
+        pq.write_table(table, self.directory / f"part-{self.shards:05d}.parquet")
+        self.shards += 1
+        self.rows += self._buffered
+        self._columns = {name: [] for name in self.schema.names}
+        self._buffered = 0
+
+    def close(self) -> None:
+        self.flush()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None:
+            self.close()
+
+
+def write_table(target: Path, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
+    """Write a small table (a quarantine list, a summary) as one Parquet file, atomically."""
+    table = pa.Table.from_pylist(rows, schema=schema)
+    with atomic_file(target) as tmp:
+        pq.write_table(table, tmp)
+
+
+def shard_paths(directory: Path) -> list[Path]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such dataset (run the stage that makes it)")
+    return sorted(directory.glob("part-*.parquet"))
+
+
+def iter_batches(
+    directory: Path, columns: list[str] | None = None, batch_rows: int = 4096
+) -> Iterator[pa.RecordBatch]:
+    """Stream a dataset's rows in bounded batches, shard by shard, in a stable order."""
+    for path in shard_paths(directory):
+        yield from pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns)
+
+
+def read_columns(directory: Path, columns: list[str]) -> pa.Table:
+    """Read only the named (small) columns of a whole dataset."""
+    paths = shard_paths(directory)
+    if not paths:
+        return pa.schema([]).empty_table()
+    return pa.concat_tables(pq.read_table(p, columns=columns) for p in paths)

@@ -1,0 +1,88 @@
+"""The embedded default dataset: scikit-learn's bundled handwritten digits (1,797 real 8x8
+grey images, 10 classes), plus a seeded set of defects so that every cleaning rule fires.
+
+The defects, one of each (the `path` of each says which):
+- `exact_duplicate`:    a digit re-encoded with other PNG settings (other bytes, same pixels)
+- `conflicting_labels`: a pixel copy of a digit under another label (both copies go)
+- `near_duplicate`:     a digit with one pixel nudged
+- `zero_byte`:          an empty file
+- `not_an_image`:       a text file
+- `truncated`:          a PNG cut in half
+- `too_many_pixels`:    a small PNG that decodes to 6000 x 6000 (a decompression bomb)
+- `label_not_allowed`:  a mirrored digit labelled "x" (outside clean.labels)
+- `blank`:              a constant image
+and two rows that clean keeps after fixing them: a digit labelled "seven" (renamed by
+clean.label_map) and a 16 x 16 RGB digit (converted to the configured size and channels).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+
+import numpy as np
+from PIL import Image
+
+from synthloop.config import DemoSource
+from tasks.sources import Item, Record
+
+
+def _png(array: np.ndarray, **save_args: object) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", **save_args)
+    return buf.getvalue()
+
+
+def digit_images() -> tuple[np.ndarray, np.ndarray]:
+    """The real digits as uint8 (n, 8, 8) on 0..255, and their integer labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    return images, digits.target.astype(np.int64)
+
+
+def read_demo(source: DemoSource) -> Iterator[Record]:
+    images, targets = digit_images()
+    for index, (image, target) in enumerate(zip(images, targets, strict=True)):
+        yield Item(f"demo://digits/{index}", str(int(target)), _png(image))
+    if source.defects:
+        yield from _defects(images, targets, np.random.default_rng(source.seed))
+
+
+def _defects(images: np.ndarray, targets: np.ndarray, rng: np.random.Generator) -> Iterator[Item]:
+    picks = rng.choice(len(images), size=5, replace=False)
+
+    def label(i: int) -> str:
+        return str(int(targets[i]))
+
+    a, b, c, d, e = (int(i) for i in picks)
+    yield Item(f"demo://defect/exact_duplicate/{a}", label(a), _png(images[a], compress_level=0))
+    yield Item(f"demo://defect/conflicting_labels/{b}", str((targets[b] + 1) % 10), _png(images[b]))
+
+    nudged = images[c].copy()
+    y, x = np.unravel_index(np.argmax(nudged), nudged.shape)
+    nudged[y, x] = max(0, int(nudged[y, x]) - 3)
+    yield Item(f"demo://defect/near_duplicate/{c}", label(c), _png(nudged))
+
+    yield Item("demo://defect/zero_byte", label(d), b"")
+    yield Item("demo://defect/not_an_image", label(d), b"label,comment\n3,this is not an image\n")
+
+    noise = rng.integers(0, 256, size=(64, 64), dtype=np.uint8)
+    whole = _png(noise)
+    yield Item("demo://defect/truncated", label(d), whole[: len(whole) // 2])
+
+    bomb = io.BytesIO()
+    Image.new("1", (6000, 6000)).save(bomb, format="PNG")
+    yield Item("demo://defect/too_many_pixels", label(d), bomb.getvalue())
+
+    yield Item(f"demo://defect/label_not_allowed/{d}", "x", _png(images[d][:, ::-1].copy()))
+    yield Item("demo://defect/blank", label(d), _png(np.full((8, 8), 7, dtype=np.uint8)))
+
+    # Kept after fixing: a label the label map renames, and an odd size and mode.
+    seven = int(np.flatnonzero(targets == 7)[int(rng.integers(0, 50))])
+    shifted = np.roll(images[seven], 1, axis=1)
+    yield Item(f"demo://fixable/label_seven/{seven}", "seven", _png(shifted))
+    big = np.kron(images[e][:, ::-1], np.ones((2, 2), dtype=np.uint8))
+    rgb = np.stack([big, big, big // 2], axis=-1)
+    yield Item(f"demo://fixable/rgb_16x16/{e}", label(e), _png(rgb))

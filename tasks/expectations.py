@@ -1,0 +1,278 @@
+"""Great Expectations (GX Core 1.x) checks over the metadata of a cleaned image dataset.
+
+Three real GX validations run on three real pandas batches:
+
+* ``rows``    - the row table itself (schema, nulls, label/split sets, image shape, unique ids);
+* ``splits``  - a one-row-per-split summary (count, fraction, target, abs_error); the fraction
+  check is a *warning* (non-critical) because GX has no built-in for shares on the row table;
+* ``classes`` - a one-row-per-known-label summary (label, count; absent labels count 0).
+
+Every expectation carries ``meta={"critical": bool}``. :func:`validate_clean_dataset` never
+raises on failed expectations; :func:`raise_on_critical` turns critical failures into an error.
+A GX Data Docs HTML site for the run is written to ``docs_dir`` (``docs_dir/index.html``).
+
+``great_expectations`` is imported lazily (it takes seconds) with telemetry switched off.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+COLUMNS = ["id", "label", "split", "source", "parent_id", "height", "width", "channels"]
+_NOT_NULL = ["id", "label", "split", "height", "width", "channels"]
+_OBSERVED_KEYS = (
+    "observed_value",
+    "element_count",
+    "unexpected_count",
+    "unexpected_percent",
+    "partial_unexpected_list",
+    "partial_unexpected_index_list",
+)
+_KEYS = {"rows": None, "splits": "split", "classes": "label"}
+
+
+class CriticalExpectationFailed(RuntimeError):
+    """At least one expectation marked ``critical`` failed."""
+
+
+def _import_gx():
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+
+    return gx
+
+
+def _split_summary(rows: pd.DataFrame, split_fractions: dict[str, float]) -> pd.DataFrame:
+    counts = rows["split"].value_counts() if "split" in rows else pd.Series(dtype="int64")
+    names = list(split_fractions) + [s for s in counts.index if s not in split_fractions]
+    total = len(rows)
+    out = pd.DataFrame({"split": [str(s) for s in names]})
+    out["count"] = [int(counts.get(s, 0)) for s in names]
+    out["fraction"] = out["count"] / total if total else 0.0
+    out["target"] = [float(split_fractions.get(s, 0.0)) for s in names]
+    out["abs_error"] = (out["fraction"] - out["target"]).abs()
+    return out
+
+
+def _class_summary(rows: pd.DataFrame, known_labels: list[str]) -> pd.DataFrame:
+    counts = rows["label"].value_counts() if "label" in rows else pd.Series(dtype="int64")
+    return pd.DataFrame(
+        {"label": list(known_labels), "count": [int(counts.get(lb, 0)) for lb in known_labels]}
+    )
+
+
+def _suites(
+    *,
+    known_labels: list[str],
+    height: int,
+    width: int,
+    channels: int,
+    split_fractions: dict[str, float],
+    split_tolerance: float,
+    min_class_count: int,
+) -> dict[str, list[tuple[Any, bool]]]:
+    """Batch name -> [(expectation, critical)]."""
+    gxe = _import_gx().expectations
+    rows: list[tuple[Any, bool]] = [
+        (gxe.ExpectTableColumnsToMatchSet(column_set=COLUMNS, exact_match=True), True),
+        *[(gxe.ExpectColumnValuesToNotBeNull(column=c), True) for c in _NOT_NULL],
+        (gxe.ExpectColumnValuesToBeInSet(column="label", value_set=list(known_labels)), True),
+        *[
+            (gxe.ExpectColumnValuesToBeInSet(column=c, value_set=[v]), True)
+            for c, v in (("height", height), ("width", width), ("channels", channels))
+        ],
+        (gxe.ExpectColumnValuesToBeUnique(column="id"), True),
+        (gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(split_fractions)), True),
+    ]
+    splits = [
+        (gxe.ExpectColumnValuesToBeBetween(column="abs_error", max_value=split_tolerance), False)
+    ]
+    classes = [(gxe.ExpectColumnValuesToBeBetween(column="count", min_value=min_class_count), True)]
+    return {"rows": rows, "splits": splits, "classes": classes}
+
+
+def _run_suite(
+    context, name: str, df: pd.DataFrame, expectations: list[tuple[Any, bool]], key: str | None
+):
+    """Validate ``df`` against ``expectations`` as one GX ValidationDefinition run.
+
+    ``key`` names the column that identifies a failing row in the result (summary batches).
+    """
+    gx = _import_gx()
+    batch_def = (
+        context.data_sources.add_pandas(name=f"{name}_source")
+        .add_dataframe_asset(name=name)
+        .add_batch_definition_whole_dataframe(name)
+    )
+    suite = context.suites.add(gx.ExpectationSuite(name=f"clean_dataset_{name}"))
+    for expectation, critical in expectations:
+        expectation.meta = {"critical": critical}
+        suite.add_expectation(expectation)
+    vd = context.validation_definitions.add(
+        gx.ValidationDefinition(name=f"clean_dataset_{name}", data=batch_def, suite=suite)
+    )
+    result_format: dict[str, Any] = {"result_format": "SUMMARY"}
+    if key:
+        result_format["unexpected_index_column_names"] = [key]
+    return vd.run(batch_parameters={"dataframe": df}, result_format=result_format)
+
+
+def _json_safe(value: Any) -> Any:
+    """Plain JSON types only (numpy scalars -> str/number, NaN/inf -> None)."""
+    value = json.loads(json.dumps(value, default=str))
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _exception_message(info: dict) -> str | None:
+    """GX puts ``{raised_exception, exception_message}`` flat or keyed by metric id."""
+    for entry in [info, *info.values()]:
+        if isinstance(entry, dict) and entry.get("raised_exception"):
+            return str(entry.get("exception_message"))[:300]
+    return None
+
+
+def _observed(res) -> Any:
+    error = _exception_message(res.exception_info or {})
+    if error is not None:
+        return {"exception": error}
+    out = {k: res.result[k] for k in _OBSERVED_KEYS if k in (res.result or {})}
+    for k in ("partial_unexpected_list", "partial_unexpected_index_list"):
+        if k in out:
+            out[k] = out[k][:10]
+    if not all(isinstance(i, dict) for i in out.get("partial_unexpected_index_list", [])):
+        del out["partial_unexpected_index_list"]  # bare pandas index positions: noise
+    return _json_safe(out)
+
+
+def _summarise(results: list, docs_index: Path) -> dict:
+    failed, evaluated = [], 0
+    for suite_result in results:
+        for res in suite_result.results:
+            evaluated += 1
+            if res.success:
+                continue
+            cfg = res.expectation_config
+            kwargs = {k: v for k, v in cfg.kwargs.items() if k not in ("batch_id", "result_format")}
+            failed.append(
+                {
+                    "expectation": cfg.type,
+                    "kwargs": _json_safe(kwargs),
+                    "critical": bool((cfg.meta or {}).get("critical", True)),
+                    "observed": _observed(res),
+                }
+            )
+    return {
+        "success": not failed,
+        "evaluated": evaluated,
+        "failed": failed,
+        "data_docs": str(docs_index),
+    }
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Swap ``src`` into place at ``dst`` (old ``dst`` removed afterwards)."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
+        dst.rename(old)
+    src.rename(dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def validate_clean_dataset(
+    rows: pd.DataFrame,
+    *,
+    known_labels: list[str],
+    height: int,
+    width: int,
+    channels: int,
+    split_fractions: dict[str, float],
+    split_tolerance: float,
+    min_class_count: int,
+    docs_dir: Path,
+) -> dict:
+    """Run the clean-dataset expectation suites and build GX Data Docs into ``docs_dir``.
+
+    Returns ``{"success", "evaluated", "failed": [...], "data_docs"}``; never raises on
+    failed expectations (see :func:`raise_on_critical`).
+    """
+    gx = _import_gx()
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    docs_dir = Path(docs_dir).resolve()
+    docs_dir.parent.mkdir(parents=True, exist_ok=True)
+    build_dir = Path(tempfile.mkdtemp(prefix=f".{docs_dir.name}.build-", dir=docs_dir.parent))
+    try:
+        context = gx.get_context(mode="ephemeral")  # fresh, in-memory context per call
+        context.variables.progress_bars = ProgressBarsConfig(globally=False)
+        site = "clean_dataset_site"
+        context.add_data_docs_site(
+            site_name=site,
+            site_config={
+                "class_name": "SiteBuilder",
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+                "store_backend": {
+                    "class_name": "TupleFilesystemStoreBackend",
+                    "base_directory": str(build_dir),
+                },
+            },
+        )
+        suites = _suites(
+            known_labels=known_labels,
+            height=height,
+            width=width,
+            channels=channels,
+            split_fractions=split_fractions,
+            split_tolerance=split_tolerance,
+            min_class_count=min_class_count,
+        )
+        frames = {
+            "rows": rows,
+            "splits": _split_summary(rows, split_fractions),
+            "classes": _class_summary(rows, known_labels),
+        }
+        results = [_run_suite(context, n, frames[n], suites[n], _KEYS[n]) for n in suites]
+        context.build_data_docs(site_names=[site])
+        _replace_dir(build_dir, docs_dir)
+    finally:
+        shutil.rmtree(build_dir, ignore_errors=True)
+    return _summarise(results, docs_dir / "index.html")
+
+
+def _describe(item: dict) -> str:
+    kw = item.get("kwargs", {})
+    target = kw.get("column") or ",".join(map(str, kw.get("column_set") or [])) or "table"
+    obs = item.get("observed") or {}
+    if isinstance(obs, dict) and "unexpected_count" in obs:
+        detail = f"{obs['unexpected_count']} unexpected values"
+        examples = obs.get("partial_unexpected_index_list") or obs.get("partial_unexpected_list")
+        if examples:
+            detail += f" (e.g. {examples[:5]})"
+    else:
+        detail = f"observed {obs}"
+    return f"{item['expectation']}({target}): {detail}"
+
+
+def raise_on_critical(result: dict) -> None:
+    """Raise :class:`CriticalExpectationFailed` if any failed expectation is critical."""
+    critical = [f for f in result.get("failed", []) if f.get("critical")]
+    if critical:
+        raise CriticalExpectationFailed(
+            "critical expectation failed: " + "; ".join(_describe(f) for f in critical)
+        )

@@ -1,0 +1,172 @@
+"""Readers for each ingest source kind. Each yields `Item`s (raw bytes with a label) or
+`Rejected`s (a file that could not be read, with the reason); none of them decodes images.
+
+Raw inputs are only ever opened for reading.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from synthloop.config import DemoSource, ImageFolderSource, ManifestSource, TorchvisionSource
+
+
+class SourceError(ValueError):
+    """A source that cannot be used at all (empty, one class, missing columns)."""
+
+
+@dataclass(frozen=True)
+class Item:
+    path: str
+    label: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Rejected:
+    path: str
+    label: str | None
+    reason: str
+    detail: str
+
+
+Record = Item | Rejected
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def _read(path: Path, label: str, shown: str) -> Record:
+    try:
+        with open(path, "rb") as fh:
+            return Item(shown, label, fh.read())
+    except OSError as err:
+        return Rejected(shown, label, "unreadable_file", f"{type(err).__name__}: {err.strerror}")
+
+
+def read_image_folder(source: ImageFolderSource) -> Iterator[Record]:
+    """One sub-folder per class; files anywhere below a class folder take its label.
+
+    Symlinks are followed only while they stay inside the root; each real directory is
+    visited once, so a link cycle cannot loop.
+    """
+    root = source.path.resolve()
+    if not root.is_dir():
+        raise SourceError(f"{source.path}: an image_folder source must be a directory")
+    seen_dirs: set[Path] = set()
+
+    def walk(directory: Path, label: str | None) -> Iterator[Record]:
+        real = directory.resolve()
+        if real in seen_dirs:
+            return
+        seen_dirs.add(real)
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError as err:
+            yield Rejected(str(directory), label, "unreadable_directory", err.strerror or str(err))
+            return
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.is_symlink():
+                target = path.resolve()
+                if not _inside(target, root):
+                    yield Rejected(str(path), label, "symlink_outside_root", f"points to {target}")
+                    continue
+            if entry.is_dir():
+                yield from walk(path, label if label is not None else entry.name)
+            elif label is None:
+                yield Rejected(str(path), None, "no_class_folder", "file at the source root")
+            elif entry.is_file():
+                yield _read(path, label, str(path))
+            else:
+                yield Rejected(str(path), label, "not_a_regular_file", "socket, fifo or device")
+
+    yield from walk(root, None)
+
+
+def read_manifest(source: ManifestSource) -> Iterator[Record]:
+    """A table of `path,label`; relative paths resolve against the manifest's folder and may
+    not leave it (through `..` or a symlink)."""
+    manifest = source.path
+    base = manifest.resolve().parent
+    for row_number, path_value, label in _manifest_rows(manifest):
+        shown = f"{manifest}:row {row_number}: {path_value}"
+        if label is None or pd.isna(label) or str(label).strip() == "":
+            yield Rejected(shown, None, "missing_label", f"{manifest} row {row_number}")
+            continue
+        label = str(label)
+        if path_value is None or pd.isna(path_value) or str(path_value).strip() == "":
+            yield Rejected(shown, label, "missing_path", f"{manifest} row {row_number}")
+            continue
+        raw = Path(str(path_value))
+        path = raw if raw.is_absolute() else base / raw
+        if not raw.is_absolute() and not _inside(path.resolve(), base):
+            yield Rejected(str(path), label, "path_escapes_root", f"row {row_number}: {raw}")
+            continue
+        if not path.exists():
+            yield Rejected(str(path), label, "missing_file", f"row {row_number}")
+            continue
+        yield _read(path, label, str(path))
+
+
+def _manifest_rows(manifest: Path) -> Iterator[tuple[int, object, object]]:
+    """(1-based data row number, path, label), read in chunks so huge manifests stay bounded."""
+    if manifest.suffix.lower() == ".csv":
+        chunks = pd.read_csv(manifest, chunksize=50_000, dtype=str, keep_default_na=False)
+    else:
+        pf = pq.ParquetFile(manifest)
+        chunks = (b.to_pandas() for b in pf.iter_batches(batch_size=50_000))
+    row = 0
+    for chunk in chunks:
+        missing = {"path", "label"} - set(chunk.columns)
+        if missing:
+            absent = ", ".join(sorted(missing))
+            raise SourceError(f"{manifest}: manifest needs columns path,label; missing {absent}")
+        for path_value, label in zip(chunk["path"], chunk["label"], strict=True):
+            row += 1
+            yield row, path_value, label
+
+
+def read_torchvision(source: TorchvisionSource) -> Iterator[Record]:
+    """A torchvision dataset from a local root, re-encoded as PNG (downloads only if asked)."""
+    import torchvision.datasets as tvd  # imported here: slow, and only this kind needs it
+
+    cls = getattr(tvd, source.dataset, None)
+    if cls is None:
+        raise SourceError(f"torchvision has no dataset named {source.dataset!r}")
+    try:
+        dataset = cls(root=str(source.root), train=source.train, download=source.download)
+    except RuntimeError as err:
+        raise SourceError(
+            f"{source.dataset} not found under {source.root} ({err}); "
+            "put the files there or set download: true"
+        ) from None
+    classes = list(getattr(dataset, "classes", []) or [])
+    split = "train" if source.train else "test"
+    count = len(dataset) if source.limit is None else min(source.limit, len(dataset))
+    for index in range(count):
+        image, target = dataset[index]
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        label = classes[target] if target < len(classes) else str(target)
+        yield Item(f"torchvision://{source.dataset}/{split}/{index}", label, buf.getvalue())
+
+
+def read_source(source: object) -> Iterator[Record]:
+    from tasks.demo import read_demo
+
+    readers = {
+        ImageFolderSource: read_image_folder,
+        ManifestSource: read_manifest,
+        TorchvisionSource: read_torchvision,
+        DemoSource: read_demo,
+    }
+    return readers[type(source)](source)
