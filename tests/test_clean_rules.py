@@ -1,0 +1,192 @@
+"""Every cleaning rule on crafted bad files, and the whole-dataset rules on small arrays."""
+
+import io
+from itertools import combinations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from synthloop.config import CleanConfig
+from tasks.clean import (
+    Converted,
+    Rejection,
+    assign_splits,
+    convert_image,
+    dhash,
+    is_blank,
+    map_label,
+    near_duplicate_pairs,
+    pixel_hash,
+    resolve_duplicates,
+    thumbnail,
+)
+
+CFG = CleanConfig(
+    image_size=8, channels=1, max_pixels=10_000, labels=["a", "b"], label_map={"A": "a"}
+)
+
+
+def png(array: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def noise(shape=(8, 8), seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8)
+
+
+def reason(result) -> str:
+    assert isinstance(result, Rejection), result
+    return result.reason
+
+
+def test_zero_byte():
+    assert reason(convert_image(b"", CFG)) == "zero_byte"
+
+
+def test_not_an_image():
+    assert reason(convert_image(b"id,label\n1,cat\n", CFG)) == "not_an_image"
+
+
+def test_truncated_png():
+    data = png(noise((64, 64)))
+    result = convert_image(data[: len(data) // 2], CFG)
+    assert reason(result) == "truncated"
+    assert "truncated" in result.detail.lower() or "error" in result.detail.lower()
+
+
+def test_decompression_bomb_is_rejected_from_the_header_before_decoding():
+    buf = io.BytesIO()
+    Image.new("1", (200, 200)).save(buf, format="PNG")  # 40,000 px > max_pixels=10,000
+    result = convert_image(buf.getvalue(), CFG)
+    assert reason(result) == "too_many_pixels"
+    assert "200x200" in result.detail and "max_pixels" in result.detail
+
+
+def test_valid_png_at_target_size_keeps_its_bytes():
+    data = png(noise())
+    result = convert_image(data, CFG)
+    assert isinstance(result, Converted)
+    assert result.png == data and not result.resized and not result.mode_changed
+
+
+def test_odd_size_and_mode_are_converted():
+    rgb = noise((20, 12, 3))
+    result = convert_image(png(rgb, "JPEG"), CFG)
+    assert isinstance(result, Converted)
+    assert result.resized and result.mode_changed
+    assert result.pixels.shape == (8, 8)
+    decoded = Image.open(io.BytesIO(result.png))
+    assert decoded.format == "PNG" and decoded.size == (8, 8) and decoded.mode == "L"
+
+
+def test_label_map_then_allow_list():
+    assert map_label("A", CFG) == "a"
+    assert map_label("b", CFG) == "b"
+    assert reason(map_label("c", CFG)) == "label_not_allowed"
+    assert map_label("anything", CleanConfig()) == "anything"  # no allow-list
+
+
+def test_blank_and_near_constant():
+    assert is_blank(np.full((8, 8), 200, np.uint8), CFG)
+    almost = np.full((8, 8), 200, np.uint8)
+    almost[0, 0] = 203
+    assert is_blank(almost, CFG)
+    assert not is_blank(noise(), CFG)
+
+
+def test_pixel_hash_sees_pixels_not_bytes():
+    pixels = noise()
+    a = convert_image(png(pixels, compress_level=0), CFG)
+    b = convert_image(png(pixels, compress_level=9), CFG)
+    assert a.png != b.png
+    assert pixel_hash(a.pixels) == pixel_hash(b.pixels)
+    assert pixel_hash(pixels) != pixel_hash(noise(seed=1))
+
+
+def test_near_duplicate_pairs_match_brute_force():
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 2**63, size=40, dtype=np.int64).astype(np.uint64)
+    # Plant close relatives: flip 1..5 random bits of some hashes.
+    relatives = []
+    for k, h in enumerate(base[:20]):
+        bits = rng.choice(64, size=1 + k % 5, replace=False)
+        relatives.append(h ^ np.uint64(sum(1 << int(b) for b in bits)))
+    hashes = np.concatenate([base, np.array(relatives, dtype=np.uint64)])
+    for distance in (0, 2, 4):
+        expected = {
+            (i, j)
+            for i, j in combinations(range(len(hashes)), 2)
+            if bin(int(hashes[i]) ^ int(hashes[j])).count("1") <= distance
+        }
+        got = {tuple(p) for p in near_duplicate_pairs(hashes, distance).tolist()}
+        assert got == expected, distance
+        if distance:
+            assert expected  # the planted relatives are found
+
+
+def resolve(ids, labels, images):
+    pixels = [np.asarray(i) for i in images]
+    return resolve_duplicates(
+        np.array(ids, dtype=object),
+        np.array(labels, dtype=object),
+        np.array([pixel_hash(p) for p in pixels], dtype=np.uint64),
+        np.array([dhash(p) for p in pixels], dtype=np.uint64),
+        np.stack([thumbnail(p) for p in pixels]),
+        max_distance=4,
+        max_difference=3.0,
+    )
+
+
+def test_exact_duplicate_keeps_the_smallest_id_whatever_the_order():
+    img = noise()
+    keep, why = resolve(["f2", "a1", "c3"], ["x", "x", "x"], [img, img, noise(seed=5)])
+    assert keep.tolist() == [False, True, True]
+    assert why[0].reason == "exact_duplicate" and "a1" in why[0].detail
+
+
+def test_same_pixels_under_two_labels_quarantines_every_copy():
+    img = noise()
+    keep, why = resolve(["a", "b", "c"], ["cat", "dog", "cat"], [img, img, img])
+    assert not keep.any()
+    assert {w.reason for w in why} == {"conflicting_labels"}
+    assert "cat, dog" in why[0].detail
+
+
+def test_near_duplicate_is_dropped_and_a_different_image_is_kept():
+    img = noise()
+    nudged = img.copy()
+    nudged[3, 3] = max(0, int(nudged[3, 3]) - 4)
+    keep, why = resolve(["a", "b", "c"], ["x", "x", "x"], [img, nudged, noise(seed=9)])
+    assert keep.tolist() == [True, False, True]
+    assert why[1].reason == "near_duplicate"
+
+
+def test_shared_dhash_alone_is_not_a_near_duplicate():
+    # Same gradient signs (identical dHash), clearly different brightness.
+    ramp = np.tile(np.arange(0, 80, 10, dtype=np.uint8), (8, 1))
+    keep, _ = resolve(["a", "b"], ["x", "x"], [ramp, ramp * 3])
+    assert dhash(ramp) == dhash(ramp * 3)
+    assert keep.all()
+
+
+def test_split_is_stratified_deterministic_and_independent_of_order():
+    ids = np.array([f"id{i:03d}" for i in range(200)], dtype=object)
+    labels = np.array(["a"] * 100 + ["b"] * 100, dtype=object)
+    fractions = {"train": 0.8, "val": 0.1, "test": 0.1}
+    splits = assign_splits(ids, labels, fractions, seed=0)
+    for label in ("a", "b"):
+        counts = {s: int(((labels == label) & (splits == s)).sum()) for s in fractions}
+        assert counts == {"train": 80, "val": 10, "test": 10}
+    order = np.random.default_rng(0).permutation(200)
+    shuffled = assign_splits(ids[order], labels[order], fractions, seed=0)
+    assert dict(zip(ids[order], shuffled, strict=True)) == dict(zip(ids, splits, strict=True))
+    assert (assign_splits(ids, labels, fractions, seed=1) != splits).any()
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_thumbnail_is_64_grey_bytes(channels):
+    shape = (32, 24) if channels == 1 else (32, 24, 3)
+    assert thumbnail(noise(shape)).shape == (64,)

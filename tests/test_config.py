@@ -1,0 +1,69 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from synthloop.config import ConfigError, load_params, parse_params
+from tests.conftest import REPO, small_params
+
+
+def write(tmp_path: Path, params: dict) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_repo_params_are_valid():
+    params = load_params(REPO / "params.yaml")
+    assert params.ingest.sources[0].kind == "demo"
+    assert params.clean.output == REPO / "data/clean"
+
+
+def test_relative_paths_resolve_against_the_params_folder(tmp_path, shapes_folder):
+    params = load_params(write(tmp_path, small_params("shapes")))
+    assert params.ingest.sources[0].path == tmp_path / "shapes"
+    assert params.clean.report == tmp_path / "reports/clean.json"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "key", "problem"),
+    [
+        (lambda p: p["clean"].update(image_sise=8), "clean.image_sise", "unknown key"),
+        (lambda p: p["clean"].update(image_size=-4), "clean.image_size", "greater than 0"),
+        (lambda p: p["clean"].update(channels="rgb"), "clean.channels", "1 or 3"),
+        (lambda p: p["clean"].update(max_pixels="lots"), "clean.max_pixels", "integer"),
+        (lambda p: p["ingest"]["sources"][0].update(path="nowhere"), "ingest.sources.0", "nowhere"),
+        (lambda p: p["ingest"]["sources"][0].update(kind="ftp"), "ingest.sources.0", "kind"),
+        (
+            lambda p: p["clean"].update(split={"train": 0.5, "val": 0.1, "test": 0.1}),
+            "clean.split",
+            "must be 1",
+        ),
+        (lambda p: p.update(trian={}), "trian", "unknown key"),
+    ],
+)
+def test_bad_values_name_the_key_and_the_problem(tmp_path, shapes_folder, mutate, key, problem):
+    params = small_params("shapes")
+    mutate(params)
+    with pytest.raises(ConfigError) as err:
+        load_params(write(tmp_path, params))
+    message = str(err.value)
+    assert key in message and problem in message, message
+    assert str(tmp_path / "params.yaml") in message
+
+
+def test_missing_path_message_names_the_path(tmp_path):
+    with pytest.raises(ConfigError, match=r"ingest\.sources\.0\.image_folder\.path: path does not"):
+        parse_params(small_params("missing/folder"), root=tmp_path)
+
+
+def test_missing_params_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such params file"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_per_run_overrides_merge_per_stage(tmp_path, shapes_folder):
+    path = write(tmp_path, small_params("shapes"))
+    params = load_params(path, overrides={"clean": {"image_size": 12}})
+    assert params.clean.image_size == 12
+    assert params.clean.channels == 3  # untouched keys keep their file values

@@ -1,0 +1,236 @@
+"""The ingest and clean stages on real files: sources, quarantine, accounting, atomicity."""
+
+import hashlib
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import tasks.clean as clean_module
+from synthloop.config import parse_params
+from synthloop.dataset import read_columns
+from tasks.clean import run_clean
+from tasks.ingest import run_ingest
+from tasks.sources import SourceError
+from tests.conftest import small_params
+
+
+def configure(root: Path, sources: list[dict], **clean) -> object:
+    params = small_params()
+    params["ingest"]["sources"] = sources
+    params["clean"].update(clean)
+    return parse_params(params, root=root)
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+def quarantine(path: Path) -> pd.DataFrame:
+    return pd.read_parquet(path)
+
+
+def test_image_folder_nested_and_unsafe_entries(tmp_path, shapes_folder):
+    nested = shapes_folder / "ellipse" / "more" / "deeper"
+    nested.mkdir(parents=True)
+    (nested / "x.png").write_bytes((shapes_folder / "ellipse" / "000000.png").read_bytes())
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(b"not yours")
+    (shapes_folder / "ellipse" / "escape.png").symlink_to(outside)
+    (shapes_folder / "stray.png").write_bytes(b"at the root")
+    before = tree_digest(shapes_folder)
+
+    params = configure(tmp_path, [{"kind": "image_folder", "path": "shapes"}])
+    result = run_ingest(params.ingest)
+
+    assert tree_digest(shapes_folder) == before  # raw inputs untouched
+    rows = read_columns(params.ingest.output, ["label", "path"]).to_pandas()
+    assert len(rows) == 61 and result["ingested"] == 61
+    assert (rows.loc[rows.path.str.contains("deeper"), "label"] == "ellipse").all()
+    q = quarantine(params.ingest.quarantine)
+    assert dict(zip(q.reason, q.path.map(os.path.basename), strict=True)) == {
+        "symlink_outside_root": "escape.png",
+        "no_class_folder": "stray.png",
+    }
+
+
+def test_unreadable_directory_is_quarantined_not_followed(tmp_path, shapes_folder, monkeypatch):
+    real_scandir = os.scandir
+    blocked = shapes_folder / "triangle"
+
+    def scandir(path):
+        if Path(path) == blocked:
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr("tasks.sources.os.scandir", scandir)
+    params = configure(tmp_path, [{"kind": "image_folder", "path": "shapes"}])
+    result = run_ingest(params.ingest)
+    assert result["ingested"] == 40
+    q = quarantine(params.ingest.quarantine)
+    assert q.reason.tolist() == ["unreadable_directory"] and q.path[0] == str(blocked)
+
+
+def test_manifest_paths_resolve_and_may_not_escape(tmp_path, shapes_folder):
+    (tmp_path / "elsewhere.png").write_bytes(b"outside the manifest root")
+    rows = [
+        ("ellipse/000000.png", "round"),
+        ("rectangle/000001.png", "square"),
+        ("../elsewhere.png", "round"),
+        ("ellipse/missing.png", "round"),
+        ("rectangle/000002.png", ""),
+    ]
+    pd.DataFrame(rows, columns=["path", "label"]).to_csv(shapes_folder / "m.csv", index=False)
+    params = configure(tmp_path, [{"kind": "manifest", "path": "shapes/m.csv"}])
+    result = run_ingest(params.ingest)
+    assert result["ingested"] == 2
+    q = quarantine(params.ingest.quarantine)
+    assert sorted(q.reason) == ["missing_file", "missing_label", "path_escapes_root"]
+    assert q.set_index("reason").loc["path_escapes_root", "detail"].startswith("row 3")
+
+
+def test_manifest_without_label_column(tmp_path, shapes_folder):
+    pd.DataFrame({"path": ["ellipse/000000.png"]}).to_parquet(shapes_folder / "m.parquet")
+    params = configure(tmp_path, [{"kind": "manifest", "path": "shapes/m.parquet"}])
+    with pytest.raises(SourceError, match=r"m\.parquet: manifest needs columns.*missing label"):
+        run_ingest(params.ingest)
+
+
+def test_empty_source_and_single_class_stop_the_run(tmp_path, shapes_folder):
+    (tmp_path / "empty").mkdir()
+    params = configure(tmp_path, [{"kind": "image_folder", "path": "empty"}])
+    with pytest.raises(SourceError, match="has no readable files"):
+        run_ingest(params.ingest)
+    assert not params.ingest.output.exists()  # nothing half-written
+
+    one = tmp_path / "one"
+    (one / "cat").mkdir(parents=True)
+    (one / "cat" / "a.png").write_bytes((shapes_folder / "ellipse" / "000000.png").read_bytes())
+    params = configure(tmp_path, [{"kind": "image_folder", "path": "one"}])
+    with pytest.raises(SourceError, match="one class only"):
+        run_ingest(params.ingest)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """MNIST's raw IDX format: zero, dtype code 0x08 (uint8), rank, big-endian dims, data."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim)
+    path.write_bytes(header + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes())
+
+
+def test_torchvision_mnist_from_a_local_root(tmp_path):
+    raw = tmp_path / "tv" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 12), ("t10k", 4)):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), np.uint8))
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", (np.arange(n) % 3).astype(np.uint8))
+    params = configure(
+        tmp_path, [{"kind": "torchvision", "dataset": "MNIST", "root": "tv", "limit": 10}]
+    )
+    result = run_ingest(params.ingest)
+    assert result["ingested"] == 10
+    rows = read_columns(params.ingest.output, ["label", "path"]).to_pandas()
+    assert set(rows.label) == {"0 - zero", "1 - one", "2 - two"}
+    assert rows.path[0] == "torchvision://MNIST/train/0"
+
+
+def test_torchvision_missing_dataset_says_how_to_fix(tmp_path):
+    (tmp_path / "tv").mkdir()
+    params = configure(tmp_path, [{"kind": "torchvision", "dataset": "MNIST", "root": "tv"}])
+    with pytest.raises(SourceError, match="MNIST not found under .*download: true"):
+        run_ingest(params.ingest)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    params = configure(
+        root,
+        [{"kind": "demo"}],
+        image_size=8,
+        channels=1,
+        labels=[str(d) for d in range(10)],
+        label_map={"seven": "7"},
+        min_class_count=20,
+    )
+    run_ingest(params.ingest)
+    return params, run_clean(params.clean)
+
+
+def test_demo_fires_every_cleaning_rule(demo_run):
+    params, report = demo_run
+    assert set(report["quarantined"]) == {
+        "zero_byte",
+        "not_an_image",
+        "truncated",
+        "too_many_pixels",
+        "label_not_allowed",
+        "blank",
+        "exact_duplicate",
+        "conflicting_labels",
+        "near_duplicate",
+    }
+    assert report["converted"] == {"resized": 1, "channels_converted": 1}
+    assert report["expectations"]["success"] is True
+    assert (params.clean.data_docs / "index.html").is_file()
+
+
+def test_ingested_equals_kept_plus_quarantined(demo_run):
+    params, report = demo_run
+    assert report["ingested"] == report["kept"] + sum(report["quarantined"].values())
+    kept = sum(len(read_columns(params.clean.output / s, ["id"])) for s in ("train", "val", "test"))
+    q = quarantine(params.clean.quarantine)
+    assert kept == report["kept"] and len(q) == report["quarantined_total"]
+    ingested = read_columns(params.ingest.output, ["id"]).column("id").to_pylist()
+    assert len(ingested) == report["ingested"]
+    clean_ids = read_columns(params.clean.output / "train", ["id"]).column("id").to_pylist()
+    assert set(clean_ids) <= set(ingested)
+    assert q.reason.notna().all() and q.path.notna().all()
+
+
+def test_clean_rows_follow_the_data_format(demo_run):
+    params, report = demo_run
+    table = read_columns(params.clean.output / "val", ["id", "split", "height", "channels"])
+    frame = table.to_pandas()
+    assert (frame.split == "val").all() and (frame.height == 8).all()
+    assert frame.id.is_unique
+    assert report["per_split"]["val"] == len(frame)
+    assert sum(c["total"] for c in report["per_class"].values()) == report["kept"]
+
+
+def test_a_crash_mid_stage_leaves_the_previous_version(demo_run, monkeypatch):
+    params, _ = demo_run
+    before = tree_digest(params.clean.output)
+    calls = {"n": 0}
+    real = clean_module.convert_image
+
+    def flaky(data, cfg):
+        calls["n"] += 1
+        if calls["n"] == 500:
+            raise KeyboardInterrupt  # as if killed part-way
+        return real(data, cfg)
+
+    monkeypatch.setattr(clean_module, "convert_image", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_clean(params.clean)
+    assert tree_digest(params.clean.output) == before
+    leftovers = [p.name for p in params.clean.output.parent.iterdir() if ".tmp-" in p.name]
+    assert leftovers == []
+
+
+def test_a_failed_critical_expectation_fails_the_stage_and_keeps_old_data(demo_run):
+    from tasks.expectations import CriticalExpectationFailed
+
+    params, _ = demo_run
+    before = tree_digest(params.clean.output)
+    strict = params.clean.model_copy(update={"min_class_count": 10_000})
+    with pytest.raises(CriticalExpectationFailed, match="count"):
+        run_clean(strict)
+    assert tree_digest(params.clean.output) == before
