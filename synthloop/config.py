@@ -187,9 +187,152 @@ class CleanConfig(_Model):
         return _resolve(path, info)
 
 
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class AugmentPolicy(_Model):
+    """torchvision transforms.v2 settings; a probability or magnitude of 0 turns one off."""
+
+    hflip: float = Field(0.0, ge=0, le=1, description="probability of a horizontal flip")
+    vflip: float = Field(0.0, ge=0, le=1, description="probability of a vertical flip")
+    rotate_degrees: float = Field(10.0, ge=0, le=180)
+    translate: float = Field(0.1, ge=0, le=0.5, description="max shift, fraction of size")
+    scale_min: float = Field(0.9, gt=0)
+    scale_max: float = Field(1.1, gt=0)
+    color_jitter: float = Field(
+        0.0, ge=0, le=1, description="brightness/contrast/saturation jitter (RGB only)"
+    )
+    noise_std: float = Field(0.03, ge=0, le=1, description="Gaussian noise, 0-1 pixel scale")
+
+    @model_validator(mode="after")
+    def _scale_range(self) -> AugmentPolicy:
+        if self.scale_min > self.scale_max:
+            raise ValueError("scale_min must not exceed scale_max")
+        return self
+
+
+class AugmentConfig(_Model):
+    target_per_class: PositiveInt | None = Field(
+        None, description="real + augmented rows per class; None: the largest class's count"
+    )
+    min_copies: int = Field(0, ge=0, description="augmented copies of every image at least")
+    max_copies: int = Field(4, ge=0, description="augmented copies of one image at most")
+    policy: AugmentPolicy = AugmentPolicy()
+    batch_size: PositiveInt = 512
+    device: Device = "auto"
+    seed: int = 0
+    shard_rows: PositiveInt = 8192
+    input: Path = Path("data/clean/train")
+    output: Path = Path("data/augmented")
+    report: Path = Path("reports/augment.json")
+
+    @field_validator("input", "output", "report")
+    @classmethod
+    def _out(cls, path: Path, info: ValidationInfo) -> Path:
+        return _resolve(path, info)
+
+
+class FuseConfig(_Model):
+    max_share: dict[Literal["augmented", "synthetic"], float] = Field(
+        default_factory=lambda: {"augmented": 0.5, "synthetic": 0.5},
+        description="each source at most this share of any class in the fused set",
+    )
+    seed: int = 0
+    shard_rows: PositiveInt = 8192
+    clean: Path = Path("data/clean/train")
+    augmented: Path = Path("data/augmented")
+    pool: Path = Path("data/pool")
+    feedback: Path = Path("data/feedback")
+    output: Path = Path("data/fused")
+    report: Path = Path("reports/fusion.json")
+
+    @field_validator("clean", "augmented", "pool", "feedback", "output", "report")
+    @classmethod
+    def _out(cls, path: Path, info: ValidationInfo) -> Path:
+        return _resolve(path, info)
+
+    @field_validator("max_share")
+    @classmethod
+    def _shares(cls, shares: dict[str, float]) -> dict[str, float]:
+        for source, share in shares.items():
+            if not 0 <= share < 1:
+                raise ValueError(f"{source}: a share must be in [0, 1), got {share}")
+        return shares
+
+
+class CganConfig(_Model):
+    z_dim: PositiveInt = 64
+    width: PositiveInt = Field(64, description="base channel count of G and D")
+    lr_d: float = Field(2e-4, gt=0)
+    diffaug: bool = Field(True, description="differentiable augmentation for small data")
+
+
+class DiffusionConfig(_Model):
+    width: PositiveInt = Field(32, description="base channel count of the UNet")
+    schedule: Literal["cosine", "edm"] = "cosine"
+    timesteps: PositiveInt = 1000
+    sample_steps: PositiveInt = Field(20, description="DDIM steps when sampling")
+    guidance: float = Field(2.0, ge=0, description="classifier-free guidance scale")
+    p_uncond: float = Field(0.1, ge=0, lt=1, description="label dropout while training")
+
+
+class TrainConfig(_Model):
+    family: Literal["cgan", "diffusion"] = "cgan"
+    steps: PositiveInt = 600
+    batch_size: PositiveInt = 64
+    lr: float = Field(2e-4, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    seed: int = 0
+    device: Device = "auto"
+    bf16: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+    channels_last: bool = True
+    compile: bool = Field(False, description="torch.compile the networks")
+    checkpoint_every: PositiveInt = 200
+    log_every: PositiveInt = 50
+    resume: bool = Field(False, description="continue from the last checkpoint if any")
+    gpu_dataset_max_bytes: PositiveInt = Field(
+        2 * 1024**3, description="decode the dataset onto the GPU only below this size"
+    )
+    cgan: CganConfig = CganConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    input: Path = Path("data/fused")
+    output: Path = Path("models/generator")
+    checkpoints: Path = Path("models/checkpoints/train")
+    reports: Path = Path("reports/train")
+
+    @field_validator("input", "output", "checkpoints", "reports")
+    @classmethod
+    def _out(cls, path: Path, info: ValidationInfo) -> Path:
+        return _resolve(path, info)
+
+
+class GenerateConfig(_Model):
+    per_class: PositiveInt = Field(100, description="synthetic images per class")
+    per_class_extra: dict[str, int] = Field(
+        default_factory=dict, description="extra images for some classes (label -> count)"
+    )
+    batch_size: PositiveInt = 256
+    seed: int = 0
+    device: Device = "auto"
+    shard_rows: PositiveInt = 8192
+    model: Path = Path("models/generator")
+    output: Path = Path("data/synthetic")
+    grid: Path = Path("reports/samples.png")
+    grid_per_class: PositiveInt = 10
+
+    @field_validator("model", "output", "grid")
+    @classmethod
+    def _out(cls, path: Path, info: ValidationInfo) -> Path:
+        return _resolve(path, info)
+
+
 class Params(_Model):
     ingest: IngestConfig
-    clean: CleanConfig = CleanConfig()
+    clean: CleanConfig = Field(default_factory=dict)  # validated: paths resolve
+    augment: AugmentConfig = Field(default_factory=dict)  # validated: paths resolve
+    fuse: FuseConfig = Field(default_factory=dict)  # validated: paths resolve
+    train: TrainConfig = Field(default_factory=dict)  # validated: paths resolve
+    generate: GenerateConfig = Field(default_factory=dict)  # validated: paths resolve
 
 
 def _format_error(err: ValidationError, origin: str) -> str:

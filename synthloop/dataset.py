@@ -8,6 +8,7 @@ so a killed process leaves the previous version intact.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -56,6 +57,11 @@ QUARANTINE_SCHEMA = pa.schema(
         ("detail", pa.string()),
     ]
 )
+
+
+def content_id(data: bytes) -> str:
+    """A row's stable id: the hash of its image bytes."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 @contextlib.contextmanager

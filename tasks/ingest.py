@@ -7,7 +7,6 @@ the stage: there is nothing to learn a class-conditional model from.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from synthloop.dataset import (
     QUARANTINE_SCHEMA,
     ShardWriter,
     atomic_dir,
+    content_id,
     remove_stale_temporaries,
     write_json,
     write_table,
@@ -25,11 +25,6 @@ from synthloop.dataset import (
 from tasks.sources import Item, Rejected, SourceError, read_source
 
 log = logging.getLogger(__name__)
-
-
-def content_id(data: bytes) -> str:
-    """A stable id: the hash of the raw bytes."""
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 @dataclass
