@@ -326,6 +326,34 @@ class GenerateConfig(_Model):
         return _resolve(path, info)
 
 
+class EvaluatorConfig(_Model):
+    """A small CNN classifier trained on real clean data only: the validation yardstick."""
+
+    width: PositiveInt = Field(32, description="base channel count")
+    feature_dim: PositiveInt = Field(128, description="penultimate feature size (FID space)")
+    epochs: PositiveInt = 15
+    batch_size: PositiveInt = 128
+    lr: float = Field(1e-3, gt=0)
+    seed: int = 0
+    device: Device = "auto"
+    inception_weights: Path | None = Field(
+        None, description="local torchvision inception_v3 weights; standard FID when present"
+    )
+    input: Path = Path("data/clean")
+    output: Path = Path("models/evaluator")
+    report: Path = Path("reports/evaluator.json")
+
+    @field_validator("input", "output", "report")
+    @classmethod
+    def _out(cls, path: Path, info: ValidationInfo) -> Path:
+        return _resolve(path, info)
+
+    @field_validator("inception_weights")
+    @classmethod
+    def _weights(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        return None if path is None else _existing(path, info)
+
+
 class Params(_Model):
     ingest: IngestConfig
     clean: CleanConfig = Field(default_factory=dict)  # validated: paths resolve
@@ -333,6 +361,7 @@ class Params(_Model):
     fuse: FuseConfig = Field(default_factory=dict)  # validated: paths resolve
     train: TrainConfig = Field(default_factory=dict)  # validated: paths resolve
     generate: GenerateConfig = Field(default_factory=dict)  # validated: paths resolve
+    train_evaluator: EvaluatorConfig = Field(default_factory=dict)  # validated: paths resolve
 
 
 def _format_error(err: ValidationError, origin: str) -> str:
