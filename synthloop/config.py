@@ -354,6 +354,71 @@ class EvaluatorConfig(_Model):
         return None if path is None else _existing(path, info)
 
 
+class GateConfig(_Model):
+    """Quality gates: the loop promotes synthetic data only when every gate passes."""
+
+    min_class_consistency: float = Field(0.7, ge=0, le=1)
+    max_near_copy_rate: float = Field(0.1, ge=0, le=1)
+    max_fid_ratio: float = Field(
+        10.0, gt=0, description="synthetic FID over the real train-vs-test floor, at most"
+    )
+    min_utility_delta: float = Field(
+        0.0, description="real+synthetic minus real-only accuracy at the scarce size, at least"
+    )
+
+
+class ValidateConfig(_Model):
+    min_confidence: float = Field(
+        0.6, ge=0, le=1, description="accept a sample when the evaluator gives its class this much"
+    )
+    near_copy_percentile: float = Field(5.0, gt=0, lt=100)
+    k: PositiveInt = Field(5, description="neighbours for precision/recall/density/coverage")
+    scarce_per_class: PositiveInt = Field(10, description="real images per class, scarce size")
+    utility_epochs: PositiveInt = 15
+    utility_repeats: PositiveInt = Field(3, description="seeds averaged for the utility figures")
+    batch_size: PositiveInt = 256
+    seed: int = 0
+    device: Device = "auto"
+    gates: GateConfig = GateConfig()
+    synthetic: Path = Path("data/synthetic")
+    clean: Path = Path("data/clean")
+    evaluator: Path = Path("models/evaluator")
+    accepted: Path = Path("data/accepted")
+    report: Path = Path("reports/validation.json")
+
+    @field_validator("synthetic", "clean", "evaluator", "accepted", "report")
+    @classmethod
+    def _out(cls, path: Path, info: ValidationInfo) -> Path:
+        return _resolve(path, info)
+
+
+class LoopConfig(_Model):
+    """The flow's rounds: promote while gates pass, retrain by policy when they fail."""
+
+    max_rounds: PositiveInt = 2
+    max_retrains: int = Field(2, ge=0)
+    target_per_class: PositiveInt | None = Field(
+        None, description="stop once the pool holds this many accepted images of every class"
+    )
+    retrain: list[dict[str, dict[str, Any]]] = Field(
+        default_factory=lambda: [
+            {"train": {"steps": 1200}},
+            {"train": {"lr": 0.0001}, "augment": {"max_copies": 6}},
+        ],
+        description="per retrain attempt, param overrides by stage (the last one repeats)",
+    )
+    drift_threshold: float = Field(
+        50.0, ge=0, description="evaluator-space FID between old and new clean train data"
+    )
+    pool: Path = Path("data/pool")
+    report: Path = Path("reports/loop.json")
+
+    @field_validator("pool", "report")
+    @classmethod
+    def _out(cls, path: Path, info: ValidationInfo) -> Path:
+        return _resolve(path, info)
+
+
 class Params(_Model):
     ingest: IngestConfig
     clean: CleanConfig = Field(default_factory=dict)  # validated: paths resolve
@@ -362,6 +427,9 @@ class Params(_Model):
     train: TrainConfig = Field(default_factory=dict)  # validated: paths resolve
     generate: GenerateConfig = Field(default_factory=dict)  # validated: paths resolve
     train_evaluator: EvaluatorConfig = Field(default_factory=dict)  # validated: paths resolve
+    # `validate` in params.yaml; renamed here because BaseModel.validate exists.
+    validation: ValidateConfig = Field(default_factory=dict, alias="validate")
+    loop: LoopConfig = Field(default_factory=dict)  # validated: paths resolve
 
 
 def _format_error(err: ValidationError, origin: str) -> str:
@@ -386,7 +454,7 @@ def parse_params(
 
 
 def load_params(path: Path | str = PARAMS_FILE, overrides: dict[str, Any] | None = None) -> Params:
-    """Load and validate params.yaml, with optional per-run overrides merged per stage."""
+    """Load and validate params.yaml, with optional per-run overrides merged in (deeply)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such params file (run from the project root)")
@@ -396,6 +464,17 @@ def load_params(path: Path | str = PARAMS_FILE, overrides: dict[str, Any] | None
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: must be a mapping of stage -> settings")
-    for stage, values in (overrides or {}).items():
-        raw[stage] = {**(raw.get(stage) or {}), **values}
-    return parse_params(raw, root=path.resolve().parent, origin=str(path))
+    return parse_params(
+        deep_merge(raw, overrides or {}), root=path.resolve().parent, origin=str(path)
+    )
+
+
+def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `overrides` applied key by key, recursing into mappings."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
