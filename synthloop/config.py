@@ -231,10 +231,16 @@ class AugmentConfig(_Model):
     def _out(cls, path: Path, info: ValidationInfo) -> Path:
         return _resolve(path, info)
 
+    @model_validator(mode="after")
+    def _copies(self) -> AugmentConfig:
+        if self.min_copies > self.max_copies:
+            raise ValueError(f"min_copies {self.min_copies} exceeds max_copies {self.max_copies}")
+        return self
+
 
 class FuseConfig(_Model):
     max_share: dict[Literal["augmented", "synthetic"], float] = Field(
-        default_factory=lambda: {"augmented": 0.5, "synthetic": 0.5},
+        default_factory=lambda: {"augmented": 0.4, "synthetic": 0.3},
         description="each source at most this share of any class in the fused set",
     )
     seed: int = 0

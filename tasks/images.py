@@ -8,11 +8,13 @@ that has nothing of Prefect, DVC or Great Expectations.
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_png, encode_png
+from PIL import Image
 
 from synthloop.dataset import iter_batches, shard_paths
 
@@ -40,11 +42,14 @@ class ImageTensors:
         return len(self.ids)
 
 
+# PIL rather than torchvision.io: torchvision 0.29 deprecates its image codecs.
 def decode_rows(images: list[bytes], channels: int) -> torch.Tensor:
-    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
-    return torch.stack(
-        [decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode) for data in images]
-    )
+    """PNG bytes -> (N, C, H, W) uint8."""
+    mode = "L" if channels == 1 else "RGB"
+    arrays = [np.asarray(Image.open(io.BytesIO(data)).convert(mode)) for data in images]
+    stacked = np.stack(arrays)
+    stacked = stacked[:, None] if channels == 1 else stacked.transpose(0, 3, 1, 2)
+    return torch.from_numpy(np.ascontiguousarray(stacked))
 
 
 def load_image_tensors(
@@ -84,8 +89,13 @@ def load_image_tensors(
 
 def encode_rows(images: torch.Tensor) -> list[bytes]:
     """(N, C, H, W) uint8 on any device -> PNG bytes per image."""
-    images = images.detach().to("cpu", torch.uint8).contiguous()
-    return [encode_png(image).numpy().tobytes() for image in images]
+    array = images.detach().to("cpu", torch.uint8).permute(0, 2, 3, 1).numpy()
+    out = []
+    for image in array:
+        buf = io.BytesIO()
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
 
 
 def dataset_version(directory: Path) -> str:
