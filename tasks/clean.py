@@ -116,7 +116,14 @@ def convert_image(data: bytes, cfg: CleanConfig) -> Converted | Rejection:
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         png = buf.getvalue()
-    return Converted(np.asarray(image), png, resized, mode_changed)
+    return Converted(_pixels(image), png, resized, mode_changed)
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    """The same read-only array as np.asarray(image) for an "L" or "RGB" image, faster."""
+    width, height = image.size
+    shape = (height, width) if image.mode == "L" else (height, width, len(image.getbands()))
+    return np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(shape)
 
 
 def is_blank(pixels: np.ndarray, cfg: CleanConfig) -> bool:
@@ -145,6 +152,97 @@ def dhash(pixels: np.ndarray) -> int:
     return int(np.packbits(bits, bitorder="little").view("<u8")[0])
 
 
+# --- the same per-image numbers for many same-shape images at once ----------------------
+# Pass 1 computes these on chunks of rows; each equals, row by row, the per-image function
+# above (tests/test_clean_rules.py checks it), only without a Python call per image.
+
+
+def _stds(pixels: np.ndarray) -> np.ndarray:
+    """Per-row pixel std of an (m, ...) uint8 stack, from exact integer sums.
+
+    Agrees with `pixels[i].std()` to ~1e-13; callers re-check rows near a threshold with
+    numpy's own std, so decisions match `is_blank` exactly.
+    """
+    flat = pixels.reshape(len(pixels), -1)
+    k = flat.shape[1]
+    total = flat.sum(axis=1, dtype=np.int64)
+    squares = flat.astype(np.uint16)
+    squares *= squares  # 255**2 fits in uint16
+    numerator = k * squares.sum(axis=1, dtype=np.int64) - total * total
+    return np.sqrt(numerator.astype(np.float64)) / k
+
+
+def _std_is_exactable(shape: tuple[int, ...]) -> bool:
+    """Whether `_stds`' int64 sums cannot overflow for images of this shape."""
+    k = int(np.prod(shape))
+    return k * k * 255 * 255 < 2**62
+
+
+def _grays(pixels: np.ndarray) -> np.ndarray:
+    """(m, H, W) grey of an (m, H, W) or (m, H, W, 3) stack, as in `thumbnail`/`dhash`.
+
+    mean(axis=2) of three uint8 values is an exact float sum / 3, and astype(uint8)
+    truncates it: that is the integer sum // 3.
+    """
+    if pixels.ndim == 3:
+        return pixels
+    total = pixels[..., 0].astype(np.uint16)
+    total += pixels[..., 1]
+    total += pixels[..., 2]
+    total //= 3
+    return total.astype(np.uint8)
+
+
+def _resize_many(gray: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:
+    """Resize each (H, W) image of an (m, H, W) uint8 stack to `size` (w, h), equal to
+    `Image.fromarray(gray[i]).resize(size, resample)` for every i.
+
+    Pillow resamples in two separable passes, horizontal then vertical, rounding to uint8
+    in between, with coefficients that depend only on the sizes. So the horizontal pass is
+    run on the images stacked vertically (rows are filtered independently) and the vertical
+    pass on them side by side (columns are filtered independently).
+    """
+    m, h, w = gray.shape
+    out_w, out_h = size
+    if (w, h) == (out_w, out_h):
+        return gray.copy()
+    out = gray
+    if out_w != w:
+        tall = Image.fromarray(np.ascontiguousarray(out.reshape(m * h, w)))
+        out = _array(tall.resize((out_w, m * h), resample)).reshape(m, h, out_w)
+    if out_h != h:
+        wide = np.ascontiguousarray(out.transpose(1, 0, 2)).reshape(h, m * out_w)
+        wide = _array(Image.fromarray(wide).resize((m * out_w, out_h), resample))
+        out = wide.reshape(out_h, m, out_w).transpose(1, 0, 2)
+    return np.ascontiguousarray(out)
+
+
+def _array(image: Image.Image) -> np.ndarray:
+    width, height = image.size
+    return np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(height, width)
+
+
+def _thumbnails(gray: np.ndarray) -> np.ndarray:
+    """(m, 64) uint8: `thumbnail` of each image."""
+    return _resize_many(gray, (8, 8), Image.Resampling.BOX).reshape(len(gray), 64)
+
+
+def _dhashes(gray: np.ndarray) -> np.ndarray:
+    """(m,) uint64: `dhash` of each image."""
+    small = _resize_many(gray, (9, 8), Image.Resampling.BILINEAR).astype(np.int16)
+    bits = (small[:, :, 1:] > small[:, :, :-1]).reshape(len(gray), 64)
+    return np.packbits(bits, axis=1, bitorder="little").view("<u8").ravel()
+
+
+def _pixel_hashes(pixels: list[np.ndarray]) -> np.ndarray:
+    """(m,) uint64: `pixel_hash` of each image."""
+    digests = b"".join(
+        hashlib.blake2b(p.tobytes(), digest_size=8, person=bytes(p.shape[:3])).digest()
+        for p in pixels
+    )
+    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
+
+
 # --- whole-dataset rules (pure functions over arrays) -----------------------------------
 
 
@@ -166,13 +264,42 @@ def near_duplicate_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
         sorted_keys = keys[order]
         starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
         ends = np.r_[starts[1:], len(order)]
-        shared = ends - starts > 1
-        for start, end in zip(starts[shared], ends[shared], strict=True):
+        sizes = ends - starts
+        # Buckets of up to _SMALL_BUCKET rows: all their pairs at once, grouped by size.
+        for size in np.unique(sizes[(sizes > 1) & (sizes <= _SMALL_BUCKET)]):
+            found.extend(
+                _bucket_pairs(order, starts[sizes == size], int(size), hashes, max_distance)
+            )
+        for start, end in zip(
+            starts[sizes > _SMALL_BUCKET], ends[sizes > _SMALL_BUCKET], strict=True
+        ):
             found.append(_close_pairs(order[start:end], hashes, max_distance))
     if not found:
         return np.empty((0, 2), dtype=np.int64)
     pairs = np.concatenate(found)
     return np.unique(pairs, axis=0) if len(pairs) else pairs
+
+
+_SMALL_BUCKET = 128  # larger buckets go through _close_pairs, a block at a time
+_PAIRS_PER_STEP = 1 << 20  # bounds the candidate pairs _bucket_pairs holds at once
+
+
+def _bucket_pairs(
+    order: np.ndarray, starts: np.ndarray, size: int, hashes: np.ndarray, max_distance: int
+) -> list[np.ndarray]:
+    """`_close_pairs` of every bucket `order[start : start + size]`, buckets of one size at
+    a time: the same pairs, (smaller index, larger index), without a call per bucket."""
+    first, second = np.triu_indices(size, 1)
+    out = []
+    step = max(1, _PAIRS_PER_STEP // len(first))
+    for lo in range(0, len(starts), step):
+        base = starts[lo : lo + step, None]
+        a = order[base + first].ravel()
+        b = order[base + second].ravel()
+        close = np.bitwise_count(hashes[a] ^ hashes[b]) <= max_distance
+        a, b = a[close], b[close]
+        out.append(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1).astype(np.int64))
+    return out
 
 
 def _close_pairs(members: np.ndarray, hashes: np.ndarray, max_distance: int) -> np.ndarray:
@@ -181,9 +308,10 @@ def _close_pairs(members: np.ndarray, hashes: np.ndarray, max_distance: int) -> 
     block = 2048  # bounds the distance matrix of a large bucket to block x bucket
     for lo in range(0, len(members), block):
         rows = members[lo : lo + block]
-        dist = np.bitwise_count(hashes[rows, None] ^ hashes[None, members])
-        i, j = np.nonzero((dist <= max_distance) & (rows[:, None] < members[None, :]))
-        out.append(np.stack([rows[i], members[j]], axis=1))
+        later = members[lo:]  # members before `lo` are smaller than every row: never a pair
+        dist = np.bitwise_count(hashes[rows, None] ^ hashes[None, later])
+        i, j = np.nonzero((dist <= max_distance) & (rows[:, None] < later[None, :]))
+        out.append(np.stack([rows[i], later[j]], axis=1))
     return np.concatenate(out).astype(np.int64)
 
 
@@ -207,9 +335,15 @@ def resolve_duplicates(
     n = len(ids)
     keep = np.ones(n, dtype=bool)
     rejections: list[Rejection | None] = [None] * n
-    frame = pd.DataFrame({"id": ids, "label": labels, "h": pixel_hashes.astype(np.uint64)})
+    # Only rows whose pixel hash repeats can be exact duplicates: group just those.
+    hashes = pixel_hashes.astype(np.uint64)
+    _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
+    repeated = np.flatnonzero(counts[inverse.reshape(-1)] > 1)
+    frame = pd.DataFrame(
+        {"id": ids[repeated], "label": labels[repeated], "h": hashes[repeated]}, index=repeated
+    )
     frame = frame.sort_values("id", kind="stable")
-    for _, group in frame[frame.duplicated("h", keep=False)].groupby("h", sort=False):
+    for _, group in frame.groupby("h", sort=False):
         rows = group.index.to_numpy()
         if group["label"].nunique() > 1:
             detail = "same pixels labelled " + ", ".join(sorted(group["label"].unique()))
@@ -289,56 +423,87 @@ def run_clean(cfg: CleanConfig, validate: bool = True) -> dict:
 
     ids: list[str] = []
     labels: list[str] = []
-    pixel_hashes: list[int] = []
-    dhashes: list[int] = []
-    thumbnails: list[np.ndarray] = []
+    # Per kept row, in chunks: the numbers the whole-dataset rules need.
+    pixel_hashes: list[np.ndarray] = []  # (m,) uint64
+    dhashes: list[np.ndarray] = []  # (m,) uint64
+    thumbnails: list[np.ndarray] = []  # (m, 64) uint8
+    mapped: dict[str | None, str | Rejection | None] = {}  # map_label is pure: once per label
+    pixel_bytes = cfg.image_size * cfg.image_size * cfg.channels
+    chunk_rows = max(1, min(4096, (8 << 20) // pixel_bytes))  # bounds a chunk's pixels
     with atomic_dir(cfg.output) as out_dir:
         staging = out_dir / "_staging"
         with ShardWriter(staging, IMAGE_SCHEMA, cfg.shard_rows) as staged:
             # Pass 1: decode each image once; keep only ids and hashes in memory.
             columns = ["id", "label", "source", "path", "image"]
             for batch in iter_batches(cfg.input, columns=columns):
-                for row in batch.to_pylist():
-                    ingested += 1
-                    label = map_label(row["label"], cfg)
-                    if isinstance(label, Rejection):
-                        reject(row, row["label"], label)
-                        continue
-                    result = convert_image(row["image"], cfg)
-                    if isinstance(result, Rejection):
-                        reject(row, label, result)
-                        continue
-                    if is_blank(result.pixels, cfg):
-                        reject(row, label, Rejection("blank", f"std {result.pixels.std():.2f}"))
-                        continue
-                    converted["resized"] += result.resized
-                    converted["channels_converted"] += result.mode_changed
-                    ids.append(row["id"])
-                    labels.append(label)
-                    pixel_hashes.append(pixel_hash(result.pixels))
-                    dhashes.append(dhash(result.pixels))
-                    thumbnails.append(thumbnail(result.pixels))
-                    staged.append(
-                        {
-                            "id": row["id"],
-                            "label": label,
-                            "source": row["source"],
-                            "path": row["path"],
-                            "image": result.png,
-                            "height": cfg.image_size,
-                            "width": cfg.image_size,
-                            "channels": cfg.channels,
-                        }
-                    )
+                col = {name: batch.column(name).to_pylist() for name in columns}
+                for lo in range(0, batch.num_rows, chunk_rows):
+                    hi = min(lo + chunk_rows, batch.num_rows)
+                    ingested += hi - lo
+                    # Per row: label, then decode-verify and convert.
+                    outcome: list[tuple[str | None, Converted | Rejection]] = []
+                    for i in range(lo, hi):
+                        raw = col["label"][i]
+                        label = (
+                            mapped[raw]
+                            if raw in mapped
+                            else mapped.setdefault(raw, map_label(raw, cfg))
+                        )
+                        if isinstance(label, Rejection):
+                            outcome.append((raw, label))
+                        else:
+                            outcome.append((label, convert_image(col["image"][i], cfg)))
+                    decoded = [r.pixels for _, r in outcome if isinstance(r, Converted)]
+                    blank = iter(_blank_flags(decoded, cfg))
+                    kept: list[int] = []
+                    kept_labels: list[str] = []
+                    kept_png: list[bytes] = []
+                    kept_pixels: list[np.ndarray] = []
+                    for i, (label, result) in zip(range(lo, hi), outcome, strict=True):
+                        if isinstance(result, Rejection):
+                            reject(_where(col, i), label, result)
+                            continue
+                        if next(blank):
+                            detail = f"std {result.pixels.std():.2f}"
+                            reject(_where(col, i), label, Rejection("blank", detail))
+                            continue
+                        converted["resized"] += result.resized
+                        converted["channels_converted"] += result.mode_changed
+                        kept.append(i)
+                        kept_labels.append(label)
+                        kept_png.append(result.png)
+                        kept_pixels.append(result.pixels)
+                    if kept:
+                        m = len(kept)
+                        kept_ids = [col["id"][i] for i in kept]
+                        ids.extend(kept_ids)
+                        labels.extend(kept_labels)
+                        staged.extend(
+                            {
+                                "id": kept_ids,
+                                "label": kept_labels,
+                                "source": [col["source"][i] for i in kept],
+                                "path": [col["path"][i] for i in kept],
+                                "image": kept_png,
+                                "height": [cfg.image_size] * m,
+                                "width": [cfg.image_size] * m,
+                                "channels": [cfg.channels] * m,
+                            },
+                            m,
+                        )
+                        numbers = _row_numbers(kept_pixels)
+                        pixel_hashes.append(numbers[0])
+                        dhashes.append(numbers[1])
+                        thumbnails.append(numbers[2])
 
         id_array = np.array(ids, dtype=object)
         label_array = np.array(labels, dtype=object)
         keep, dup_rejections = resolve_duplicates(
             id_array,
             label_array,
-            np.array(pixel_hashes, dtype=np.uint64),
-            np.array(dhashes, dtype=np.uint64),
-            np.array(thumbnails, dtype=np.uint8).reshape(-1, 64),
+            np.concatenate(pixel_hashes) if ids else np.empty(0, dtype=np.uint64),
+            np.concatenate(dhashes) if ids else np.empty(0, dtype=np.uint64),
+            np.concatenate(thumbnails) if ids else np.empty((0, 64), dtype=np.uint8),
             cfg.near_duplicate_distance,
             cfg.near_duplicate_difference,
         )
@@ -351,13 +516,19 @@ def run_clean(cfg: CleanConfig, validate: bool = True) -> dict:
         writers = {s: ShardWriter(out_dir / s, IMAGE_SCHEMA, cfg.shard_rows) for s in SPLITS}
         position = 0
         for batch in iter_batches(staging):
-            for row in batch.to_pylist():
-                if keep[position]:
-                    row["split"] = splits[position]
-                    writers[row["split"]].append(row)
-                else:
-                    reject(row, row["label"], dup_rejections[position])
-                position += 1
+            n = batch.num_rows
+            col = {name: batch.column(name).to_pylist() for name in batch.schema.names}
+            kept_here = keep[position : position + n]
+            split_here = splits[position : position + n]
+            for split in SPLITS:
+                rows = np.flatnonzero(kept_here & (split_here == split)).tolist()
+                if rows:
+                    part = {name: [values[i] for i in rows] for name, values in col.items()}
+                    part["split"] = [split] * len(rows)
+                    writers[split].extend(part, len(rows))
+            for i in np.flatnonzero(~kept_here).tolist():
+                reject(_where(col, i), col["label"][i], dup_rejections[position + i])
+            position += n
         for writer in writers.values():
             writer.close()
         shutil.rmtree(staging)
@@ -395,6 +566,39 @@ def run_clean(cfg: CleanConfig, validate: bool = True) -> dict:
         dict(sorted(reasons.items())),
     )
     return report
+
+
+def _where(col: dict[str, list], i: int) -> dict:
+    return {"id": col["id"][i], "source": col["source"][i], "path": col["path"][i]}
+
+
+def _blank_flags(pixels: list[np.ndarray], cfg: CleanConfig) -> list[bool]:
+    """`is_blank` of each image, vectorised when they share a shape."""
+    if not pixels:
+        return []
+    shape = pixels[0].shape
+    if not _std_is_exactable(shape) or any(p.shape != shape for p in pixels):
+        return [is_blank(p, cfg) for p in pixels]
+    stds = _stds(np.stack(pixels))
+    flags = stds < cfg.blank_std
+    # _stds can differ from numpy's std in the last bits: decide rows that close to the
+    # threshold with is_blank itself.
+    for j in np.flatnonzero(np.abs(stds - cfg.blank_std) <= 1e-6 * max(1.0, cfg.blank_std)):
+        flags[j] = is_blank(pixels[j], cfg)
+    return flags.tolist()
+
+
+def _row_numbers(pixels: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pixel hashes, dHashes, thumbnails) of kept rows, vectorised when they share a shape."""
+    shape = pixels[0].shape
+    if all(p.shape == shape for p in pixels):
+        gray = _grays(np.stack(pixels))
+        return _pixel_hashes(pixels), _dhashes(gray), _thumbnails(gray)
+    return (
+        np.array([pixel_hash(p) for p in pixels], dtype=np.uint64),
+        np.array([dhash(p) for p in pixels], dtype=np.uint64),
+        np.array([thumbnail(p) for p in pixels], dtype=np.uint8).reshape(-1, 64),
+    )
 
 
 def _kept_metadata(out_dir: Path) -> pd.DataFrame:

@@ -101,7 +101,12 @@ def _suites(
 
 
 def _run_suite(
-    context, name: str, df: pd.DataFrame, expectations: list[tuple[Any, bool]], key: str | None
+    context,
+    name: str,
+    df: pd.DataFrame,
+    expectations: list[tuple[Any, bool]],
+    key: str | None,
+    dataset: str = "clean_dataset",
 ):
     """Validate ``df`` against ``expectations`` as one GX ValidationDefinition run.
 
@@ -113,12 +118,12 @@ def _run_suite(
         .add_dataframe_asset(name=name)
         .add_batch_definition_whole_dataframe(name)
     )
-    suite = context.suites.add(gx.ExpectationSuite(name=f"clean_dataset_{name}"))
+    suite = context.suites.add(gx.ExpectationSuite(name=f"{dataset}_{name}"))
     for expectation, critical in expectations:
         expectation.meta = {"critical": critical}
         suite.add_expectation(expectation)
     vd = context.validation_definitions.add(
-        gx.ValidationDefinition(name=f"clean_dataset_{name}", data=batch_def, suite=suite)
+        gx.ValidationDefinition(name=f"{dataset}_{name}", data=batch_def, suite=suite)
     )
     result_format: dict[str, Any] = {"result_format": "SUMMARY"}
     if key:
@@ -195,19 +200,14 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def validate_clean_dataset(
-    rows: pd.DataFrame,
-    *,
-    known_labels: list[str],
-    height: int,
-    width: int,
-    channels: int,
-    split_fractions: dict[str, float],
-    split_tolerance: float,
-    min_class_count: int,
+def run_suites(
+    frames: dict[str, pd.DataFrame],
+    suites: dict[str, list[tuple[Any, bool]]],
+    keys: dict[str, str | None],
     docs_dir: Path,
+    dataset: str,
 ) -> dict:
-    """Run the clean-dataset expectation suites and build GX Data Docs into ``docs_dir``.
+    """Validate each named frame against its suite in one fresh GX context; build Data Docs.
 
     Returns ``{"success", "evaluated", "failed": [...], "data_docs"}``; never raises on
     failed expectations (see :func:`raise_on_critical`).
@@ -221,7 +221,7 @@ def validate_clean_dataset(
     try:
         context = gx.get_context(mode="ephemeral")  # fresh, in-memory context per call
         context.variables.progress_bars = ProgressBarsConfig(globally=False)
-        site = "clean_dataset_site"
+        site = f"{dataset}_site"
         context.add_data_docs_site(
             site_name=site,
             site_config={
@@ -233,26 +233,106 @@ def validate_clean_dataset(
                 },
             },
         )
-        suites = _suites(
-            known_labels=known_labels,
-            height=height,
-            width=width,
-            channels=channels,
-            split_fractions=split_fractions,
-            split_tolerance=split_tolerance,
-            min_class_count=min_class_count,
-        )
-        frames = {
-            "rows": rows,
-            "splits": _split_summary(rows, split_fractions),
-            "classes": _class_summary(rows, known_labels),
-        }
-        results = [_run_suite(context, n, frames[n], suites[n], _KEYS[n]) for n in suites]
+        results = [
+            _run_suite(context, n, frames[n], suites[n], keys.get(n), dataset) for n in suites
+        ]
         context.build_data_docs(site_names=[site])
         _replace_dir(build_dir, docs_dir)
     finally:
         shutil.rmtree(build_dir, ignore_errors=True)
     return _summarise(results, docs_dir / "index.html")
+
+
+def validate_clean_dataset(
+    rows: pd.DataFrame,
+    *,
+    known_labels: list[str],
+    height: int,
+    width: int,
+    channels: int,
+    split_fractions: dict[str, float],
+    split_tolerance: float,
+    min_class_count: int,
+    docs_dir: Path,
+) -> dict:
+    """Run the clean-dataset expectation suites and build GX Data Docs into ``docs_dir``."""
+    suites = _suites(
+        known_labels=known_labels,
+        height=height,
+        width=width,
+        channels=channels,
+        split_fractions=split_fractions,
+        split_tolerance=split_tolerance,
+        min_class_count=min_class_count,
+    )
+    frames = {
+        "rows": rows,
+        "splits": _split_summary(rows, split_fractions),
+        "classes": _class_summary(rows, known_labels),
+    }
+    return run_suites(frames, suites, _KEYS, docs_dir, "clean_dataset")
+
+
+SYNTHETIC_COLUMNS = [
+    "id",
+    "label",
+    "source",
+    "parent_id",
+    "height",
+    "width",
+    "channels",
+    "pixel_mean",
+    "pixel_std",
+]
+
+
+def validate_synthetic_dataset(
+    rows: pd.DataFrame,
+    *,
+    known_labels: list[str],
+    height: int,
+    width: int,
+    channels: int,
+    requested_per_class: dict[str, int],
+    min_pixel_std: float,
+    docs_dir: Path,
+) -> dict:
+    """The synthetic dataset's suite: schema, labels, one size, sane pixels, per-class counts.
+
+    ``rows`` has SYNTHETIC_COLUMNS; pixel_mean/pixel_std are per image on the 0-255 scale.
+    Schema, labels, size and ids are critical; a blank-looking image or a class short of its
+    request is a warning (the gates judge quality).
+    """
+    gxe = _import_gx().expectations
+    row_suite: list[tuple[Any, bool]] = [
+        (gxe.ExpectTableColumnsToMatchSet(column_set=SYNTHETIC_COLUMNS, exact_match=True), True),
+        (gxe.ExpectColumnValuesToNotBeNull(column="label"), True),
+        (gxe.ExpectColumnValuesToBeInSet(column="label", value_set=list(known_labels)), True),
+        *[
+            (gxe.ExpectColumnValuesToBeInSet(column=c, value_set=[v]), True)
+            for c, v in (("height", height), ("width", width), ("channels", channels))
+        ],
+        (gxe.ExpectColumnValuesToBeUnique(column="id"), True),
+        (gxe.ExpectColumnValuesToBeBetween(column="pixel_mean", min_value=0, max_value=255), True),
+        (gxe.ExpectColumnValuesToBeBetween(column="pixel_std", min_value=min_pixel_std), False),
+    ]
+    counts = rows["label"].value_counts()
+    classes = pd.DataFrame(
+        {
+            "label": list(requested_per_class),
+            "shortfall": [
+                int(n) - int(counts.get(label, 0)) for label, n in requested_per_class.items()
+            ],
+        }
+    )
+    class_suite = [(gxe.ExpectColumnValuesToBeBetween(column="shortfall", max_value=0), False)]
+    return run_suites(
+        {"rows": rows, "classes": classes},
+        {"rows": row_suite, "classes": class_suite},
+        {"rows": None, "classes": "label"},
+        docs_dir,
+        "synthetic_dataset",
+    )
 
 
 def _describe(item: dict) -> str:

@@ -44,7 +44,7 @@ def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
-def _read(path: Path, label: str, shown: str) -> Record:
+def _read(path: Path | str, label: str, shown: str) -> Record:
     try:
         with open(path, "rb") as fh:
             return Item(shown, label, fh.read())
@@ -74,20 +74,22 @@ def read_image_folder(source: ImageFolderSource) -> Iterator[Record]:
             yield Rejected(str(directory), label, "unreadable_directory", err.strerror or str(err))
             return
         for entry in entries:
-            path = Path(entry.path)
+            # entry.path is already str(Path(entry.path)): a normalised folder joined with a
+            # plain name. A Path is made only where one is needed (per file it costs).
+            shown = entry.path
             if entry.is_symlink():
-                target = path.resolve()
+                target = Path(shown).resolve()
                 if not _inside(target, root):
-                    yield Rejected(str(path), label, "symlink_outside_root", f"points to {target}")
+                    yield Rejected(shown, label, "symlink_outside_root", f"points to {target}")
                     continue
             if entry.is_dir():
-                yield from walk(path, label if label is not None else entry.name)
+                yield from walk(Path(shown), label if label is not None else entry.name)
             elif label is None:
-                yield Rejected(str(path), None, "no_class_folder", "file at the source root")
+                yield Rejected(shown, None, "no_class_folder", "file at the source root")
             elif entry.is_file():
-                yield _read(path, label, str(path))
+                yield _read(shown, label, shown)
             else:
-                yield Rejected(str(path), label, "not_a_regular_file", "socket, fifo or device")
+                yield Rejected(shown, label, "not_a_regular_file", "socket, fifo or device")
 
     yield from walk(root, None)
 
