@@ -174,6 +174,7 @@ class CleanConfig(_Model):
     split_tolerance: float = Field(0.05, ge=0, le=1)
     min_class_count: int = Field(5, ge=0)
     seed: int = 0
+    workers: int = Field(0, ge=0, description="decode processes; 0: one per CPU core")
     shard_rows: PositiveInt = 8192
     input: Path = Path("data/ingested")
     output: Path = Path("data/clean")
