@@ -1,0 +1,424 @@
+"""Train evaluator: a small CNN classifier trained on the real clean train split only.
+
+It is the validation yardstick that needs no download (DESIGN.md, "Validation without
+downloads"): its penultimate layer is the feature space for domain FID, KID and
+precision/recall/density/coverage, and its predictions give class consistency. It never
+sees synthetic data, so its judgement does not depend on the generator.
+
+Architecture: three conv stages (width, 2 width, 4 width channels; each two 3x3
+conv-BN-ReLU, then 2x2 max-pooling while the map is larger than 4x4), global average
+pooling, a `feature_dim` linear-BN-ReLU feature layer and a linear head. It handles 8x8 up
+to 64x64 images, grey or RGB. Trained with AdamW and a cosine schedule; the epoch with the
+best validation accuracy is kept, and test accuracy is reported for that one only.
+
+Writes `cfg.output/weights.safetensors` and `config.json` (atomically, as one directory)
+and the report `cfg.report`. `load_evaluator` reads them back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from synthloop.config import EvaluatorConfig
+from synthloop.dataset import atomic_dir, remove_stale_temporaries, write_json
+from tasks.images import (
+    ImageTensors,
+    dataset_version,
+    load_image_tensors,
+    resolve_device,
+    to_float,
+)
+from tasks.metrics import frechet_distance
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "weights.safetensors"
+CONFIG = "config.json"
+_ARCHITECTURE = "synthloop-evaluator-cnn-v1"
+_PATH_FIELDS = {"input", "output", "report", "inception_weights"}
+
+
+# --- the network -------------------------------------------------------------------------
+
+
+def _conv(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+
+class EvaluatorNet(nn.Module):
+    """Conv stages -> global average pooling -> feature layer -> linear head."""
+
+    def __init__(
+        self, channels: int, size: int, num_classes: int, width: int, feature_dim: int
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin, side = channels, size
+        for stage in range(3):
+            cout = width * 2**stage
+            layers += _conv(cin, cout) + _conv(cout, cout)
+            if side > 4:  # pool down to 4x4 at most: an 8x8 input keeps some spatial layout
+                layers.append(nn.MaxPool2d(2))
+                side //= 2
+            cin = cout
+        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.feature = nn.Sequential(
+            nn.Linear(cin, feature_dim, bias=False), nn.BatchNorm1d(feature_dim), nn.ReLU()
+        )
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def features(self, x: Tensor) -> Tensor:
+        """x: float images in [-1, 1] -> (N, feature_dim)."""
+        return self.feature(self.body(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+def _prepare(images: Tensor, channels: int, size: int, device: torch.device) -> Tensor:
+    """uint8 [0, 255] or float [0, 1] (torchmetrics' normalize=True) -> float [-1, 1]."""
+    if images.dim() != 4 or tuple(images.shape[1:]) != (channels, size, size):
+        raise ValueError(
+            f"expected images (N, {channels}, {size}, {size}), got {tuple(images.shape)}"
+        )
+    images = images.to(device)
+    if images.dtype == torch.uint8:
+        return to_float(images)
+    return images.float().mul(2.0).sub(1.0)
+
+
+class FeatureExtractor(nn.Module):
+    """The evaluator's feature layer as a torchmetrics `feature=` module.
+
+    torchmetrics (1.9) passes a custom module the images exactly as given to `update`
+    (uint8 with normalize=False, float [0, 1] with normalize=True) and reads `num_features`
+    instead of probing with a dummy 299x299 image. It always runs in eval mode: BatchNorm
+    must use its running statistics, whatever mode the metric is put in.
+    """
+
+    def __init__(self, net: EvaluatorNet, channels: int, size: int) -> None:
+        super().__init__()
+        self.net = net
+        self.channels = channels
+        self.size = size
+        self.num_features = net.feature[0].out_features
+        self.train(False)
+
+    def train(self, mode: bool = True) -> FeatureExtractor:
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        device = next(self.net.parameters()).device
+        return self.net.features(_prepare(images, self.channels, self.size, device)).float()
+
+
+class Evaluator:
+    """A trained evaluator: class names, features and probabilities of uint8 images."""
+
+    def __init__(
+        self, net: EvaluatorNet, classes: list[str], channels: int, size: int, batch_size: int
+    ) -> None:
+        self.net = net.eval()
+        self.classes = classes
+        self.channels = channels
+        self.size = size
+        self.batch_size = batch_size
+        self.feature_dim = net.feature[0].out_features
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def to(self, device: torch.device | str) -> Evaluator:
+        self.net.to(device)
+        return self
+
+    @torch.no_grad()
+    def _batched(self, images: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        out = []
+        for lo in range(0, len(images), self.batch_size):
+            x = _prepare(images[lo : lo + self.batch_size], self.channels, self.size, self.device)
+            out.append(fn(x).float().to(images.device))
+        if not out:
+            raise ValueError("no images given")
+        return torch.cat(out)
+
+    def features(self, images: Tensor) -> Tensor:
+        """(N, C, H, W) uint8 -> (N, feature_dim) float, on the images' device."""
+        return self._batched(images, self.net.features)
+
+    def probabilities(self, images: Tensor) -> Tensor:
+        """(N, C, H, W) uint8 -> (N, num_classes) softmax probabilities."""
+        return self._batched(images, lambda x: self.net(x).softmax(1))
+
+    def feature_extractor(self) -> FeatureExtractor:
+        """A module for torchmetrics' `feature=` argument, sharing this evaluator's weights."""
+        return FeatureExtractor(self.net, self.channels, self.size)
+
+
+# --- training ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: ImageTensors
+    val: ImageTensors
+    test: ImageTensors
+
+
+def load_splits(root: Path) -> Splits:
+    """Decode train, val and test; the class order is train's labels, sorted."""
+    train = load_image_tensors(root / "train")
+    return Splits(
+        train=train,
+        val=load_image_tensors(root / "val", classes=train.classes),
+        test=load_image_tensors(root / "test", classes=train.classes),
+    )
+
+
+def build_net(cfg: EvaluatorConfig, channels: int, size: int, num_classes: int) -> EvaluatorNet:
+    return EvaluatorNet(channels, size, num_classes, cfg.width, cfg.feature_dim)
+
+
+@torch.no_grad()
+def accuracy(net: EvaluatorNet, data: ImageTensors, batch_size: int) -> tuple[float, list[float]]:
+    """(overall accuracy, per-class accuracy by label index; NaN for an absent class)."""
+    net.eval()
+    device = next(net.parameters()).device
+    preds = torch.cat(
+        [
+            net(to_float(data.images[lo : lo + batch_size].to(device))).argmax(1).cpu()
+            for lo in range(0, len(data), batch_size)
+        ]
+    )
+    correct = (preds == data.labels).float()
+    per_class = [
+        float(correct[data.labels == c].mean()) if (data.labels == c).any() else float("nan")
+        for c in range(len(data.classes))
+    ]
+    return float(correct.mean()), per_class
+
+
+@contextlib.contextmanager
+def _cpu_threads(device: torch.device, size: int) -> Iterator[None]:
+    """One intra-op thread for small images on CPU, restored afterwards.
+
+    Per-op work on 8x8 to 16x16 maps is too small to split: on the shared 2-core machine
+    the digits trained in 7 s with one thread and 42 s with two (threads spinning at
+    barriers). A fixed thread count also makes CPU runs bit-identical across machines.
+    """
+    if device.type != "cpu" or size > 16:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def train_net(
+    cfg: EvaluatorConfig, splits: Splits, device: torch.device
+) -> tuple[EvaluatorNet, dict]:
+    """Train on splits.train; keep the weights of the epoch with the best val accuracy.
+
+    Seeded from cfg.seed through a forked RNG, so a run is reproducible on CPU and the
+    caller's global RNG state is left as it was.
+    """
+    with _cpu_threads(device, splits.train.images.shape[-1]):
+        return _train(cfg, splits, device)
+
+
+def _train(cfg: EvaluatorConfig, splits: Splits, device: torch.device) -> tuple[EvaluatorNet, dict]:
+    _, channels, size, _ = splits.train.images.shape
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        net = build_net(cfg, channels, size, len(splits.train.classes)).to(device)
+    images = splits.train.images.to(device)
+    labels = splits.train.labels.to(device)
+    n = len(images)
+    # Drop a trailing batch of one: BatchNorm cannot train on a single sample.
+    steps_per_epoch = max(1, n // cfg.batch_size + (n % cfg.batch_size > 1))
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs * steps_per_epoch)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    best_acc, best_epoch, best_state, history = -1.0, 0, None, []
+    for epoch in range(1, cfg.epochs + 1):
+        net.train()
+        order = torch.randperm(n, generator=generator).to(device)
+        total = 0.0
+        for step in range(steps_per_epoch):
+            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            loss = F.cross_entropy(net(to_float(images[idx])), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += float(loss.detach()) * len(idx)
+        val_acc, _ = accuracy(net, splits.val, cfg.batch_size)
+        history.append({"epoch": epoch, "loss": total / n, "val_accuracy": val_acc})
+        if val_acc > best_acc:
+            best_acc, best_epoch = val_acc, epoch
+            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    assert best_state is not None
+    net.load_state_dict(best_state)
+    return net.eval(), {"best_epoch": best_epoch, "history": history}
+
+
+# --- the stage ---------------------------------------------------------------------------
+
+
+def run_train_evaluator(cfg: EvaluatorConfig) -> dict:
+    """Train the evaluator on `cfg.input/train`; write it to `cfg.output`, report to
+    `cfg.report`; returns the report."""
+    remove_stale_temporaries(cfg.output)
+    device = resolve_device(cfg.device)
+    splits = load_splits(cfg.input)
+    _, channels, size, width = splits.train.images.shape
+    if size != width:
+        raise ValueError(f"{cfg.input}: images must be square, got {size}x{width}")
+    start = time.perf_counter()
+    net, training = train_net(cfg, splits, device)
+    seconds = time.perf_counter() - start
+    classes = splits.train.classes
+    scores = {name: accuracy(net, data, cfg.batch_size) for name, data in _scored(splits)}
+    report = {
+        "accuracy": {name: acc for name, (acc, _) in scores.items()},
+        "per_class_accuracy": {
+            name: {c: _finite(a) for c, a in zip(classes, per, strict=True)}
+            for name, (_, per) in scores.items()
+        },
+        "counts": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
+        "classes": classes,
+        "image": {"height": size, "width": size, "channels": channels},
+        "data_version": dataset_version(cfg.input / "train"),
+        "feature_dim": cfg.feature_dim,
+        "epochs": cfg.epochs,
+        "best_epoch": training["best_epoch"],
+        "history": training["history"],
+        "train_seconds": round(seconds, 3),
+        "device": str(device),
+        "parameters": sum(p.numel() for p in net.parameters()),
+    }
+    with atomic_dir(cfg.output) as out:
+        state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+        save_file(state, str(out / WEIGHTS), metadata={"architecture": _ARCHITECTURE})
+        meta = {
+            "architecture": _ARCHITECTURE,
+            "classes": classes,
+            "channels": channels,
+            "size": size,
+            "data_version": report["data_version"],
+            # Hyperparameters only: absolute paths would make the artefact machine-specific.
+            "config": cfg.model_dump(mode="json", exclude=_PATH_FIELDS),
+        }
+        write_json(out / CONFIG, meta)
+        write_json(cfg.report, report)
+    log.info(
+        "train_evaluator: %d train images, %d epochs in %.1fs on %s -> val %.3f, test %.3f",
+        len(splits.train),
+        cfg.epochs,
+        seconds,
+        device,
+        report["accuracy"]["val"],
+        report["accuracy"]["test"],
+    )
+    return report
+
+
+def _scored(splits: Splits) -> list[tuple[str, ImageTensors]]:
+    return [("val", splits.val), ("test", splits.test)]
+
+
+def _finite(value: float) -> float | None:
+    return None if value != value else value  # NaN (class absent from the split) -> null
+
+
+def load_evaluator(
+    directory: Path | str, device: str | torch.device = "cpu", batch_size: int = 1024
+) -> Evaluator:
+    """Read an evaluator written by `run_train_evaluator`."""
+    directory = Path(directory)
+    meta = json.loads((directory / CONFIG).read_text())
+    if meta.get("architecture") != _ARCHITECTURE:
+        raise ValueError(f"{directory}: unknown evaluator architecture {meta.get('architecture')}")
+    cfg = meta["config"]
+    net = EvaluatorNet(
+        meta["channels"], meta["size"], len(meta["classes"]), cfg["width"], cfg["feature_dim"]
+    )
+    net.load_state_dict(load_file(str(directory / WEIGHTS)))
+    device = resolve_device(device) if isinstance(device, str) else device
+    return Evaluator(net.to(device), meta["classes"], meta["channels"], meta["size"], batch_size)
+
+
+# --- standard FID (local Inception weights only) -----------------------------------------
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def load_inception(weights_path: Path | str) -> nn.Module:
+    """torchvision's inception_v3 from a local state_dict (.pth or .safetensors), with the
+    classifier removed: forward gives the 2048-d pool features. Never downloads."""
+    from torchvision.models import inception_v3
+
+    path = Path(weights_path)
+    if path.suffix == ".safetensors":
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    # transform_input=True: torchvision's ImageNet weights expect it (as weights= would set).
+    model = inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)
+    model.load_state_dict(state)
+    model.fc = nn.Identity()
+    return model.eval()
+
+
+@torch.no_grad()
+def inception_features(
+    model: nn.Module, images: Tensor, batch_size: int = 64, device: str | torch.device = "cpu"
+) -> Tensor:
+    """uint8 (N, 1|3, H, W) -> (N, 2048): grey repeated to RGB, bilinear resize to 299."""
+    mean = torch.tensor(_IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(_IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    model = model.to(device)
+    out = []
+    for lo in range(0, len(images), batch_size):
+        x = images[lo : lo + batch_size].to(device).float().div_(255.0)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False, antialias=True)
+        out.append(model((x - mean) / std).float().cpu())
+    return torch.cat(out)
+
+
+def inception_fid(
+    real_uint8: Tensor,
+    fake_uint8: Tensor,
+    weights_path: Path | str | None,
+    device: str | torch.device = "cpu",
+) -> float | None:
+    """FID in torchvision Inception-v3 pool features; None when no local weights are given.
+
+    torchvision's ImageNet weights differ from the TF-ported ones published FIDs use, so the
+    figure tracks, but does not equal, numbers from pytorch-fid or torch-fidelity.
+    """
+    if weights_path is None:
+        return None
+    model = load_inception(weights_path)
+    real = inception_features(model, real_uint8, device=device)
+    fake = inception_features(model, fake_uint8, device=device)
+    return frechet_distance(real, fake)

@@ -1,0 +1,18 @@
+"""Generator families, chosen by `train.family`.
+
+Each family implements the interface in `base.Family`: built from (cfg, num_classes,
+channels, size, device); `modules` and `optimizers`; `train_step(x, y)`; `sample(labels,
+generator)` from the EMA weights; `export_state()` / `from_export(...)` for the weights
+generate needs; `flops_per_image()` for MFU. Adding a family: subclass `Family`, register
+it here and add its name to `TrainConfig.family`.
+"""
+
+from __future__ import annotations
+
+from tasks.generators.base import Family
+from tasks.generators.cgan import CGAN
+from tasks.generators.diffusion import Diffusion
+
+FAMILIES: dict[str, type[Family]] = {"cgan": CGAN, "diffusion": Diffusion}
+
+__all__ = ["FAMILIES", "Family"]

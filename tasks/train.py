@@ -1,0 +1,337 @@
+"""Train: fit a class-conditional generator (train.family) to the fused dataset.
+
+One loop, nanoGPT-style. The dataset is decoded once into a uint8 (N, C, H, W) tensor,
+kept on the GPU when it fits (train.gpu_dataset_max_bytes), so a batch is one index op.
+Each step draws a random batch from a seeded generator, scales it to [-1, 1] and hands it
+to the family's `train_step` (tasks/generators/). The fast path is visible: TF32 and cuDNN
+autotune here; bf16 autocast, channels_last, fused Adam and torch.compile (train.compile)
+inside the families; losses stay on the device and are fetched once per log interval.
+
+Resumable: every checkpoint_every steps `checkpoints/last.pt` holds the networks, their EMA
+copies, the optimizers, every random generator's state and the losses so far, with a
+fingerprint of the settings and data that made it. `train.resume: true` continues from it
+and ends with the weights an uninterrupted run would have (bit-for-bit on CPU); a
+checkpoint of other settings or other data is refused. The checkpoints are working state,
+kept apart from the output.
+
+Outputs (train.output, replaced atomically as a whole):
+  weights.safetensors  the EMA generator: all that generate needs
+  config.json          the TrainConfig that made it, plus classes, channels, size
+  model_card.json      family, steps, data version, per-class counts, losses, speed, sizes,
+                       model_version (a hash of weights.safetensors)
+Reports (train.reports): losses.csv (one row per step, for `dvc plots`), summary.json.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from synthloop.config import TrainConfig
+from synthloop.dataset import atomic_dir, atomic_file, remove_stale_temporaries, write_json
+from tasks.generators import FAMILIES, Family
+from tasks.generators.base import derive_seed
+from tasks.images import dataset_version, load_image_tensors, resolve_device, to_float
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "last.pt"
+WEIGHTS = "weights.safetensors"
+# The settings a checkpoint can only be resumed with; steps, logging and paths may change
+# between runs. The active family's own section (train.cgan or train.diffusion), the data
+# version and the kind of device are added.
+FINGERPRINT_KEYS = ("family", "batch_size", "lr", "ema_decay", "seed")
+SUMMARY_KEYS = (  # reports/train/summary.json: the model card's numbers, for `dvc metrics`
+    "family", "model_version", "steps", "final_losses", "images_per_s", "train_seconds",
+    "wall_seconds", "resumed_from_step", "device",
+)  # fmt: skip
+
+
+def run_train(cfg: TrainConfig) -> dict:
+    """Train `cfg.family` on `cfg.input`; write the model to `cfg.output`; return its card."""
+    started = time.perf_counter()
+    if cfg.checkpoints.resolve().is_relative_to(cfg.output.resolve()):
+        raise ValueError(
+            f"train.checkpoints ({cfg.checkpoints}) must not be inside train.output "
+            f"({cfg.output}): the output is replaced as a whole"
+        )
+    remove_stale_temporaries(cfg.output)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convs: free speed
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed shapes: autotune conv algorithms once
+
+    # --- data: decoded once; on the GPU when it fits -------------------------------------
+    data = load_image_tensors(cfg.input)
+    n, channels, height, width = data.images.shape
+    if height != width:
+        raise ValueError(f"{cfg.input}: images must be square, got {height}x{width}")
+    classes = data.classes
+    data_version = dataset_version(cfg.input)
+    images, labels = place_dataset(data.images, data.labels, device, cfg.gpu_dataset_max_bytes)
+
+    # --- model, random streams, and the checkpoint to resume from ------------------------
+    torch.manual_seed(cfg.seed)  # weight initialisation
+    family = FAMILIES[cfg.family](cfg, len(classes), channels, height, device)
+    # Batch indices are drawn where the dataset lives: no host->device copy, no sync.
+    batches = torch.Generator(images.device).manual_seed(derive_seed(cfg.seed, "batches"))
+    fingerprint = make_fingerprint(cfg, data_version, device, images.device)
+    ckpt_path = cfg.checkpoints / CHECKPOINT
+    rows: list[dict[str, float]] = []  # one per step: {"step": s, loss name: value, ...}
+    start, train_seconds = 0, 0.0
+    if cfg.resume and ckpt_path.exists():
+        start, train_seconds, rows = load_checkpoint(ckpt_path, fingerprint, family, batches, cfg)
+        log.info("resumed from step %d (%s)", start, ckpt_path)
+    elif cfg.resume:
+        log.info("no checkpoint at %s: starting from step 0", ckpt_path)
+
+    # --- the loop ------------------------------------------------------------------------
+    log.info(
+        "train: %s on %d images (%d classes, %dx%dx%d) on %s, steps %d..%d",
+        cfg.family, n, len(classes), channels, height, width, device, start, cfg.steps,
+    )  # fmt: skip
+    bar = tqdm(total=cfg.steps, initial=start, unit="step", disable=not sys.stderr.isatty())
+    window: list[dict[str, torch.Tensor]] = []  # losses since the last log, still on device
+    loop_start, window_start = time.perf_counter(), time.perf_counter()
+    for step in range(start + 1, cfg.steps + 1):
+        idx = torch.randint(n, (cfg.batch_size,), generator=batches, device=images.device)
+        x, y = get_batch(images, labels, idx, device)
+        window.append(family.train_step(x, y))
+        bar.update(1)
+
+        last = step == cfg.steps
+        if step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or last:
+            new_rows = fetch_losses(window, first_step=step - len(window) + 1)  # one sync
+            rows += new_rows
+            now = time.perf_counter()
+            rate = len(window) * cfg.batch_size / (now - window_start)
+            window, window_start = [], now
+            if step % cfg.log_every == 0 or last:
+                means = mean_losses(new_rows)
+                log.info("step %d/%d  %s  %.0f img/s", step, cfg.steps, fmt(means), rate)
+                bar.set_postfix(means)
+        if step % cfg.checkpoint_every == 0 or last:
+            seconds = train_seconds + time.perf_counter() - loop_start
+            save_checkpoint(ckpt_path, family, batches, fingerprint, step, seconds, rows)
+    bar.close()
+    train_seconds += time.perf_counter() - loop_start
+    write_losses(cfg.reports / "losses.csv", rows)
+
+    # --- outputs -------------------------------------------------------------------------
+    steps_run = max(cfg.steps - start, 0)
+    final = mean_losses(rows[-cfg.log_every :])
+    card = {
+        "family": cfg.family,
+        "model_version": None,  # filled in once the weights are written
+        "steps": cfg.steps,
+        "batch_size": cfg.batch_size,
+        "resumed_from_step": start if cfg.resume and start else None,
+        "data_version": data_version,
+        "data": str(cfg.input),
+        "classes": classes,
+        "train_counts": dict(
+            zip(classes, torch.bincount(data.labels, minlength=len(classes)).tolist(), strict=True)
+        ),
+        "image": {"channels": channels, "height": height, "width": width},
+        "final_losses": final,
+        "images_per_s": round(cfg.steps * cfg.batch_size / max(train_seconds, 1e-9), 1),
+        "train_seconds": round(train_seconds, 2),
+        "wall_seconds": round(time.perf_counter() - started, 2),
+        "device": device_name(device),
+        "parameters": family.parameter_counts(),
+        "flops_per_image": family.flops_per_image(),
+    }
+    card["model_version"] = write_model(cfg, family, classes, channels, height, card)
+    write_json(cfg.reports / "summary.json", {k: card[k] for k in SUMMARY_KEYS})
+    log.info(
+        "train: %s, %d steps (%d this run) in %.1fs, %.0f img/s, %s -> %s (version %s)",
+        cfg.family, cfg.steps, steps_run, train_seconds, card["images_per_s"], fmt(final),
+        cfg.output, card["model_version"],
+    )  # fmt: skip
+    return card
+
+
+# --- data --------------------------------------------------------------------------------
+
+
+def place_dataset(
+    images: torch.Tensor, labels: torch.Tensor, device: torch.device, max_bytes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """On the GPU when it fits (a batch is then an index op); else it stays in host memory
+    and each batch is copied over on its own."""
+    if device.type == "cuda" and images.numel() * images.element_size() <= max_bytes:
+        return images.to(device), labels.to(device)
+    return images, labels
+
+
+def get_batch(
+    images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 rows `idx` -> float [-1, 1] on `device`, converted after the copy (4x less to
+    move)."""
+    if images.device == device:
+        return to_float(images[idx]), labels[idx]
+    # host dataset, GPU training: a pinned batch copies asynchronously
+    x = images[idx].pin_memory().to(device, non_blocking=True)
+    return to_float(x), labels[idx].to(device, non_blocking=True)
+
+
+# --- losses --------------------------------------------------------------------------------
+
+
+def fetch_losses(window: list[dict[str, torch.Tensor]], first_step: int) -> list[dict]:
+    """The window's per-step losses as rows, fetched from the device in one transfer."""
+    if not window:
+        return []
+    names = list(window[0])
+    values = torch.stack([torch.stack([s[k].float() for k in names]) for s in window])
+    return [
+        {"step": first_step + i, **dict(zip(names, row, strict=True))}
+        for i, row in enumerate(values.cpu().tolist())
+    ]
+
+
+def mean_losses(rows: list[dict]) -> dict[str, float]:
+    if not rows:
+        return {}
+    names = [k for k in rows[0] if k != "step"]
+    return {k: round(sum(r[k] for r in rows) / len(rows), 4) for k in names}
+
+
+def fmt(losses: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.4f}" for k, v in losses.items())
+
+
+def write_losses(path: Path, rows: list[dict]) -> None:
+    """step,<loss>,... per step: `dvc plots show` draws it with step on the x axis."""
+    fields = list(rows[0]) if rows else ["step"]
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: v if k == "step" else f"{v:.6g}" for k, v in row.items()})
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+
+
+def make_fingerprint(
+    cfg: TrainConfig, data_version: str, device: torch.device, data_device: torch.device
+) -> dict[str, str]:
+    values: dict[str, Any] = {f"train.{k}": getattr(cfg, k) for k in FINGERPRINT_KEYS}
+    values[f"train.{cfg.family}"] = getattr(cfg, cfg.family).model_dump(mode="json")
+    values["data version"] = data_version
+    # CPU and CUDA random generators differ, so a run resumes on the kind of device it began
+    values["device"] = f"{device.type}, dataset on {data_device.type}"
+    return {k: json.dumps(v, sort_keys=True) for k, v in values.items()}
+
+
+def save_checkpoint(
+    path: Path,
+    family: Family,
+    batches: torch.Generator,
+    fingerprint: dict[str, str],
+    step: int,
+    train_seconds: float,
+    rows: list[dict],
+) -> None:
+    """Everything a bit-exact resume needs, written to a temporary file and renamed."""
+    state = {
+        "step": step,
+        "fingerprint": fingerprint,
+        "family": family.state_dict(),  # networks, EMA, optimizers, the family's rng
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "batches": batches.get_state(),
+        },
+        "train_seconds": train_seconds,
+        "losses": rows,
+    }
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(
+    path: Path,
+    fingerprint: dict[str, str],
+    family: Family,
+    batches: torch.Generator,
+    cfg: TrainConfig,
+) -> tuple[int, float, list[dict]]:
+    """Restore `family` and the random streams; returns (step, train seconds, loss rows)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved = state["fingerprint"]
+    changed = [
+        f"{key}: {saved.get(key, 'unset')} -> {value}"
+        for key, value in fingerprint.items()
+        if saved.get(key) != value
+    ]
+    if changed:
+        raise ValueError(
+            f"{path}: cannot resume, this checkpoint was made with other settings or data "
+            f"({'; '.join(changed)}). Set train.resume: false to start over, or delete "
+            f"{path.parent}."
+        )
+    if state["step"] > cfg.steps:
+        raise ValueError(
+            f"{path}: the checkpoint is at step {state['step']}, beyond train.steps="
+            f"{cfg.steps}; raise train.steps or set train.resume: false"
+        )
+    family.load_state_dict(state["family"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if torch.cuda.is_available() and state["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    batches.set_state(state["rng"]["batches"])
+    return state["step"], state["train_seconds"], state["losses"]
+
+
+# --- the model directory -----------------------------------------------------------------
+
+
+def model_version(weights: Path) -> str:
+    """A content hash of the weights file: the version samples and reports refer to."""
+    digest = hashlib.blake2b(digest_size=8)
+    with open(weights, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_model(
+    cfg: TrainConfig, family: Family, classes: list[str], channels: int, size: int, card: dict
+) -> str:
+    """weights.safetensors, config.json and model_card.json, replacing the output as one."""
+    with atomic_dir(cfg.output) as out:
+        save_file(family.export_state(), out / WEIGHTS, metadata={"family": cfg.family})
+        version = model_version(out / WEIGHTS)
+        write_json(
+            out / "config.json",
+            {
+                "train": cfg.model_dump(mode="json"),
+                "num_classes": len(classes),
+                "classes": classes,
+                "channels": channels,
+                "size": size,
+            },
+        )
+        write_json(out / "model_card.json", {**card, "model_version": version})
+    return version
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads, {os.cpu_count()} cores)"

@@ -1,0 +1,190 @@
+"""The train stage: outputs, bit-exact resume, refused resumes, and import isolation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from synthloop.config import TrainConfig
+from synthloop.dataset import IMAGE_SCHEMA, ShardWriter, content_id
+from tasks.images import dataset_version, encode_rows
+from tasks.train import model_version, run_train
+
+REPO = Path(__file__).resolve().parent.parent
+CLASSES = ("a", "b", "c")
+
+
+def make_dataset(directory: Path, per_class: int = 12, size: int = 8, seed: int = 0) -> Path:
+    """3 classes of noisy 8x8 grey images: a horizontal bar, a vertical bar, a diagonal."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 60, (len(CLASSES) * per_class, 1, size, size), dtype=np.uint8)
+    labels = np.repeat(np.arange(len(CLASSES)), per_class)
+    for image, label in zip(images, labels, strict=True):
+        k = int(rng.integers(1, size - 1))
+        if label == 0:
+            image[0, k, :] = 255
+        elif label == 1:
+            image[0, :, k] = 255
+        else:
+            image[0, np.arange(size), np.arange(size)] = 255
+    with ShardWriter(directory, IMAGE_SCHEMA, shard_rows=16) as writer:
+        for png, label in zip(encode_rows(torch.from_numpy(images)), labels, strict=True):
+            writer.append(
+                {
+                    "id": content_id(png),
+                    "label": CLASSES[label],
+                    "split": "train",
+                    "source": "test",
+                    "image": png,
+                    "height": size,
+                    "width": size,
+                    "channels": 1,
+                }
+            )
+    return directory
+
+
+def tiny_cfg(root: Path, data: Path, name: str = "run", **overrides: object) -> TrainConfig:
+    values: dict = {
+        "family": "cgan",
+        "steps": 12,
+        "batch_size": 8,
+        "device": "cpu",
+        "log_every": 5,
+        "checkpoint_every": 6,
+        "cgan": {"width": 8, "z_dim": 8},
+        "diffusion": {"width": 8, "timesteps": 50, "sample_steps": 3},
+        "input": data,
+        "output": root / name / "models/generator",
+        "checkpoints": root / name / "checkpoints",
+        "reports": root / name / "reports",
+    }
+    return TrainConfig.model_validate(values | overrides)
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return make_dataset(tmp_path / "fused")
+
+
+def test_writes_model_card_config_weights_and_reports(tmp_path: Path, data: Path) -> None:
+    cfg = tiny_cfg(tmp_path, data, steps=6)
+    card = run_train(cfg)
+
+    weights = load_file(cfg.output / "weights.safetensors")
+    assert weights and all(k.startswith(("embed", "fc", "norms", "convs", "out")) for k in weights)
+    config = json.loads((cfg.output / "config.json").read_text())
+    assert config["train"]["family"] == "cgan"
+    assert TrainConfig.model_validate(config["train"]) == cfg
+    assert (config["classes"], config["num_classes"]) == (list(CLASSES), 3)
+    assert (config["channels"], config["size"]) == (1, 8)
+
+    on_disk = json.loads((cfg.output / "model_card.json").read_text())
+    assert on_disk == card
+    assert card["family"] == "cgan" and card["steps"] == 6
+    assert card["data_version"] == dataset_version(data)
+    assert card["model_version"] == model_version(cfg.output / "weights.safetensors")
+    assert card["train_counts"] == {"a": 12, "b": 12, "c": 12}
+    assert set(card["final_losses"]) == {"loss_d", "loss_g", "d_real", "d_fake"}
+    assert card["images_per_s"] > 0 and card["flops_per_image"] > 0
+    assert card["device"].startswith("cpu")
+    assert card["parameters"]["G"] == card["parameters"]["G_ema"] > 0
+
+    with open(cfg.reports / "losses.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["step"]) for r in rows] == list(range(1, 7))
+    assert set(rows[0]) == {"step", "loss_d", "loss_g", "d_real", "d_fake"}
+    summary = json.loads((cfg.reports / "summary.json").read_text())
+    assert summary["model_version"] == card["model_version"] and summary["steps"] == 6
+    assert (cfg.checkpoints / "last.pt").is_file()
+    assert not list(cfg.output.parent.glob(".generator.*"))  # no temporaries left behind
+
+
+@pytest.mark.parametrize("family", ["cgan", "diffusion"])
+def test_resume_reaches_the_uninterrupted_weights(
+    tmp_path: Path, data: Path, family: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tasks.train")
+    whole = tiny_cfg(tmp_path, data, "whole", family=family)
+    run_train(whole)
+
+    # The "killed" run: it stopped after its step-6 checkpoint; the resume finishes it.
+    first = tiny_cfg(tmp_path, data, "parts", family=family, steps=6)
+    run_train(first)
+    assert "resumed from step" not in caplog.text
+    resumed = tiny_cfg(tmp_path, data, "parts", family=family, resume=True)
+    run_train(resumed)
+    assert "resumed from step 6" in caplog.text
+
+    expected = load_file(whole.output / "weights.safetensors")
+    got = load_file(resumed.output / "weights.safetensors")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    # every network, EMA and optimizer state matches too, and so do the logged losses
+    a = torch.load(whole.checkpoints / "last.pt", weights_only=True)
+    b = torch.load(resumed.checkpoints / "last.pt", weights_only=True)
+    torch.testing.assert_close(b["family"], a["family"], rtol=0, atol=1e-6)
+    assert b["losses"] == [pytest.approx(row) for row in a["losses"]]
+    assert (resumed.reports / "losses.csv").read_text() == (
+        whole.reports / "losses.csv"
+    ).read_text()
+    card = json.loads((resumed.output / "model_card.json").read_text())
+    assert card["resumed_from_step"] == 6
+
+
+def test_resume_refuses_other_data(tmp_path: Path, data: Path) -> None:
+    run_train(tiny_cfg(tmp_path, data, steps=4))
+    other = make_dataset(tmp_path / "other", seed=1)
+    with pytest.raises(ValueError, match="data version") as err:
+        run_train(tiny_cfg(tmp_path, other, resume=True))
+    assert "resume: false" in str(err.value)
+
+
+def test_resume_refuses_other_settings(tmp_path: Path, data: Path) -> None:
+    run_train(tiny_cfg(tmp_path, data, steps=4))
+    with pytest.raises(ValueError, match="train.family"):
+        run_train(tiny_cfg(tmp_path, data, family="diffusion", resume=True))
+    with pytest.raises(ValueError, match="train.cgan"):
+        run_train(tiny_cfg(tmp_path, data, resume=True, cgan={"width": 16, "z_dim": 8}))
+    with pytest.raises(ValueError, match="beyond train.steps=2"):
+        run_train(tiny_cfg(tmp_path, data, steps=2, resume=True))
+
+
+def test_resume_without_a_checkpoint_starts_over(
+    tmp_path: Path, data: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tasks.train")
+    card = run_train(tiny_cfg(tmp_path, data, steps=3, resume=True))
+    assert "no checkpoint" in caplog.text and card["resumed_from_step"] is None
+
+
+def test_checkpoints_inside_the_output_are_refused(tmp_path: Path, data: Path) -> None:
+    cfg = tiny_cfg(tmp_path, data, checkpoints=tmp_path / "run/models/generator/ckpt")
+    with pytest.raises(ValueError, match="must not be inside train.output"):
+        run_train(cfg)
+
+
+def test_gpu_stages_import_without_prefect_dvc_or_great_expectations() -> None:
+    code = (
+        "import sys\n"
+        "import tasks.train, tasks.generate, tasks.generators\n"
+        "import tasks.generators.cgan, tasks.generators.diffusion\n"
+        "bad = sorted(m for m in sys.modules\n"
+        "             if m.split('.')[0] in {'prefect', 'dvc', 'great_expectations'})\n"
+        "print(','.join(bad))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "", f"imported: {proc.stdout.strip()}"
