@@ -381,8 +381,10 @@ class ValidateConfig(_Model):
     near_copy_percentile: float = Field(5.0, gt=0, lt=100)
     k: PositiveInt = Field(5, description="neighbours for precision/recall/density/coverage")
     scarce_per_class: PositiveInt = Field(10, description="real images per class, scarce size")
-    utility_epochs: PositiveInt = 15
-    utility_repeats: PositiveInt = Field(3, description="seeds averaged for the utility figures")
+    utility_steps: PositiveInt = Field(
+        200, description="optimizer steps of each utility classifier, whatever its data size"
+    )
+    utility_repeats: PositiveInt = Field(2, description="seeds averaged at the scarce size")
     batch_size: PositiveInt = 256
     seed: int = 0
     device: Device = "auto"

@@ -6,9 +6,14 @@ through here, so there is exactly one way to run a stage.
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Callable
+from pathlib import Path
 
 from synthloop.config import Params
+
+log = logging.getLogger(__name__)
 
 
 def _ingest(params: Params) -> dict:
@@ -23,7 +28,74 @@ def _clean(params: Params) -> dict:
     return run_clean(params.clean)
 
 
+def _augment(params: Params) -> dict:
+    from tasks.augment import run_augment
+
+    return run_augment(params.augment)
+
+
+def _fuse(params: Params) -> dict:
+    from tasks.fuse import run_fuse
+
+    return run_fuse(params.fuse)
+
+
+def _train(params: Params) -> dict:
+    from tasks.train import run_train
+
+    return run_train(params.train)
+
+
+def requested_extra(params: Params, classes: list[str]) -> dict[str, int]:
+    """Extra images per class: generate.per_class_extra plus people's feedback requests
+    (a request for an unknown class is reported and skipped)."""
+    from tasks.feedback import read_requests
+
+    extra = dict(params.generate.per_class_extra)
+    requests, problems = read_requests(params.fuse.feedback, classes)
+    for problem in problems:
+        log.warning("feedback request skipped: %s", problem)
+    for label, count in requests.items():
+        extra[label] = extra.get(label, 0) + count
+    return extra
+
+
+def _generate(params: Params) -> dict:
+    from tasks.generate import run_generate
+
+    classes = _classes(params.generate.model / "config.json")
+    extra = requested_extra(params, classes)
+    return run_generate(params.generate.model_copy(update={"per_class_extra": extra}))
+
+
+def _classes(model_config: Path) -> list[str]:
+    if not model_config.is_file():
+        raise FileNotFoundError(f"{model_config}: missing; run the stage that trains this model")
+    return list(json.loads(model_config.read_text())["classes"])
+
+
+def _train_evaluator(params: Params) -> dict:
+    from tasks.evaluator import run_train_evaluator
+
+    return run_train_evaluator(params.train_evaluator)
+
+
+def _validate(params: Params) -> dict:
+    from tasks.validate import run_validate
+
+    classes = _classes(params.train_evaluator.output / "config.json")
+    extra = requested_extra(params, classes)
+    requested = {c: params.generate.per_class + extra.get(c, 0) for c in classes}
+    return run_validate(params.validation, params.train_evaluator, requested)
+
+
 STAGES: dict[str, Callable[[Params], dict]] = {
     "ingest": _ingest,
     "clean": _clean,
+    "augment": _augment,
+    "fuse": _fuse,
+    "train": _train,
+    "generate": _generate,
+    "train_evaluator": _train_evaluator,
+    "validate": _validate,
 }

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -344,7 +345,7 @@ def _scored(splits: Splits) -> list[tuple[str, ImageTensors]]:
 
 
 def _finite(value: float) -> float | None:
-    return None if value != value else value  # NaN (class absent from the split) -> null
+    return None if math.isnan(value) else value  # NaN (class absent from the split) -> null
 
 
 def load_evaluator(
@@ -380,8 +381,9 @@ def load_inception(weights_path: Path | str) -> nn.Module:
         state = load_file(str(path))
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    aux = any(key.startswith("AuxLogits.") for key in state)  # torchvision's file has them
     # transform_input=True: torchvision's ImageNet weights expect it (as weights= would set).
-    model = inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)
+    model = inception_v3(weights=None, aux_logits=aux, transform_input=True, init_weights=False)
     model.load_state_dict(state)
     model.fc = nn.Identity()
     return model.eval()
@@ -418,6 +420,7 @@ def inception_fid(
     """
     if weights_path is None:
         return None
+    device = resolve_device(device) if isinstance(device, str) else device
     model = load_inception(weights_path)
     real = inception_features(model, real_uint8, device=device)
     fake = inception_features(model, fake_uint8, device=device)

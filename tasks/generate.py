@@ -126,6 +126,10 @@ def summary_path(cfg: GenerateConfig) -> Path:
     return cfg.grid.with_name("generate.json")  # beside the grid, in reports/
 
 
+class ModelCorrupt(RuntimeError):
+    """Generator weights that no longer match the hash recorded when they were trained."""
+
+
 def load_model(model_dir: Path, device: torch.device) -> LoadedModel:
     """Rebuild the trained family for sampling from config.json and weights.safetensors."""
     config, weights = model_dir / "config.json", model_dir / WEIGHTS
@@ -136,6 +140,15 @@ def load_model(model_dir: Path, device: torch.device) -> LoadedModel:
                 "(`synthloop stage train` or `dvc repro train`)"
             )
     meta = json.loads(config.read_text())
+    version = model_version(weights)
+    card = model_dir / "model_card.json"
+    recorded = json.loads(card.read_text()).get("model_version") if card.is_file() else None
+    if recorded is not None and recorded != version:
+        raise ModelCorrupt(
+            f"{weights}: its hash {version} differs from the model card's {recorded}; the "
+            "weights are corrupt or were replaced. Restore them with `dvc checkout "
+            "models/generator` or retrain."
+        )
     # Sampling a few thousand small images does not repay compiling on this machine.
     train_cfg = TrainConfig.model_validate(meta["train"]).model_copy(update={"compile": False})
     family = FAMILIES[train_cfg.family].from_export(
@@ -146,9 +159,7 @@ def load_model(model_dir: Path, device: torch.device) -> LoadedModel:
         load_file(weights),
         device,
     )
-    return LoadedModel(
-        family, list(meta["classes"]), meta["channels"], meta["size"], model_version(weights)
-    )
+    return LoadedModel(family, list(meta["classes"]), meta["channels"], meta["size"], version)
 
 
 def plan_counts(classes: list[str], per_class: int, extra: dict[str, int]) -> dict[str, int]:

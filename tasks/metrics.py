@@ -40,7 +40,7 @@ class IdentityFeatures(nn.Module):
         self.num_features = num_features
 
     def forward(self, x: Tensor) -> Tensor:
-        return x.reshape(len(x), -1).float()
+        return x.flatten(1).float()
 
 
 @torch.no_grad()
@@ -49,7 +49,7 @@ def extract_features(images: Tensor, extractor: nn.Module, batch_size: int = 102
     chunks = []
     for lo in range(0, len(images), batch_size):
         feats = extractor(images[lo : lo + batch_size])
-        chunks.append(feats.reshape(len(feats), -1).float().to(images.device))
+        chunks.append(feats.flatten(1).float().to(images.device))
     if not chunks:
         raise ValueError("no images to extract features from")
     return torch.cat(chunks)
@@ -187,7 +187,7 @@ def per_class_fid(
 
 
 def _as_float(x: Tensor) -> Tensor:
-    x = x.reshape(len(x), -1)
+    x = x.flatten(1)
     return x if x.is_floating_point() else x.float()
 
 
@@ -199,9 +199,9 @@ class _Blocks:
     50k x 10k in a test) instead of staying at one block.
     """
 
-    def __init__(self, block_size: int, like: Tensor, masks: bool = False) -> None:
-        self.buffer = like.new_empty(block_size * block_size)
-        self.masks = like.new_empty(block_size * block_size if masks else 0, dtype=torch.bool)
+    def __init__(self, rows: int, cols: int, like: Tensor, masks: bool = False) -> None:
+        self.buffer = like.new_empty(rows * cols)
+        self.masks = like.new_empty(rows * cols if masks else 0, dtype=torch.bool)
 
     def below(self, d2: Tensor, bound: Tensor) -> Tensor:
         """d2 < bound (broadcast) into the reused mask buffer; valid until the next call."""
@@ -239,12 +239,16 @@ def knn_sq_distances(
     """
     q = _as_float(queries)
     r = _as_float(reference).to(q.device, q.dtype)
+    if exclude_self and len(q) != len(r):
+        raise ValueError("exclude_self needs the queries to be the reference set itself")
     available = len(r) - (1 if exclude_self else 0)
     if not 1 <= k <= available:
         raise ValueError(f"k={k} needs between 1 and {available} reference rows")
+    if not len(q):
+        return q.new_empty(0, k)
     block = block_size or default_block_size(q.device)
     q_sq, r_sq = q.square().sum(1), r.square().sum(1)
-    blocks = _Blocks(block, q)
+    blocks = _Blocks(min(block, len(q)), min(block, len(r)), q)
     out = []
     for qlo, qhi in _blocks(len(q), block):
         best: Tensor | None = None
@@ -285,15 +289,18 @@ def prdc(
     share of reals inside some fake ball. Density: mean number of real balls holding a fake,
     over k. Coverage: share of real balls holding at least one fake. Comparisons are strict
     (<), as in the reference implementation. The cost is dominated by the fake-fake kNN that
-    recall needs: O(M^2 D), done in blocks.
+    recall needs: O(M^2 D), done in blocks. All four are NaN when a side has no more than k
+    samples (no k-th neighbour), as a per-class call on a rare class may.
     """
     real = _as_float(real_feats)
     fake = _as_float(fake_feats).to(real.device, real.dtype)
+    if min(len(real), len(fake)) <= k:
+        return dict.fromkeys(("precision", "recall", "density", "coverage"), math.nan)
     block = block_size or default_block_size(real.device)
     real_r2 = knn_sq_distances(real, real, k, exclude_self=True, block_size=block)[:, -1]
     fake_r2 = knn_sq_distances(fake, fake, k, exclude_self=True, block_size=block)[:, -1]
     real_sq, fake_sq = real.square().sum(1), fake.square().sum(1)
-    blocks = _Blocks(block, real, masks=True)
+    blocks = _Blocks(min(block, len(fake)), min(block, len(real)), real, masks=True)
 
     in_real_ball = torch.zeros(len(fake), dtype=torch.bool, device=real.device)
     real_balls = torch.zeros(len(fake), dtype=torch.int64, device=real.device)
@@ -304,7 +311,7 @@ def prdc(
             d2 = blocks.sq_dists(fake[flo:fhi], real[rlo:rhi], fake_sq[flo:fhi], real_sq[rlo:rhi])
             inside = blocks.below(d2, real_r2[None, rlo:rhi])
             in_real_ball[flo:fhi] |= inside.any(1)
-            real_balls[flo:fhi] += inside.sum(1)
+            real_balls[flo:fhi] += torch.count_nonzero(inside, dim=1)  # sum(1) would cast to int64
             in_fake_ball[rlo:rhi] |= blocks.below(d2, fake_r2[flo:fhi, None]).any(0)
             nearest_fake[rlo:rhi] = torch.minimum(nearest_fake[rlo:rhi], d2.amin(0))
     return {
@@ -320,7 +327,7 @@ def prdc(
 
 def pixel_space(images: Tensor) -> Tensor:
     """Images -> (N, C*H*W) float in [0, 1]: uint8 is divided by 255, floats kept as given."""
-    flat = images.reshape(len(images), -1)
+    flat = images.flatten(1)
     return flat.float().div_(255.0) if flat.dtype == torch.uint8 else flat.float()
 
 

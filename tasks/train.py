@@ -53,7 +53,7 @@ WEIGHTS = "weights.safetensors"
 # version and the kind of device are added.
 FINGERPRINT_KEYS = ("family", "batch_size", "lr", "ema_decay", "seed")
 SUMMARY_KEYS = (  # reports/train/summary.json: the model card's numbers, for `dvc metrics`
-    "family", "model_version", "steps", "final_losses", "images_per_s", "train_seconds",
+    "family", "model_version", "steps", "final_losses", "images_per_second", "train_seconds",
     "wall_seconds", "resumed_from_step", "device",
 )  # fmt: skip
 
@@ -146,7 +146,7 @@ def run_train(cfg: TrainConfig) -> dict:
         ),
         "image": {"channels": channels, "height": height, "width": width},
         "final_losses": final,
-        "images_per_s": round(cfg.steps * cfg.batch_size / max(train_seconds, 1e-9), 1),
+        "images_per_second": round(cfg.steps * cfg.batch_size / max(train_seconds, 1e-9), 1),
         "train_seconds": round(train_seconds, 2),
         "wall_seconds": round(time.perf_counter() - started, 2),
         "device": device_name(device),
@@ -157,7 +157,7 @@ def run_train(cfg: TrainConfig) -> dict:
     write_json(cfg.reports / "summary.json", {k: card[k] for k in SUMMARY_KEYS})
     log.info(
         "train: %s, %d steps (%d this run) in %.1fs, %.0f img/s, %s -> %s (version %s)",
-        cfg.family, cfg.steps, steps_run, train_seconds, card["images_per_s"], fmt(final),
+        cfg.family, cfg.steps, steps_run, train_seconds, card["images_per_second"], fmt(final),
         cfg.output, card["model_version"],
     )  # fmt: skip
     return card

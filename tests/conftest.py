@@ -39,6 +39,7 @@ def run_tool(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedP
 
 
 def small_params(source_path: str = "data/raw/shapes", **clean: object) -> dict:
+    """A tiny configuration of every stage: seconds per stage on a 2-core CPU."""
     return {
         "ingest": {
             "sources": [{"kind": "image_folder", "path": source_path}],
@@ -50,8 +51,38 @@ def small_params(source_path: str = "data/raw/shapes", **clean: object) -> dict:
             "min_class_count": 3,
             "split_tolerance": 0.1,
             "shard_rows": 16,
+            "workers": 1,
             **clean,
         },
+        "augment": {
+            "min_copies": 1,
+            "max_copies": 2,
+            "policy": {"hflip": 0.5, "color_jitter": 0.1},
+        },
+        "fuse": {"seed": 0},
+        "train": {
+            "steps": 12,
+            "batch_size": 16,
+            "checkpoint_every": 6,
+            "log_every": 6,
+            "cgan": {"z_dim": 16, "width": 8},
+        },
+        "generate": {"per_class": 8, "batch_size": 32, "grid_per_class": 4},
+        "train_evaluator": {"width": 8, "feature_dim": 16, "epochs": 3, "batch_size": 32},
+        "validate": {
+            "k": 3,
+            "scarce_per_class": 4,
+            "utility_steps": 10,
+            "utility_repeats": 1,
+            "min_confidence": 0.0,
+            "gates": {
+                "min_class_consistency": 0.0,
+                "max_near_copy_rate": 1.0,
+                "max_fid_ratio": 1e9,
+                "min_utility_delta": -1.0,
+            },
+        },
+        "loop": {"max_rounds": 1, "max_retrains": 0},
     }
 
 
@@ -71,6 +102,9 @@ def workspace(tmp_path: Path) -> Path:
     for package in ("tasks", "synthloop", "flows"):
         shutil.copytree(REPO / package, ws / package, ignore=shutil.ignore_patterns("__pycache__"))
     make_image_folder(ws / "data/raw/shapes", classes=3, per_class=20, size=16, seed=1)
+    for folder in ("pool", "feedback"):
+        (ws / "data" / folder).mkdir(parents=True)
+        (ws / "data" / folder / "README.md").write_text("kept by git\n")
     (ws / "params.yaml").write_text(yaml.safe_dump(small_params()))
     run_tool("dvc", "init", "--no-scm", "-q", cwd=ws)
     run_tool("dvc", "config", "core.analytics", "false", cwd=ws)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -17,6 +18,16 @@ from tasks.images import decode_rows, encode_rows
 from tasks.train import run_train
 
 CLASSES = ["a", "b", "c"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core box a second
+    thread makes every op wait for a core: these tests run several times faster on one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +128,15 @@ def test_missing_model_says_run_train(tmp_path: Path) -> None:
 def test_unknown_extra_label_is_named(model: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"\['zebra'\]"):
         run_generate(gen_cfg(model, tmp_path, per_class_extra={"zebra": 2}))
+
+
+def test_corrupt_weights_are_refused(tmp_path):
+    from tasks.generate import ModelCorrupt, load_model
+
+    model_dir = tmp_path / "gen"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    (model_dir / "weights.safetensors").write_bytes(b"not the trained weights")
+    (model_dir / "model_card.json").write_text('{"model_version": "0000"}')
+    with pytest.raises(ModelCorrupt, match="differs from the model card"):
+        load_model(model_dir, torch.device("cpu"))

@@ -1,7 +1,10 @@
-"""Integration: the real `dvc repro`, the real CLI and the real Prefect flow."""
+"""Integration: the real `dvc repro`, the real CLI and the real Prefect flow, end to end on a
+tiny procedural dataset."""
 
+import asyncio
 import json
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -9,35 +12,55 @@ from tests.conftest import run_tool
 
 pytestmark = pytest.mark.integration
 
+ALL_STAGES = (
+    "ingest",
+    "clean",
+    "train_evaluator",
+    "augment",
+    "fuse",
+    "train",
+    "generate",
+    "validate",
+)
 
-def test_dvc_repro_builds_then_skips(workspace):
+
+def set_params(workspace, update) -> None:
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    update(params)
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def test_dvc_repro_builds_every_stage_then_skips(workspace):
     first = run_tool("dvc", "repro", cwd=workspace)
-    assert "Running stage 'ingest'" in first.stdout and "Running stage 'clean'" in first.stdout
+    for stage in ALL_STAGES:
+        assert f"Running stage '{stage}'" in first.stdout, stage
     report = json.loads((workspace / "reports/clean.json").read_text())
     assert report["ingested"] == 60 and report["kept"] + report["quarantined_total"] == 60
     assert report["expectations"]["success"]
-    for split in ("train", "val", "test"):
-        assert list((workspace / "data/clean" / split).glob("part-*.parquet"))
+    assert (workspace / "models/generator/weights.safetensors").is_file()
+    assert (workspace / "reports/samples.png").is_file()
+    synthetic = pd.read_parquet(workspace / "data/synthetic")
+    assert synthetic.groupby("label").size().to_dict() == {
+        "ellipse": 8,
+        "rectangle": 8,
+        "triangle": 8,
+    }
+    validation = json.loads((workspace / "reports/validation.json").read_text())
+    assert validation["synthetic"] == 24 and "gates" in validation
 
     second = run_tool("dvc", "repro", cwd=workspace)
     assert "Running stage" not in second.stdout
-    assert "didn't change, skipping" in second.stdout
+    assert "up to date" in run_tool("dvc", "status", cwd=workspace).stdout
 
-    status = run_tool("dvc", "status", cwd=workspace)
-    assert "up to date" in status.stdout
-
-    # A changed clean param reruns clean only.
-    params = yaml.safe_load((workspace / "params.yaml").read_text())
-    params["clean"]["seed"] = 7
-    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    # A changed generate param reruns generate and validate only.
+    set_params(workspace, lambda p: p["generate"].update(per_class=6))
     third = run_tool("dvc", "repro", cwd=workspace)
-    assert "Running stage 'clean'" in third.stdout and "Running stage 'ingest'" not in third.stdout
+    ran = {s for s in ALL_STAGES if f"Running stage '{s}'" in third.stdout}
+    assert ran == {"generate", "validate"}
 
 
 def test_bad_params_stop_the_cli_before_any_work(workspace):
-    params = yaml.safe_load((workspace / "params.yaml").read_text())
-    params["clean"]["image_size"] = -8
-    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    set_params(workspace, lambda p: p["clean"].update(image_size=-8))
     proc = run_tool("synthloop", "stage", "ingest", cwd=workspace, check=False)
     assert proc.returncode == 2
     assert "clean.image_size" in proc.stderr and "greater than 0" in proc.stderr
@@ -54,41 +77,97 @@ def prefect_api():
         yield
 
 
-def test_closed_loop_flow_runs_the_stages_through_dvc(workspace, prefect_api):
+def read_artifact(key: str) -> str:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
+    async def latest() -> str:
+        async with get_client() as client:
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+            )
+            return found[0].data if found else ""
+
+    return asyncio.run(latest())
+
+
+def test_two_rounds_one_fails_a_gate_and_retrains_then_promotes(workspace, prefect_api):
     from flows.closed_loop import closed_loop
 
+    set_params(
+        workspace,
+        lambda p: (
+            # a gain of 2.0 in accuracy is impossible: round 1 cannot pass
+            p["validate"]["gates"].update(min_utility_delta=2.0),
+            p["loop"].update(
+                max_rounds=2,
+                max_retrains=1,
+                retrain=[
+                    {"train": {"steps": 18}, "validate": {"gates": {"min_utility_delta": -1.0}}}
+                ],
+            ),
+        ),
+    )
     state = closed_loop(params_path=str(workspace / "params.yaml"), return_state=True)
     assert state.is_completed(), state
     result = state.result()
-    assert result["stages"] == {"ingest": "ran", "clean": "ran"}
-    assert result["ingested"] == 60
+    assert result["rounds"] == 2 and result["passed"]
 
-    # A second run finds nothing changed: DVC skips both stages.
-    again = closed_loop(params_path=str(workspace / "params.yaml"))
-    assert again["stages"] == {"ingest": "skipped", "clean": "skipped"}
+    loop = json.loads((workspace / "reports/loop.json").read_text())
+    first, second = loop["rounds"]
+    assert not first["passed"] and "promotion" not in first
+    assert first["validation"]["gates"]["utility_delta_scarce"]["passed"] is False
+    assert first["retrain_overrides"]["train"] == {"steps": 18}
+    assert second["passed"] and second["attempt"] == 2
+    assert second["params"]["train"]["steps"] == 18  # the retrain really changed params
+    assert second["stages"]["train"] == "ran" and second["stages"]["ingest"] == "skipped"
+    assert second["promotion"]["promoted"] > 0
+    assert set(second["dvc"]) >= {"data/fused", "models/generator", "data/synthetic"}
 
-    async def artifacts():
-        async with get_client() as client:
-            return await client.read_artifacts(
-                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["clean-report"]))
-            )
+    # The promoted shard is a new DVC version of the pool, and fuse will read it.
+    shard = workspace / "data/pool" / second["promotion"]["shard"]
+    assert shard.is_file() and shard.with_name(shard.name + ".dvc").is_file()
+    assert sum(loop["pool_per_class"].values()) == second["promotion"]["promoted"]
+    assert yaml.safe_load((workspace / "params.yaml").read_text())["train"]["steps"] == 18
 
-    import asyncio
+    summary = read_artifact("closed-loop-summary")
+    assert "| 1 | 1 | FAIL |" in summary and "| 2 | 2 | pass |" in summary
+    assert "At 4 real images per class" in summary
+    assert "| class | train | val | test | total |" in read_artifact("clean-report")
+    assert "data:image/png;base64," in read_artifact("sample-grid")
+    assert "model version" in read_artifact("training-summary")
 
-    found = asyncio.run(artifacts())
-    assert found and "| class | train | val | test | total |" in found[0].data
-    assert "Great Expectations: **passed**" in found[0].data
+
+def test_gates_that_never_pass_fail_the_run_and_promote_nothing(workspace, prefect_api):
+    from flows.closed_loop import GatesFailed, closed_loop
+
+    set_params(workspace, lambda p: p["validate"]["gates"].update(min_utility_delta=2.0))
+    state = closed_loop(params_path=str(workspace / "params.yaml"), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(GatesFailed, match="gates never passed"):
+        state.result()
+    loop = json.loads((workspace / "reports/loop.json").read_text())
+    assert loop["result"] == "failed" and loop["pool_per_class"] == {}
+    assert not list((workspace / "data/pool").glob("part-*"))
 
 
-def test_flow_fails_fast_on_a_permanent_stage_error(workspace, prefect_api):
+def test_a_corrupt_pool_shard_fails_the_run_before_training(workspace, prefect_api):
+    from flows.closed_loop import closed_loop
+    from tasks.pool import PoolCorrupt
+
+    assert closed_loop(params_path=str(workspace / "params.yaml"))["passed"]
+    shard = next((workspace / "data/pool").glob("part-*.parquet"))
+    shard.write_bytes(shard.read_bytes()[:-10] + b"0123456789")
+    state = closed_loop(params_path=str(workspace / "params.yaml"), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(PoolCorrupt, match="hash differs"):
+        state.result()
+
+
+def test_a_permanent_stage_error_fails_fast(workspace, prefect_api):
     from flows.closed_loop import StageFailed, closed_loop
 
-    params = yaml.safe_load((workspace / "params.yaml").read_text())
-    params["clean"]["min_class_count"] = 1000  # a critical expectation must fail
-    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    set_params(workspace, lambda p: p["clean"].update(min_class_count=1000))
     state = closed_loop(params_path=str(workspace / "params.yaml"), return_state=True)
     assert state.is_failed()
     with pytest.raises(StageFailed, match="clean.*permanent") as err:

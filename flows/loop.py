@@ -1,0 +1,129 @@
+"""What the flow does between DVC stages: change params for a retrain, read artifact
+hashes for the record, measure drift, version the pool. Plain functions; the flow wraps
+them in Prefect tasks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ruamel.yaml import YAML
+
+from synthloop.config import Params, load_params
+
+# Datasets and models whose DVC hashes each round records.
+RECORDED_OUTS = (
+    "data/clean",
+    "data/fused",
+    "models/evaluator",
+    "models/generator",
+    "data/synthetic",
+    "data/accepted",
+)
+
+
+def tool_env() -> dict[str, str]:
+    """Put this interpreter's scripts (dvc, synthloop) first on PATH for subprocesses."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+
+
+def apply_overrides(params_file: Path, overrides: dict[str, dict[str, Any]]) -> Params:
+    """Write a retrain's param overrides into params.yaml, keeping its comments.
+
+    Like `dvc exp run --set-param`, the change lives in params.yaml, where DVC sees it (the
+    affected stages rerun) and `git diff` shows it. The merged file is validated before it
+    is written, so a bad override never lands.
+    """
+    validated = load_params(params_file, overrides=overrides)
+    rt = YAML()
+    rt.preserve_quotes = True
+    data = rt.load(params_file.read_text())
+    _merge_into(data, overrides)
+    tmp = params_file.with_name(f".{params_file.name}.tmp")
+    with open(tmp, "w") as fh:
+        rt.dump(data, fh)
+    os.replace(tmp, params_file)
+    return validated
+
+
+def _merge_into(target: Any, overrides: dict[str, Any]) -> None:
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge_into(target[key], value)
+        else:
+            target[key] = value
+
+
+def overrides_for(attempt: int, policy: list[dict[str, dict[str, Any]]]) -> dict:
+    """The retrain policy's step for attempt 1, 2, ...; the last step repeats."""
+    if not policy:
+        return {}
+    return policy[min(attempt, len(policy)) - 1]
+
+
+def dvc_hashes(workspace: Path) -> dict[str, str]:
+    """{path: md5} of the recorded outputs, from dvc.lock."""
+    lock = workspace / "dvc.lock"
+    if not lock.is_file():
+        return {}
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    found = {}
+    for stage in stages.values():
+        for out in stage.get("outs", []):
+            if out.get("path") in RECORDED_OUTS:
+                found[out["path"]] = out.get("md5")
+    return dict(sorted(found.items()))
+
+
+def dvc_add(workspace: Path, path: Path) -> str:
+    """`dvc add` one file; returns the md5 DVC recorded for it."""
+    proc = subprocess.run(
+        ["dvc", "add", "--quiet", str(path.relative_to(workspace))],
+        cwd=workspace,
+        env=tool_env(),
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc add {path} failed:\n{proc.stdout}\n{proc.stderr}")
+    record = yaml.safe_load(Path(f"{path}.dvc").read_text())
+    return record["outs"][0]["md5"]
+
+
+class DriftProbe:
+    """Evaluator-space statistics of the clean train split, taken before new data lands,
+    so the FID between the old and the new split can be measured after clean reruns."""
+
+    def __init__(self, params: Params) -> None:
+        self.params = params
+        self.evaluator = None
+        self.before = None
+        evaluator_dir = params.validation.evaluator
+        train = params.clean.output / "train"
+        if (evaluator_dir / "weights.safetensors").is_file() and train.is_dir():
+            from tasks.evaluator import load_evaluator
+            from tasks.images import load_image_tensors
+
+            self.evaluator = load_evaluator(evaluator_dir)
+            self.before = self._features(load_image_tensors(train, self.evaluator.classes))
+
+    def _features(self, data):  # noqa: ANN001, ANN202
+        return self.evaluator.features(data.images)
+
+    def measure(self) -> float | None:
+        """FID between the split seen at start and the current one (None: no baseline)."""
+        if self.evaluator is None:
+            return None
+        from tasks.images import load_image_tensors
+        from tasks.metrics import frechet_distance
+
+        try:
+            after = load_image_tensors(self.params.clean.output / "train", self.evaluator.classes)
+        except ValueError:  # new classes: that is drift beyond measuring in the old space
+            return float("inf")
+        return float(frechet_distance(self.before, self._features(after)))

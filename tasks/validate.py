@@ -1,0 +1,363 @@
+"""Validate: is the synthetic data faithful, diverse, not a copy, and does it help?
+
+Everything is measured against the real data with the evaluator (a classifier trained on
+real clean data only, `tasks/evaluator.py`):
+- fidelity/diversity: FID and KID in evaluator feature space, precision/recall/density/
+  coverage, overall and per class, beside the same figures for real train vs real test
+  (the noise floor: how far two real samples of the same data already are);
+- class consistency: the evaluator's accuracy on the labels the generator was asked for;
+- privacy: each synthetic image's distance to its nearest real training image, and the
+  share closer than real test images usually get (`near_copy_rate`);
+- utility: a downstream classifier trained on real data alone vs real plus the accepted
+  synthetic rows, scored on the real test split, at the full size and a scarce size;
+- a Great Expectations suite on the synthetic rows.
+Per sample, an image is accepted when the evaluator gives its intended class at least
+`min_confidence`, it is not a near copy, and it is not a duplicate of an accepted image.
+The gates decide whether the loop may promote the accepted rows; this stage only reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import torch
+
+from synthloop.config import EvaluatorConfig, GateConfig, ValidateConfig
+from synthloop.dataset import (
+    IMAGE_SCHEMA,
+    ShardWriter,
+    atomic_dir,
+    iter_batches,
+    remove_stale_temporaries,
+    write_json,
+)
+from tasks.evaluator import Splits, accuracy, load_evaluator, train_net
+from tasks.images import ImageTensors, load_image_tensors, resolve_device
+from tasks.metrics import (
+    class_consistency,
+    fid_kid_features,
+    frechet_distance,
+    near_copy_rate,
+    prdc,
+)
+
+log = logging.getLogger(__name__)
+
+
+# --- pure pieces ---------------------------------------------------------------------------
+
+
+def acceptance(
+    ids: list[str],
+    intended_confidence: np.ndarray,
+    near_copy: np.ndarray,
+    min_confidence: float,
+) -> tuple[np.ndarray, list[str | None]]:
+    """(accepted mask, rejection reason per row) in row order; the first copy of an id wins."""
+    accepted = np.zeros(len(ids), dtype=bool)
+    reasons: list[str | None] = [None] * len(ids)
+    seen: set[str] = set()
+    for i, row_id in enumerate(ids):
+        if intended_confidence[i] < min_confidence:
+            reasons[i] = "low_confidence"
+        elif near_copy[i]:
+            reasons[i] = "near_copy"
+        elif row_id in seen:
+            reasons[i] = "duplicate"
+        else:
+            accepted[i] = True
+            seen.add(row_id)
+    return accepted, reasons
+
+
+def evaluate_gates(gates: GateConfig, figures: dict) -> dict:
+    """Each gate's threshold, value and verdict, and `passed` overall."""
+    floor = max(figures["fid_real_floor"], 1e-6)
+    checks = {
+        "class_consistency": (figures["class_consistency"], ">=", gates.min_class_consistency),
+        "near_copy_rate": (figures["near_copy_rate"], "<=", gates.max_near_copy_rate),
+        "fid_ratio": (figures["fid"] / floor, "<=", gates.max_fid_ratio),
+        "utility_delta_scarce": (
+            figures["utility"]["scarce"]["delta"],
+            ">=",
+            gates.min_utility_delta,
+        ),
+        "expectations": (float(figures["expectations_critical_ok"]), ">=", 1.0),
+    }
+    out: dict = {}
+    for name, (value, op, threshold) in checks.items():
+        ok = bool(value >= threshold if op == ">=" else value <= threshold)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            ok = False
+        out[name] = {"value": _round(value), "op": op, "threshold": threshold, "passed": ok}
+    out["passed"] = all(g["passed"] for g in out.values())
+    return out
+
+
+def scarce_subset(data: ImageTensors, per_class: int, seed: int) -> ImageTensors:
+    """`per_class` rows of each class, chosen by a seeded permutation."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data), generator=generator)
+    picked: list[int] = []
+    for c in range(len(data.classes)):
+        rows = order[data.labels[order] == c][:per_class]
+        picked += rows.tolist()
+    return subset(data, torch.tensor(sorted(picked), dtype=torch.int64))
+
+
+def subset(data: ImageTensors, index: torch.Tensor) -> ImageTensors:
+    rows = index.tolist()
+    return ImageTensors(
+        images=data.images[index],
+        labels=data.labels[index],
+        ids=[data.ids[i] for i in rows],
+        classes=data.classes,
+        sources=[data.sources[i] for i in rows],
+    )
+
+
+def concat(a: ImageTensors, b: ImageTensors) -> ImageTensors:
+    return ImageTensors(
+        images=torch.cat([a.images, b.images]),
+        labels=torch.cat([a.labels, b.labels]),
+        ids=a.ids + b.ids,
+        classes=a.classes,
+        sources=a.sources + b.sources,
+    )
+
+
+def _round(value: float | None, digits: int = 5) -> float | None:
+    if value is None or not math.isfinite(value):
+        return None
+    return round(float(value), digits)
+
+
+# --- metric groups -------------------------------------------------------------------------
+
+
+def fidelity(
+    train_f: torch.Tensor,
+    test_f: torch.Tensor,
+    syn_f: torch.Tensor,
+    train_labels: torch.Tensor,
+    syn_labels: torch.Tensor,
+    classes: list[str],
+    k: int,
+    seed: int,
+) -> dict:
+    """FID, KID and PRDC overall and per class, with the real train-vs-test floor."""
+    fid, kid, kid_std = fid_kid_features(train_f, syn_f, seed=seed)
+    floor_fid, floor_kid, _ = fid_kid_features(train_f, test_f, seed=seed)
+    figures = {
+        "fid": _round(fid),
+        "kid": _round(kid),
+        "kid_std": _round(kid_std),
+        "fid_real_floor": _round(floor_fid),
+        "kid_real_floor": _round(floor_kid),
+    }
+    figures |= {key: _round(v) for key, v in prdc(train_f, syn_f, k).items()}
+    figures |= {f"{key}_real_floor": _round(v) for key, v in prdc(train_f, test_f, k).items()}
+    per_class = {}
+    for c, label in enumerate(classes):
+        real_c, syn_c = train_f[train_labels == c], syn_f[syn_labels == c]
+        entry: dict = {"synthetic": len(syn_c)}
+        if min(len(real_c), len(syn_c)) > k + 1:
+            entry["fid"] = _round(frechet_distance(real_c, syn_c))
+            entry |= {key: _round(v) for key, v in prdc(real_c, syn_c, k).items()}
+        per_class[label] = entry
+    figures["per_class"] = per_class
+    return figures
+
+
+def utility(
+    cfg: ValidateConfig,
+    splits: Splits,
+    accepted: ImageTensors,
+    synthetic: ImageTensors,
+    device: torch.device,
+    evaluator_cfg: EvaluatorConfig,
+) -> dict:
+    """Test accuracy of a classifier trained on real only vs real + accepted synthetic, at
+    the full and the scarce size (scarce averaged over `utility_repeats` seeds), and TSTR."""
+
+    def score(train: ImageTensors, seed: int) -> float:
+        # The same number of optimizer steps for every training set, so that a larger
+        # set (real + synthetic) does not win merely by training longer.
+        steps_per_epoch = max(1, math.ceil(len(train) / evaluator_cfg.batch_size))
+        epochs = max(1, math.ceil(cfg.utility_steps / steps_per_epoch))
+        net_cfg = evaluator_cfg.model_copy(update={"epochs": epochs, "seed": seed})
+        net, _ = train_net(net_cfg, replace(splits, train=train), device)
+        return accuracy(net, splits.test, net_cfg.batch_size)[0]
+
+    def compare(real: ImageTensors, seed: int) -> tuple[float, float]:
+        with_syn = concat(real, accepted) if len(accepted) else real
+        return score(real, seed), score(with_syn, seed)
+
+    real_full, plus_full = compare(splits.train, cfg.seed)
+    scarce = [
+        compare(scarce_subset(splits.train, cfg.scarce_per_class, cfg.seed + r), cfg.seed + r)
+        for r in range(cfg.utility_repeats)
+    ]
+    real_scarce = float(np.mean([a for a, _ in scarce]))
+    plus_scarce = float(np.mean([b for _, b in scarce]))
+    tstr_data = accepted if len(accepted) else synthetic
+    tstr = score(tstr_data, cfg.seed)
+    return {
+        "full": {
+            "real_images": len(splits.train),
+            "real_only": _round(real_full),
+            "real_plus_synthetic": _round(plus_full),
+            "delta": _round(plus_full - real_full),
+        },
+        "scarce": {
+            "real_per_class": cfg.scarce_per_class,
+            "repeats": cfg.utility_repeats,
+            "real_only": _round(real_scarce),
+            "real_plus_synthetic": _round(plus_scarce),
+            "delta": _round(plus_scarce - real_scarce),
+        },
+        "synthetic_images": len(accepted),
+        "real_only": _round(real_scarce),
+        "real_plus_synthetic": _round(plus_scarce),
+        "delta": _round(plus_scarce - real_scarce),
+        "tstr": _round(tstr),
+    }
+
+
+# --- the stage -----------------------------------------------------------------------------
+
+
+def run_validate(
+    cfg: ValidateConfig,
+    evaluator_cfg: EvaluatorConfig | None = None,
+    requested_per_class: dict[str, int] | None = None,
+) -> dict:
+    """Validate `cfg.synthetic`; accepted rows to `cfg.accepted`, the report to `cfg.report`.
+
+    `evaluator_cfg` shapes the utility classifiers (the evaluator's architecture);
+    `requested_per_class` is what generate was asked for (a shortfall is an expectation).
+    """
+    remove_stale_temporaries(cfg.accepted)
+    evaluator_cfg = evaluator_cfg or EvaluatorConfig()
+    device = resolve_device(cfg.device)
+    evaluator = load_evaluator(cfg.evaluator, device=device, batch_size=cfg.batch_size)
+    classes = evaluator.classes
+    splits = Splits(
+        train=load_image_tensors(cfg.clean / "train", classes=classes),
+        val=load_image_tensors(cfg.clean / "val", classes=classes),
+        test=load_image_tensors(cfg.clean / "test", classes=classes),
+    )
+    synthetic = load_image_tensors(cfg.synthetic, classes=classes)
+
+    train_f = evaluator.features(splits.train.images)
+    test_f = evaluator.features(splits.test.images)
+    syn_f = evaluator.features(synthetic.images)
+    figures = fidelity(
+        train_f, test_f, syn_f, splits.train.labels, synthetic.labels, classes, cfg.k, cfg.seed
+    )
+
+    probs = evaluator.probabilities(synthetic.images)
+    consistency, _ = class_consistency(probs, synthetic.labels)
+    intended = probs.gather(1, synthetic.labels[:, None])[:, 0].cpu().numpy()
+    copy_rate, copy_threshold, nearest = near_copy_rate(
+        synthetic.images, splits.train.images, splits.test.images, cfg.near_copy_percentile
+    )
+    near_copy = (nearest < copy_threshold).cpu().numpy()
+    accepted_mask, reasons = acceptance(synthetic.ids, intended, near_copy, cfg.min_confidence)
+    accepted = subset(synthetic, torch.from_numpy(np.flatnonzero(accepted_mask)))
+
+    figures["class_consistency"] = _round(consistency)
+    figures["near_copy_rate"] = _round(copy_rate)
+    figures["near_copy_threshold"] = _round(copy_threshold)
+    figures["nearest_train_distance"] = {
+        q: _round(float(np.percentile(nearest.cpu().numpy(), p)))
+        for q, p in (("p5", 5), ("median", 50), ("p95", 95))
+    }
+    figures["utility"] = utility(cfg, splits, accepted, synthetic, device, evaluator_cfg)
+
+    stats = _pixel_stats(synthetic.images)
+    requested = requested_per_class or dict.fromkeys(classes, 1)
+    expectations = _expectations(cfg, synthetic, classes, stats, requested)
+    figures["expectations"] = expectations
+    figures["expectations_critical_ok"] = not any(f["critical"] for f in expectations["failed"])
+    figures["gates"] = evaluate_gates(cfg.gates, figures)
+    del figures["expectations_critical_ok"]
+
+    rejected = pd.Series([r for r in reasons if r]).value_counts().to_dict()
+    report = {
+        "synthetic": len(synthetic),
+        "accepted": int(accepted_mask.sum()),
+        "rejected": {str(k): int(v) for k, v in sorted(rejected.items())},
+        "accepted_per_class": {
+            label: int((accepted.labels == c).sum()) for c, label in enumerate(classes)
+        },
+        **figures,
+        "passed": figures["gates"]["passed"],
+    }
+    _write_accepted(cfg, set(accepted.ids))
+    write_json(cfg.report, report)
+    gates = report["gates"]
+    failed = [name for name, g in gates.items() if name != "passed" and not g["passed"]]
+    log.info(
+        "validate: %d synthetic -> %d accepted; fid %.3g (floor %.3g), consistency %.3f, "
+        "near-copy %.3f, utility delta (scarce) %+.4f; gates %s",
+        len(synthetic),
+        report["accepted"],
+        figures["fid"] or math.nan,
+        figures["fid_real_floor"] or math.nan,
+        consistency,
+        copy_rate,
+        figures["utility"]["delta"] or 0.0,
+        "passed" if gates["passed"] else f"FAILED: {', '.join(failed)}",
+    )
+    return report
+
+
+def _pixel_stats(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    flat = images.reshape(len(images), -1).float()
+    return flat.mean(1).numpy(), flat.std(1).numpy()
+
+
+def _expectations(
+    cfg: ValidateConfig,
+    synthetic: ImageTensors,
+    classes: list[str],
+    stats: tuple[np.ndarray, np.ndarray],
+    requested: dict[str, int],
+) -> dict:
+    from tasks.expectations import SYNTHETIC_COLUMNS, validate_synthetic_dataset
+
+    meta = pd.concat(
+        [b.to_pandas() for b in iter_batches(cfg.synthetic, columns=SYNTHETIC_COLUMNS[:7])],
+        ignore_index=True,
+    )
+    meta["pixel_mean"], meta["pixel_std"] = stats
+    _, channels, height, width = synthetic.images.shape
+    result = validate_synthetic_dataset(
+        meta,
+        known_labels=classes,
+        height=height,
+        width=width,
+        channels=channels,
+        requested_per_class={c: int(requested.get(c, 0)) for c in classes},
+        min_pixel_std=1.0,
+        docs_dir=cfg.report.parent / "great_expectations_synthetic",
+    )
+    result["data_docs"] = os.path.relpath(result["data_docs"], cfg.report.parent)
+    return result
+
+
+def _write_accepted(cfg: ValidateConfig, accepted_ids: set[str]) -> None:
+    """Stream the accepted rows, unchanged, into `cfg.accepted` (atomically)."""
+    with atomic_dir(cfg.accepted) as out, ShardWriter(out, IMAGE_SCHEMA) as writer:
+        written: set[str] = set()
+        for batch in iter_batches(cfg.synthetic, columns=IMAGE_SCHEMA.names):
+            for row in batch.to_pylist():
+                if row["id"] in accepted_ids and row["id"] not in written:
+                    written.add(row["id"])
+                    writer.append(row)

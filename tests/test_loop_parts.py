@@ -1,0 +1,140 @@
+"""The loop's plain parts: acceptance, gates, promotion, pool integrity, feedback requests,
+retrain overrides."""
+
+import hashlib
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from flows.loop import apply_overrides, overrides_for
+from synthloop.config import ConfigError, GateConfig
+from synthloop.dataset import IMAGE_SCHEMA, ShardWriter
+from tasks.feedback import read_requests
+from tasks.images import encode_rows
+from tasks.pool import PoolCorrupt, file_md5, pool_counts, promote, verify_pool
+from tasks.validate import acceptance, evaluate_gates
+from tests.conftest import REPO
+
+
+def write_rows(directory, labels, seed=0):
+    images = torch.from_numpy(
+        np.random.default_rng(seed).integers(0, 256, (len(labels), 1, 8, 8), dtype=np.uint8)
+    )
+    with ShardWriter(directory, IMAGE_SCHEMA) as writer:
+        for label, png in zip(labels, encode_rows(images), strict=True):
+            row_id = hashlib.blake2b(png, digest_size=16).hexdigest()
+            writer.append(
+                {
+                    "id": row_id,
+                    "label": label,
+                    "split": "train",
+                    "source": "synthetic",
+                    "parent_id": "v1:seed=0",
+                    "image": png,
+                    "height": 8,
+                    "width": 8,
+                    "channels": 1,
+                }
+            )
+
+
+def test_acceptance_rules_in_order():
+    ids = ["a", "b", "c", "a", "d"]
+    confidence = np.array([0.9, 0.2, 0.9, 0.9, 0.95])
+    near_copy = np.array([False, False, True, False, False])
+    accepted, reasons = acceptance(ids, confidence, near_copy, min_confidence=0.5)
+    assert accepted.tolist() == [True, False, False, False, True]
+    assert reasons == [None, "low_confidence", "near_copy", "duplicate", None]
+
+
+def figures(**over):
+    base = {
+        "class_consistency": 0.9,
+        "near_copy_rate": 0.01,
+        "fid": 2.0,
+        "fid_real_floor": 1.0,
+        "utility": {"scarce": {"delta": 0.01}},
+        "expectations_critical_ok": True,
+    }
+    return base | over
+
+
+def test_gates_pass_and_each_can_fail():
+    gates = GateConfig(min_class_consistency=0.8, max_near_copy_rate=0.05, max_fid_ratio=3.0)
+    assert evaluate_gates(gates, figures())["passed"]
+    for name, over in {
+        "class_consistency": {"class_consistency": 0.5},
+        "near_copy_rate": {"near_copy_rate": 0.5},
+        "fid_ratio": {"fid": 10.0},
+        "utility_delta_scarce": {"utility": {"scarce": {"delta": -0.01}}},
+        "expectations": {"expectations_critical_ok": False},
+    }.items():
+        result = evaluate_gates(gates, figures(**over))
+        assert not result["passed"] and not result[name]["passed"], name
+        assert [n for n, g in result.items() if n != "passed" and not g["passed"]] == [name]
+
+
+def test_promotion_dedupes_against_the_pool_and_is_atomic(tmp_path, monkeypatch):
+    write_rows(tmp_path / "accepted", ["a", "a", "b"], seed=1)
+    pool = tmp_path / "pool"
+    first = promote(tmp_path / "accepted", pool, round_no=1)
+    assert first["promoted"] == 3 and first["shard"] == "part-r0001.parquet"
+    assert pq.read_table(pool / first["shard"]).column("round").to_pylist() == [1, 1, 1]
+
+    write_rows(tmp_path / "accepted2", ["b", "c"], seed=2)
+    again = promote(tmp_path / "accepted", pool, round_no=2)  # nothing new
+    assert again == {**again, "promoted": 0, "already_in_pool": 3, "shard": None}
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("tasks.pool.pq.write_table", crash)
+    with pytest.raises(KeyboardInterrupt):
+        promote(tmp_path / "accepted2", pool, round_no=3)
+    assert sorted(p.name for p in pool.iterdir()) == ["part-r0001.parquet"]
+    assert pool_counts(pool) == {"a": 2, "b": 1}
+
+
+def test_verify_pool_detects_a_changed_shard(tmp_path):
+    write_rows(tmp_path / "accepted", ["a", "b"])
+    pool = tmp_path / "pool"
+    shard = pool / promote(tmp_path / "accepted", pool, round_no=1)["shard"]
+    record = {"outs": [{"md5": file_md5(shard), "path": shard.name}]}
+    shard.with_name(shard.name + ".dvc").write_text(yaml.safe_dump(record))
+    assert verify_pool(pool) == 1
+    shard.write_bytes(shard.read_bytes() + b"tampered")
+    with pytest.raises(PoolCorrupt, match="hash differs.*dvc checkout"):
+        verify_pool(pool)
+
+
+def test_feedback_requests_add_up_and_report_bad_rows(tmp_path):
+    (tmp_path / "requests.csv").write_text("label,extra\n3,10\n3,5\nseven,4\n2,lots\n")
+    (tmp_path / "verdicts.csv").write_text("id,verdict\nabc,reject\n")
+    extra, problems = read_requests(tmp_path, classes=["2", "3"])
+    assert extra == {"3": 15}
+    assert [(p["row"], p["reason"].split()[0]) for p in problems] == [(3, "unknown"), (4, "extra")]
+    assert read_requests(tmp_path / "missing") == ({}, [])
+
+
+def test_retrain_overrides_keep_comments_and_are_validated(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+    apply_overrides(params, {"train": {"steps": 1234, "cgan": {"width": 16}}})
+    text = params.read_text()
+    assert "# One configuration, grouped by stage" in text  # comments survive
+    loaded = yaml.safe_load(text)
+    assert loaded["train"]["steps"] == 1234 and loaded["train"]["cgan"]["width"] == 16
+    assert loaded["train"]["cgan"]["z_dim"] == 64  # siblings kept
+    before = params.read_text()
+    with pytest.raises(ConfigError, match="train.steps"):
+        apply_overrides(params, {"train": {"steps": -1}})
+    assert params.read_text() == before  # a bad override never lands
+
+
+def test_the_last_retrain_step_repeats():
+    policy = [{"train": {"steps": 2}}, {"train": {"lr": 0.1}}]
+    assert [overrides_for(n, policy) for n in (1, 2, 3)] == [policy[0], policy[1], policy[1]]
+    assert overrides_for(1, []) == {}
