@@ -213,7 +213,7 @@ def accuracy(net: EvaluatorNet, data: ImageTensors, batch_size: int) -> tuple[fl
 
 
 @contextlib.contextmanager
-def _cpu_threads(device: torch.device, size: int) -> Iterator[None]:
+def small_image_cpu_threads(device: torch.device, size: int) -> Iterator[None]:
     """One intra-op thread for small images on CPU, restored afterwards.
 
     Per-op work on 8x8 to 16x16 maps is too small to split: on the shared 2-core machine
@@ -239,7 +239,7 @@ def train_net(
     Seeded from cfg.seed through a forked RNG, so a run is reproducible on CPU and the
     caller's global RNG state is left as it was.
     """
-    with _cpu_threads(device, splits.train.images.shape[-1]):
+    with small_image_cpu_threads(device, splits.train.images.shape[-1]):
         return _train(cfg, splits, device)
 
 

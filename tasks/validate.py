@@ -36,7 +36,14 @@ from synthloop.dataset import (
     remove_stale_temporaries,
     write_json,
 )
-from tasks.evaluator import Splits, accuracy, load_evaluator, train_net
+from tasks.evaluator import (
+    Evaluator,
+    Splits,
+    accuracy,
+    load_evaluator,
+    small_image_cpu_threads,
+    train_net,
+)
 from tasks.images import ImageTensors, load_image_tensors, resolve_device
 from tasks.metrics import (
     class_consistency,
@@ -242,10 +249,20 @@ def run_validate(
     `evaluator_cfg` shapes the utility classifiers (the evaluator's architecture);
     `requested_per_class` is what generate was asked for (a shortfall is an expectation).
     """
-    remove_stale_temporaries(cfg.accepted)
-    evaluator_cfg = evaluator_cfg or EvaluatorConfig()
     device = resolve_device(cfg.device)
     evaluator = load_evaluator(cfg.evaluator, device=device, batch_size=cfg.batch_size)
+    with small_image_cpu_threads(device, evaluator.size):
+        return _validate(cfg, evaluator, evaluator_cfg or EvaluatorConfig(), requested_per_class)
+
+
+def _validate(
+    cfg: ValidateConfig,
+    evaluator: Evaluator,
+    evaluator_cfg: EvaluatorConfig,
+    requested_per_class: dict[str, int] | None,
+) -> dict:
+    remove_stale_temporaries(cfg.accepted)
+    device = evaluator.device
     classes = evaluator.classes
     splits = Splits(
         train=load_image_tensors(cfg.clean / "train", classes=classes),

@@ -147,6 +147,12 @@ def test_prdc_on_a_shifted_or_noisy_distribution():
     assert min(same["precision"], same["recall"], same["coverage"]) > 0.7
 
 
+def test_prdc_with_too_few_samples_is_nan():
+    out = prdc(gaussian(50), gaussian(5, seed=1), k=5)
+    assert set(out) == {"precision", "recall", "density", "coverage"}
+    assert all(math.isnan(v) for v in out.values())
+
+
 @pytest.mark.parametrize("block_size", [7, 64, None])
 def test_prdc_blocked_equals_brute_force(block_size):
     real, fake = gaussian(90, dim=5), gaussian(70, dim=5, shift=0.3, scale=1.2, seed=1)
