@@ -2,6 +2,7 @@
 
     python benchmarks/ingest_clean.py [--images 100000] [--size 16] [--classes 6]
                                       [--workdir DIR] [--repeats 1] [--skip-floor]
+                                      [--workers 0]
 
 A procedural image folder of N small PNGs (synthloop.procedural.make_image_folder) is made
 once under the work dir and reused by later runs with the same N/size/classes. Then, each
@@ -10,10 +11,14 @@ in its own fresh child process (so each phase's peak RSS is its own):
   floor   read every file's bytes and decode it once with PIL: the least any pipeline does
   ingest  tasks.ingest.run_ingest on an image_folder source over that folder
   clean   tasks.clean.run_clean(validate=True): decode, convert, de-duplicate, split,
-          then the Great Expectations suites and Data Docs
+          then the Great Expectations suites and Data Docs; its decode pass runs in
+          clean.workers processes (--workers; 0, the default: one per CPU core)
 
 and prints images/s per phase, the ratio (ingest + clean time) / (floor time) next to its
-goal (<= 2.0x), and each phase's peak RSS (VmHWM) next to its goal (< 1 GiB, flat in N).
+goal (<= 2.0x), in wall time and in CPU time (clean's includes its worker processes), and
+each phase's peak RSS (VmHWM) next to its goal (< 1 GiB, flat in N), with clean's workers'
+own peak beside it. The floor is one process: with workers, clean may use more than one
+core where the floor uses one, which the CPU-time ratio shows.
 Generation time is printed apart and is in no figure. Figures only: nothing is asserted.
 """
 
@@ -96,26 +101,28 @@ def warm_page_cache(paths: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def build_params(workdir: Path, folder: Path, size: int):
+def build_params(workdir: Path, folder: Path, size: int, workers: int = 0, run: str = "run"):
+    """Stage settings with every output under workdir/`run`."""
     from synthloop.config import parse_params
 
     raw = {
         "ingest": {
             "sources": [{"kind": "image_folder", "path": str(folder), "name": "bench"}],
-            "output": "run/data/ingested",
-            "quarantine": "run/data/quarantine/ingest.parquet",
-            "report": "run/reports/ingest.json",
+            "output": f"{run}/data/ingested",
+            "quarantine": f"{run}/data/quarantine/ingest.parquet",
+            "report": f"{run}/reports/ingest.json",
         },
         "clean": {
             "image_size": size,
             "channels": 3,
             "labels": None,
             "min_class_count": 1,
-            "input": "run/data/ingested",
-            "output": "run/data/clean",
-            "quarantine": "run/data/quarantine/clean.parquet",
-            "report": "run/reports/clean.json",
-            "data_docs": "run/reports/great_expectations",
+            "input": f"{run}/data/ingested",
+            "output": f"{run}/data/clean",
+            "quarantine": f"{run}/data/quarantine/clean.parquet",
+            "report": f"{run}/reports/clean.json",
+            "data_docs": f"{run}/reports/great_expectations",
+            "workers": workers,
         },
     }
     return parse_params(raw, root=workdir, origin="benchmarks/ingest_clean.py")
@@ -135,7 +142,20 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_phase(phase: str, workdir: Path, folder: Path, size: int) -> dict:
+def children_cpu() -> float:
+    """CPU seconds of this process's children that have ended (clean's decode workers)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def children_peak_rss_mib() -> float:
+    """The largest peak RSS of any ended child, MiB (0 when there was none)."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def run_phase(
+    phase: str, workdir: Path, folder: Path, size: int, workers: int = 0, run: str = "run"
+) -> dict:
     """Time one phase in this (fresh) process; the modules it needs are imported first."""
     if phase == "floor":
         from PIL import Image
@@ -153,7 +173,7 @@ def run_phase(phase: str, workdir: Path, folder: Path, size: int) -> dict:
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         return {"seconds": seconds, "cpu": cpu, "images": decoded, "baseline_mib": baseline}
 
-    params = build_params(workdir, folder, size)
+    params = build_params(workdir, folder, size, workers, run)
     if phase == "ingest":
         from tasks.ingest import run_ingest
 
@@ -172,7 +192,7 @@ def run_phase(phase: str, workdir: Path, folder: Path, size: int) -> dict:
 
     if phase == "clean":
         import tasks.expectations as expectations
-        from tasks.clean import run_clean
+        from tasks.clean import decode_workers, run_clean
 
         # Time the GX part (its lazy import, the suites, Data Docs) within clean's total.
         gx_seconds = 0.0
@@ -187,15 +207,20 @@ def run_phase(phase: str, workdir: Path, folder: Path, size: int) -> dict:
                 gx_seconds += time.perf_counter() - t0
 
         expectations.validate_clean_dataset = timed_validate
+        ingest_report = json.loads(params.ingest.report.read_text())
+        pool_workers = decode_workers(params.clean, ingest_report["ingested"])
         baseline = peak_rss_mib()
-        start, cpu = time.perf_counter(), time.process_time()
+        start, cpu = time.perf_counter(), time.process_time() + children_cpu()
         report = run_clean(params.clean, validate=True)
-        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        seconds = time.perf_counter() - start
+        cpu = time.process_time() + children_cpu() - cpu
         return {
             "seconds": seconds,
             "cpu": cpu,
             "images": report["ingested"],
             "baseline_mib": baseline,
+            "workers": pool_workers,
+            "workers_peak_rss_mib": children_peak_rss_mib() if pool_workers > 1 else 0.0,
             "gx_seconds": gx_seconds,
             "ingested": report["ingested"],
             "kept": report["kept"],
@@ -209,7 +234,7 @@ def run_phase(phase: str, workdir: Path, folder: Path, size: int) -> dict:
 
 def child_main(args: argparse.Namespace) -> None:
     folder = dataset_dir(args.workdir, args.images, args.size, args.classes) / "images"
-    result = run_phase(args.phase, args.workdir, folder, args.size)
+    result = run_phase(args.phase, args.workdir, folder, args.size, args.workers, args.run)
     result["peak_rss_mib"] = peak_rss_mib()
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
@@ -248,6 +273,10 @@ def spawn_phase(args: argparse.Namespace, phase: str) -> dict:
         str(args.classes),
         "--workdir",
         str(args.workdir),
+        "--workers",
+        str(args.workers),
+        "--run",
+        args.run,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT, env=child_env(args))
     if proc.returncode != 0:
@@ -312,11 +341,29 @@ def parent_main(args: argparse.Namespace) -> None:
 
     phases = [p for p in PHASES if not (args.skip_floor and p == "floor")]
     results: dict[str, list[dict]] = {p: [] for p in phases}
+    # Stage outputs go to a folder of this run's own, so runs sharing a work dir (and its
+    # cached datasets) do not clean up each other's temporaries; removed at the end.
+    args.run = f"run/{os.getpid()}"
+    try:
+        run_phases(args, phases, results)
+    finally:
+        import shutil
+
+        shutil.rmtree(args.workdir / args.run, ignore_errors=True)
+    report(args, command, paths, phases, results)
+
+
+def run_phases(args: argparse.Namespace, phases: list[str], results: dict) -> None:
     for rep in range(args.repeats):
         for phase in phases:
             r = spawn_phase(args, phase)
             results[phase].append(r)
             extra = f", GX {r['gx_seconds']:.1f}s" if "gx_seconds" in r else ""
+            if r.get("workers", 1) > 1:
+                extra += (
+                    f", {r['workers']} decode workers (each peak RSS <= "
+                    f"{r['workers_peak_rss_mib']:.0f} MiB)"
+                )
             print(
                 f"[{rep + 1}/{args.repeats}] {phase:<6} {r['seconds']:8.2f}s"
                 f"  {fmt_rate(r['images'], r['seconds']):>9} img/s"
@@ -324,6 +371,14 @@ def parent_main(args: argparse.Namespace) -> None:
                 flush=True,
             )
 
+
+def report(
+    args: argparse.Namespace,
+    command: str,
+    paths: list[str],
+    phases: list[str],
+    results: dict[str, list[dict]],
+) -> None:
     sec = {p: median([r["seconds"] for r in results[p]]) for p in phases}
     cpu = {p: median([r["cpu"] for r in results[p]]) for p in phases}
     rss = {p: max(r["peak_rss_mib"] for r in results[p]) for p in phases}
@@ -335,6 +390,12 @@ def parent_main(args: argparse.Namespace) -> None:
     print(
         f"images on disk: {len(paths):,}   size: {args.size}x{args.size}x3   "
         f"classes: {args.classes}   repeats: {args.repeats} (median times, max RSS)"
+    )
+    workers = clean.get("workers", 1)
+    print(
+        f"processes: floor 1, ingest 1, clean 1 + {workers} decode worker processes"
+        if workers > 1
+        else "processes: floor 1, ingest 1, clean 1 (its decode pass in-process)"
     )
     q = clean["quarantined"]
     balanced = clean["ingested"] == clean["kept"] + sum(q.values())
@@ -355,6 +416,20 @@ def parent_main(args: argparse.Namespace) -> None:
                 f"{base[p]:.0f}",
                 f"{rss[p]:.0f}",
                 "yes" if rss[p] < RSS_GOAL_MIB else "NO",
+            )
+        )
+    if workers > 1:
+        worker_rss = max(r["workers_peak_rss_mib"] for r in results["clean"])
+        rows.append(("  clean: each worker", "", "", "", "", f"{worker_rss:.0f}", ""))
+        rows.append(
+            (
+                "  clean: all processes",
+                "",
+                "",
+                "",
+                "",
+                f"{rss['clean'] + workers * worker_rss:.0f}",
+                "yes" if rss["clean"] + workers * worker_rss < RSS_GOAL_MIB else "NO",
             )
         )
     both = sec["ingest"] + sec["clean"]
@@ -389,11 +464,19 @@ def parent_main(args: argparse.Namespace) -> None:
     if "floor" in sec:
         ratio = both / sec["floor"]
         verdict = "meets" if ratio <= RATIO_GOAL else "MISSES"
-        print(f"(ingest+clean) / floor = {ratio:.2f}x   goal <= {RATIO_GOAL:.1f}x: {verdict}")
         print(
-            f"same ratio in CPU time: {both_cpu / cpu['floor']:.2f}x "
-            "(steadier than wall time on a shared machine)"
+            f"(ingest+clean) / floor = {ratio:.2f}x in wall time   "
+            f"goal <= {RATIO_GOAL:.1f}x: {verdict}"
         )
+        print(
+            f"(ingest+clean) / floor = {both_cpu / cpu['floor']:.2f}x in CPU time "
+            "(all processes; steadier than wall time on a shared machine)"
+        )
+        if workers > 1:
+            print(
+                f"note: the floor decodes in 1 process; clean decodes in {workers} worker "
+                "processes, so the wall ratio counts up to that many cores for clean"
+            )
     else:
         print("(ingest+clean) / floor: floor skipped (--skip-floor)")
     print(f"peak RSS goal < {RSS_GOAL_MIB:.0f} MiB and flat in N: compare runs at two --images")
@@ -422,7 +505,14 @@ def main(argv: list[str] | None = None) -> None:
         help="keep the environment's bytecode settings (PYTHONDONTWRITEBYTECODE makes every "
         "child compile Great Expectations from source, seconds per run)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="clean.workers: decode processes (0: one per CPU core; 1: none)",
+    )
     parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
+    parser.add_argument("--run", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.workdir = args.workdir.resolve()
     if args.phase:

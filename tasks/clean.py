@@ -20,36 +20,48 @@ rows into `train/`, `val/` and `test/`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import itertools
 import logging
+import multiprocessing
 import os
 import shutil
+import signal
+import threading
 import warnings
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from synthloop.config import CleanConfig
 from synthloop.dataset import (
     IMAGE_SCHEMA,
     QUARANTINE_SCHEMA,
-    ShardWriter,
     atomic_dir,
     iter_batches,
-    read_columns,
     remove_stale_temporaries,
+    shard_paths,
     write_json,
     write_table,
 )
 
+if TYPE_CHECKING:
+    import pandas as pd  # imported where used: decode workers never need it (~0.3 s each)
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+SPLIT_COLUMN = IMAGE_SCHEMA.get_field_index("split")
 _MODES = {1: "L", 3: "RGB"}
 
 
@@ -249,17 +261,19 @@ def _pixel_hashes(pixels: list[np.ndarray]) -> np.ndarray:
 def near_duplicate_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
     """All pairs (i, j), i < j, whose 64-bit hashes differ in at most `max_distance` bits.
 
-    Multi-index hashing: split the hash into max_distance + 1 chunks; two hashes that close
-    agree exactly on at least one chunk (pigeonhole), so only rows sharing a chunk value are
-    compared. Returns an (n_pairs, 2) int64 array.
+    Multi-index hashing: split the hash into max_distance + k chunks; two hashes that close
+    agree exactly on at least k of them (pigeonhole), so only rows sharing the values of k
+    chunks are compared, and a pair only in the bucket of the first k chunks it agrees on
+    (so it is found once). k = 1 is the classic scheme; real hashes are far from uniform
+    (at 1M images one 13-bit chunk value can be shared by 2% of them, and comparisons grow
+    with the square of the dataset), where k = 2 compares about 10x fewer pairs for 3x the
+    sorting. Whichever is cheaper on a sample of the hashes is used: the pairs are the same.
+    Returns an (n_pairs, 2) int64 array, sorted.
     """
     hashes = np.asarray(hashes, dtype=np.uint64)
-    n_chunks = max_distance + 1
-    bounds = np.linspace(0, 64, n_chunks + 1).astype(int)
+    k = min((1, 2, 3), key=lambda k: _scheme_cost(hashes, max_distance, k))
     found: list[np.ndarray] = []
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-        mask = np.uint64((1 << (hi - lo)) - 1)
-        keys = (hashes >> np.uint64(lo)) & mask
+    for keys, differ in _chunk_keys(hashes, max_distance, k):
         order = np.argsort(keys, kind="stable")
         sorted_keys = keys[order]
         starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
@@ -268,12 +282,12 @@ def near_duplicate_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
         # Buckets of up to _SMALL_BUCKET rows: all their pairs at once, grouped by size.
         for size in np.unique(sizes[(sizes > 1) & (sizes <= _SMALL_BUCKET)]):
             found.extend(
-                _bucket_pairs(order, starts[sizes == size], int(size), hashes, max_distance)
+                _bucket_pairs(order, starts[sizes == size], int(size), hashes, max_distance, differ)
             )
         for start, end in zip(
             starts[sizes > _SMALL_BUCKET], ends[sizes > _SMALL_BUCKET], strict=True
         ):
-            found.append(_close_pairs(order[start:end], hashes, max_distance))
+            found.append(_close_pairs(order[start:end], hashes, max_distance, differ))
     if not found:
         return np.empty((0, 2), dtype=np.int64)
     pairs = np.concatenate(found)
@@ -282,10 +296,57 @@ def near_duplicate_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
 
 _SMALL_BUCKET = 128  # larger buckets go through _close_pairs, a block at a time
 _PAIRS_PER_STEP = 1 << 20  # bounds the candidate pairs _bucket_pairs holds at once
+_COST_SAMPLE = 16384  # hashes sampled to choose the scheme
+_SORT_COST = 12  # one row sorted once costs about as much as this many pairs compared
+
+
+def _chunk_keys(
+    hashes: np.ndarray, max_distance: int, k: int
+) -> Iterator[tuple[np.ndarray, list[np.uint64]]]:
+    """Per combination of k of the max_distance + k chunks: each hash's bits in those
+    chunks, and the masks of the earlier chunks outside the combination (a pair agreeing on
+    one of those belongs to an earlier combination)."""
+    n_chunks = max_distance + k
+    bounds = np.linspace(0, 64, n_chunks + 1).astype(int)
+    masks = [((1 << (hi - lo)) - 1) << lo for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    for combo in itertools.combinations(range(n_chunks), k):
+        key_mask = np.uint64(sum(masks[c] for c in combo))
+        differ = [np.uint64(masks[c]) for c in range(combo[-1]) if c not in combo]
+        yield hashes & key_mask, differ
+
+
+def _scheme_cost(hashes: np.ndarray, max_distance: int, k: int) -> float:
+    """Estimated work of `near_duplicate_pairs` with k agreeing chunks: rows sorted per
+    combination, plus pairs sharing a bucket (counted on an evenly spaced sample)."""
+    n = len(hashes)
+    if k > 1 and (max_distance + k > 10 or n < 2):
+        return float("inf")  # too many combinations (or nothing to compare)
+    sample = hashes[:: max(1, n // _COST_SAMPLE)]
+    scale = (n / len(sample)) ** 2 if len(sample) else 0.0
+    combos = 0
+    pairs = 0.0
+    for keys, _ in _chunk_keys(sample, max_distance, k):
+        counts = np.unique(keys, return_counts=True)[1].astype(np.float64)
+        pairs += float((counts * (counts - 1) / 2).sum()) * scale
+        combos += 1
+    return pairs + _SORT_COST * combos * n
+
+
+def _is_pair(xor: np.ndarray, max_distance: int, differ: list[np.uint64]) -> np.ndarray:
+    """Which hash differences `xor` are close, with a set bit under every `differ` mask."""
+    ok = np.bitwise_count(xor) <= max_distance
+    for mask in differ:
+        ok &= (xor & mask) != 0
+    return ok
 
 
 def _bucket_pairs(
-    order: np.ndarray, starts: np.ndarray, size: int, hashes: np.ndarray, max_distance: int
+    order: np.ndarray,
+    starts: np.ndarray,
+    size: int,
+    hashes: np.ndarray,
+    max_distance: int,
+    differ: list[np.uint64],
 ) -> list[np.ndarray]:
     """`_close_pairs` of every bucket `order[start : start + size]`, buckets of one size at
     a time: the same pairs, (smaller index, larger index), without a call per bucket."""
@@ -296,22 +357,25 @@ def _bucket_pairs(
         base = starts[lo : lo + step, None]
         a = order[base + first].ravel()
         b = order[base + second].ravel()
-        close = np.bitwise_count(hashes[a] ^ hashes[b]) <= max_distance
+        close = _is_pair(hashes[a] ^ hashes[b], max_distance, differ)
         a, b = a[close], b[close]
         out.append(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1).astype(np.int64))
     return out
 
 
-def _close_pairs(members: np.ndarray, hashes: np.ndarray, max_distance: int) -> np.ndarray:
+def _close_pairs(
+    members: np.ndarray, hashes: np.ndarray, max_distance: int, differ: list[np.uint64]
+) -> np.ndarray:
     members = np.sort(members)
-    out = []
-    block = 2048  # bounds the distance matrix of a large bucket to block x bucket
+    out = [np.empty((0, 2), dtype=np.int64)]
+    block = 2048  # a large bucket's distance matrix is computed block x block at a time
     for lo in range(0, len(members), block):
         rows = members[lo : lo + block]
-        later = members[lo:]  # members before `lo` are smaller than every row: never a pair
-        dist = np.bitwise_count(hashes[rows, None] ^ hashes[None, later])
-        i, j = np.nonzero((dist <= max_distance) & (rows[:, None] < later[None, :]))
-        out.append(np.stack([rows[i], later[j]], axis=1))
+        for start in range(lo, len(members), block):  # earlier members are smaller: no pair
+            later = members[start : start + block]
+            close = _is_pair(hashes[rows, None] ^ hashes[None, later], max_distance, differ)
+            i, j = np.nonzero(close & (rows[:, None] < later[None, :]))
+            out.append(np.stack([rows[i], later[j]], axis=1))
     return np.concatenate(out).astype(np.int64)
 
 
@@ -339,6 +403,8 @@ def resolve_duplicates(
     hashes = pixel_hashes.astype(np.uint64)
     _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
     repeated = np.flatnonzero(counts[inverse.reshape(-1)] > 1)
+    import pandas as pd
+
     frame = pd.DataFrame(
         {"id": ids[repeated], "label": labels[repeated], "h": hashes[repeated]}, index=repeated
     )
@@ -377,14 +443,25 @@ def resolve_duplicates(
     return keep, rejections
 
 
+def split_keys(ids: list[str] | np.ndarray, seed: int) -> np.ndarray:
+    """(n,) uint64: each id's seeded split hash (the first 8 bytes of blake2b("seed:id"),
+    big-endian, so keys order exactly as their hex digests do)."""
+    digests = b"".join(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest() for i in ids)
+    return np.frombuffer(digests, dtype=">u8").astype(np.uint64)
+
+
 def assign_splits(
-    ids: np.ndarray, labels: np.ndarray, fractions: dict[str, float], seed: int
+    ids: np.ndarray,
+    labels: np.ndarray,
+    fractions: dict[str, float],
+    seed: int,
+    keys: np.ndarray | None = None,
 ) -> np.ndarray:
     """Deterministic stratified split: within each class, rows ordered by a seeded hash of
-    their id; the first share goes to val, the next to test, the rest to train."""
-    keys = np.array(
-        [hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).hexdigest() for i in ids]
-    )
+    their id; the first share goes to val, the next to test, the rest to train.
+    `keys`, if given, is `split_keys(ids, seed)` computed beforehand."""
+    if keys is None:
+        keys = split_keys(ids, seed)
     splits = np.empty(len(ids), dtype=object)
     for label in np.unique(labels):
         rows = np.flatnonzero(labels == label)
@@ -395,6 +472,337 @@ def assign_splits(
         splits[rows[n_val : n_val + n_test]] = "test"
         splits[rows[n_val + n_test :]] = "train"
     return splits
+
+
+# --- pass 1, one chunk of rows at a time (what the decode workers run) -------------------
+
+
+@dataclass(frozen=True)
+class DecodedChunk:
+    """Pass 1's outcome for one chunk of ingested rows; row numbers count from the chunk's
+    first row. Small: a converted PNG comes back only where it differs from the input."""
+
+    labels: list[str | None]  # per row: the mapped label, or the raw one it was rejected for
+    rejected: list[tuple[int, Rejection]]  # (row, first failed rule), in row order
+    kept: list[int]  # rows that pass every per-image rule, in row order
+    pngs: list[bytes | None]  # per kept row: the converted PNG; None where the input is it
+    resized: int
+    channels_converted: int
+    pixel_hashes: np.ndarray  # per kept row (m,) uint64
+    dhashes: np.ndarray  # (m,) uint64
+    thumbnails: np.ndarray  # (m, 64) uint8
+
+
+def decode_chunk(labels: list[str | None], images: list[bytes], cfg: CleanConfig) -> DecodedChunk:
+    """Apply the per-image rules to one chunk (label, decode-verify, convert, blank) and
+    compute the kept rows' hashes. Pure: the same chunk gives the same result in any process."""
+    mapped: dict[str | None, str | Rejection] = {}  # map_label is pure: once per label
+    out_labels: list[str | None] = []
+    outcome: list[Converted | Rejection] = []
+    for raw, data in zip(labels, images, strict=True):
+        label = mapped[raw] if raw in mapped else mapped.setdefault(raw, map_label(raw, cfg))
+        if isinstance(label, Rejection):
+            out_labels.append(raw)
+            outcome.append(label)
+        else:
+            out_labels.append(label)
+            outcome.append(convert_image(data, cfg))
+    decoded = [r.pixels for r in outcome if isinstance(r, Converted)]
+    blank = iter(_blank_flags(decoded, cfg))
+    rejected: list[tuple[int, Rejection]] = []
+    kept: list[int] = []
+    pngs: list[bytes | None] = []
+    kept_pixels: list[np.ndarray] = []
+    resized = channels_converted = 0
+    for j, result in enumerate(outcome):
+        if isinstance(result, Rejection):
+            rejected.append((j, result))
+            continue
+        if next(blank):
+            rejected.append((j, Rejection("blank", f"std {result.pixels.std():.2f}")))
+            continue
+        resized += result.resized
+        channels_converted += result.mode_changed
+        kept.append(j)
+        pngs.append(None if result.png is images[j] else result.png)
+        kept_pixels.append(result.pixels)
+    if kept_pixels:
+        numbers = _row_numbers(kept_pixels)
+    else:
+        empty = np.empty(0, dtype=np.uint64)
+        numbers = (empty, empty, np.empty((0, 64), dtype=np.uint8))
+    return DecodedChunk(out_labels, rejected, kept, pngs, resized, channels_converted, *numbers)
+
+
+@dataclass(frozen=True)
+class StagedBatch:
+    """Pass 1's outcome for one batch of ingested rows, once its kept rows are staged: what
+    the parent keeps in memory (a few numbers per kept row) and the quarantine rows."""
+
+    rows: int
+    quarantined: list[dict]  # QUARANTINE_SCHEMA rows, in row order
+    ids: list[str]  # per kept row, in row order
+    labels: list[str]
+    sources: list[str]  # one str object per distinct source (pickled once)
+    split_keys: np.ndarray  # (m,) uint64, split_keys(ids, cfg.seed)
+    resized: int
+    channels_converted: int
+    pixel_hashes: np.ndarray  # (m,) uint64
+    dhashes: np.ndarray  # (m,) uint64
+    thumbnails: np.ndarray  # (m, 64) uint8
+
+
+def stage_batch(batch: pa.RecordBatch, staging_file: str, cfg: CleanConfig) -> StagedBatch:
+    """Pass 1 on one batch of ingested rows, `chunk_rows(cfg)` rows at a time: the per-image
+    rules, then the kept rows, converted, into `staging_file` (IMAGE_SCHEMA; one row group
+    per chunk). Runs in a decode worker or in the stage's own process alike."""
+    quarantined: list[dict] = []
+    ids: list[str] = []
+    labels: list[str] = []
+    sources: list[str] = []
+    numbers: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    resized = channels_converted = 0
+    step = chunk_rows(cfg)
+    with pq.ParquetWriter(staging_file, IMAGE_SCHEMA) as writer:
+        for lo in range(0, batch.num_rows, step):
+            part = batch.slice(lo, step)
+            col = {name: part.column(name).to_pylist() for name in ("id", "label", "image")}
+            chunk = decode_chunk(col["label"], col["image"], cfg)
+            if chunk.rejected:
+                source, path = part.column("source"), part.column("path")
+                for j, rejection in chunk.rejected:
+                    quarantined.append(
+                        {
+                            "id": col["id"][j],
+                            "source": source[j].as_py(),
+                            "path": path[j].as_py(),
+                            "label": chunk.labels[j],
+                            "reason": rejection.reason,
+                            "detail": rejection.detail,
+                        }
+                    )
+            if not chunk.kept:
+                continue
+            m = len(chunk.kept)
+            kept_ids = [col["id"][j] for j in chunk.kept]
+            kept_labels = [chunk.labels[j] for j in chunk.kept]
+            images = col["image"]
+            take = pa.array(chunk.kept, pa.int64())
+            columns = {
+                "id": pa.array(kept_ids, pa.string()),
+                "label": pa.array(kept_labels, pa.string()),
+                "split": pa.nulls(m, pa.string()),
+                "source": part.column("source").take(take),
+                "path": part.column("path").take(take),
+                "parent_id": pa.nulls(m, pa.string()),
+                "image": pa.array(
+                    [
+                        images[j] if png is None else png
+                        for j, png in zip(chunk.kept, chunk.pngs, strict=True)
+                    ],
+                    pa.binary(),
+                ),
+                "height": pa.array([cfg.image_size] * m, pa.int32()),
+                "width": pa.array([cfg.image_size] * m, pa.int32()),
+                "channels": pa.array([cfg.channels] * m, pa.int8()),
+            }
+            writer.write_table(pa.table(columns, schema=IMAGE_SCHEMA))
+            ids.extend(kept_ids)
+            labels.extend(kept_labels)
+            kept_sources = columns["source"].to_pylist()
+            distinct = {name: name for name in set(kept_sources)}
+            sources.extend(distinct[name] for name in kept_sources)
+            resized += chunk.resized
+            channels_converted += chunk.channels_converted
+            numbers.append((chunk.pixel_hashes, chunk.dhashes, chunk.thumbnails))
+    if numbers:
+        hashes, dhashes, thumbnails = (np.concatenate(n) for n in zip(*numbers, strict=True))
+    else:
+        hashes = dhashes = np.empty(0, dtype=np.uint64)
+        thumbnails = np.empty((0, 64), dtype=np.uint8)
+    return StagedBatch(
+        batch.num_rows,
+        quarantined,
+        ids,
+        labels,
+        sources,
+        split_keys(ids, cfg.seed),
+        resized,
+        channels_converted,
+        hashes,
+        dhashes,
+        thumbnails,
+    )
+
+
+BATCH_ROWS = 4096  # ingested rows per pass-1 task (fewer at the end of a shard)
+MAX_CHUNK_ROWS = 4096  # rows decoded at once within a task (fewer for large images)
+
+# Below this many ingested rows pass 1 runs in this process. Starting a worker (a fresh
+# interpreter importing numpy, Pillow, pyarrow and this module: ~0.3 s of CPU, more without
+# cached bytecode) and feeding it cost about as much as decoding ~10,000 small images; on 2
+# cores the pool was no faster than one process at 20,000 (16x16 PNGs, validation on) and
+# ~1.7x faster in pass 1 at 100,000. Small runs (tests, the demo) also stay in-process.
+POOL_MIN_ROWS = 20_000
+
+
+def chunk_rows(cfg: CleanConfig) -> int:
+    """Rows per pass-1 chunk: MAX_CHUNK_ROWS, fewer where that would pass 8 MiB of pixels."""
+    pixel_bytes = cfg.image_size * cfg.image_size * cfg.channels
+    return max(1, min(MAX_CHUNK_ROWS, (8 << 20) // pixel_bytes))
+
+
+def decode_workers(cfg: CleanConfig, rows: int) -> int:
+    """How many processes pass 1 uses for `rows` ingested rows: 1 means this one.
+
+    clean.workers (0: one per usable CPU core), never more than there are batches of
+    BATCH_ROWS, and 1 below POOL_MIN_ROWS rows."""
+    if rows < POOL_MIN_ROWS:
+        return 1
+    workers = cfg.workers or _cpu_count()
+    return max(1, min(workers, -(-rows // BATCH_ROWS)))
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class _DecodePool:
+    """Pass 1's decode worker processes, or none (`workers` <= 1: all in this process).
+
+    `stage` runs `stage_batch` on each batch; `finish` lets the workers exit in the
+    background while the stage goes on; leaving the `with` block waits for them, or, on an
+    error, cancels what is queued and waits for what is running.
+
+    (This process only feeds the workers and keeps their results: decoding here as well,
+    with one worker fewer, used less CPU time in all but was slower on 2 free cores, its
+    decoding and the Great Expectations import taking turns on one interpreter lock.)
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+        self._exiting: threading.Thread | None = None
+        if workers > 1:
+            # spawn, not fork: the caller may have threads (the GX import, torch) that fork
+            # would copy mid-operation. Workers are this process's children: their CPU time
+            # and peak RSS show in getrusage(RUSAGE_CHILDREN) once they are waited for.
+            self._pool = ProcessPoolExecutor(
+                workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_ignore_sigint,
+            )
+
+    def stage(
+        self, batches: Iterator[pa.RecordBatch], staging: Path, cfg: CleanConfig
+    ) -> Iterator[StagedBatch]:
+        """`stage_batch` of each batch into staging/part-<n>.parquet, in batch order; with
+        workers, at most `workers + 2` batches submitted and not yet consumed, so memory
+        stays bounded however large the input."""
+
+        def file(n: int) -> str:
+            return str(staging / f"part-{n:09d}.parquet")
+
+        if self._pool is None:
+            for n, batch in enumerate(batches):
+                yield stage_batch(batch, file(n), cfg)
+            return
+        pending: deque[Future] = deque()
+        for n, batch in enumerate(batches):
+            pending.append(self._pool.submit(stage_batch, _compact(batch), file(n), cfg))
+            if len(pending) > self.workers + 1:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+    def finish(self) -> None:
+        if self._pool is not None and self._exiting is None:
+            self._exiting = threading.Thread(
+                target=self._pool.shutdown, name="clean-decode-pool-exit", daemon=True
+            )
+            self._exiting.start()
+
+    def __enter__(self) -> _DecodePool:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._pool is None:
+            return
+        if self._exiting is not None:
+            self._exiting.join()
+        else:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _compact(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """The batch with buffers of its own rows only: a slice pickles its parent's buffers."""
+    if batch.get_total_buffer_size() <= 2 * batch.nbytes + 4096:
+        return batch
+    return pa.RecordBatch.from_arrays(
+        [pa.concat_arrays([c]) for c in batch.columns], schema=batch.schema
+    )
+
+
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the parent, which stops the pool and cleans up."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _prefetch_gx() -> threading.Thread:
+    """Import Great Expectations (seconds, mostly idle-core time) in the background while
+    pass 1 runs; validation joins the thread first. A failed import is left for the real
+    import in the main thread to report."""
+
+    def run() -> None:
+        try:
+            from tasks.expectations import _import_gx
+
+            _import_gx()
+        except Exception:  # the main thread imports it again, and reports the error
+            pass
+
+    thread = threading.Thread(target=run, name="clean-gx-import", daemon=True)
+    thread.start()
+    return thread
+
+
+class _TableShards:
+    """ShardWriter's shards (the same files, byte for byte) from Arrow record batches of
+    IMAGE_SCHEMA rows, without a round trip through Python objects."""
+
+    def __init__(self, directory: Path, shard_rows: int) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.shard_rows = shard_rows
+        self.shards = 0
+        self._parts: list[pa.RecordBatch] = []
+        self._buffered = 0
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        start = 0
+        while start < batch.num_rows:
+            take = min(batch.num_rows - start, self.shard_rows - self._buffered)
+            self._parts.append(batch.slice(start, take))
+            self._buffered += take
+            start += take
+            if self._buffered >= self.shard_rows:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self._buffered:
+            return
+        # One chunk per column, as ShardWriter's pa.table(lists): the same pages.
+        table = pa.Table.from_batches(self._parts, schema=IMAGE_SCHEMA).combine_chunks()
+        pq.write_table(table, self.directory / f"part-{self.shards:05d}.parquet")
+        self.shards += 1
+        self._parts = []
+        self._buffered = 0
+
+    def close(self) -> None:
+        self.flush()
 
 
 # --- the stage ---------------------------------------------------------------------------
@@ -408,151 +816,109 @@ def run_clean(cfg: CleanConfig, validate: bool = True) -> dict:
     converted: Counter[str] = Counter()
     ingested = 0
 
-    def reject(row: dict, label: str | None, rejection: Rejection) -> None:
-        reasons[rejection.reason] += 1
-        quarantine.append(
-            {
-                "id": row["id"],
-                "source": row["source"],
-                "path": row["path"],
-                "label": label,
-                "reason": rejection.reason,
-                "detail": rejection.detail,
-            }
-        )
-
-    ids: list[str] = []
-    labels: list[str] = []
-    # Per kept row, in chunks: the numbers the whole-dataset rules need.
+    # Per kept row, a batch at a time: what the whole-dataset rules need, compactly (an id
+    # as a numpy StringDType string: about half of a Python str in a list).
+    ids: list[np.ndarray] = []  # (m,) StringDType
+    labels: list[np.ndarray] = []  # (m,) object, one str object per label and batch
+    sources: list[np.ndarray] = []  # (m,) object, likewise
+    keys: list[np.ndarray] = []  # (m,) uint64 split hashes
     pixel_hashes: list[np.ndarray] = []  # (m,) uint64
     dhashes: list[np.ndarray] = []  # (m,) uint64
     thumbnails: list[np.ndarray] = []  # (m, 64) uint8
-    mapped: dict[str | None, str | Rejection | None] = {}  # map_label is pure: once per label
-    pixel_bytes = cfg.image_size * cfg.image_size * cfg.channels
-    chunk_rows = max(1, min(4096, (8 << 20) // pixel_bytes))  # bounds a chunk's pixels
-    with atomic_dir(cfg.output) as out_dir:
+    workers = decode_workers(cfg, _row_count(cfg.input))
+    # With worker processes this one mostly waits during pass 1: import Great Expectations
+    # (seconds) meanwhile. Without, the import thread and the decoding would take turns on
+    # the interpreter lock, slower than one after the other (measured: +0.7 s at 100k).
+    gx_import = _prefetch_gx() if validate and workers > 1 else None
+    columns = ["id", "label", "source", "path", "image"]
+    with atomic_dir(cfg.output) as out_dir, _DecodePool(workers) as pool:
         staging = out_dir / "_staging"
-        with ShardWriter(staging, IMAGE_SCHEMA, cfg.shard_rows) as staged:
-            # Pass 1: decode each image once; keep only ids and hashes in memory.
-            columns = ["id", "label", "source", "path", "image"]
-            for batch in iter_batches(cfg.input, columns=columns):
-                col = {name: batch.column(name).to_pylist() for name in columns}
-                for lo in range(0, batch.num_rows, chunk_rows):
-                    hi = min(lo + chunk_rows, batch.num_rows)
-                    ingested += hi - lo
-                    # Per row: label, then decode-verify and convert.
-                    outcome: list[tuple[str | None, Converted | Rejection]] = []
-                    for i in range(lo, hi):
-                        raw = col["label"][i]
-                        label = (
-                            mapped[raw]
-                            if raw in mapped
-                            else mapped.setdefault(raw, map_label(raw, cfg))
-                        )
-                        if isinstance(label, Rejection):
-                            outcome.append((raw, label))
-                        else:
-                            outcome.append((label, convert_image(col["image"][i], cfg)))
-                    decoded = [r.pixels for _, r in outcome if isinstance(r, Converted)]
-                    blank = iter(_blank_flags(decoded, cfg))
-                    kept: list[int] = []
-                    kept_labels: list[str] = []
-                    kept_png: list[bytes] = []
-                    kept_pixels: list[np.ndarray] = []
-                    for i, (label, result) in zip(range(lo, hi), outcome, strict=True):
-                        if isinstance(result, Rejection):
-                            reject(_where(col, i), label, result)
-                            continue
-                        if next(blank):
-                            detail = f"std {result.pixels.std():.2f}"
-                            reject(_where(col, i), label, Rejection("blank", detail))
-                            continue
-                        converted["resized"] += result.resized
-                        converted["channels_converted"] += result.mode_changed
-                        kept.append(i)
-                        kept_labels.append(label)
-                        kept_png.append(result.png)
-                        kept_pixels.append(result.pixels)
-                    if kept:
-                        m = len(kept)
-                        kept_ids = [col["id"][i] for i in kept]
-                        ids.extend(kept_ids)
-                        labels.extend(kept_labels)
-                        staged.extend(
-                            {
-                                "id": kept_ids,
-                                "label": kept_labels,
-                                "source": [col["source"][i] for i in kept],
-                                "path": [col["path"][i] for i in kept],
-                                "image": kept_png,
-                                "height": [cfg.image_size] * m,
-                                "width": [cfg.image_size] * m,
-                                "channels": [cfg.channels] * m,
-                            },
-                            m,
-                        )
-                        numbers = _row_numbers(kept_pixels)
-                        pixel_hashes.append(numbers[0])
-                        dhashes.append(numbers[1])
-                        thumbnails.append(numbers[2])
+        staging.mkdir()
+        batches = iter_batches(cfg.input, columns=columns, batch_rows=BATCH_ROWS)
+        # Pass 1: decode each image once (in `workers` processes) and stage the kept rows;
+        # keep only ids and hashes in memory. Batches come back in input order, so all
+        # below is the same whatever the number of workers.
+        with contextlib.closing(pool.stage(batches, staging, cfg)) as staged:
+            for result in staged:
+                ingested += result.rows
+                for row in result.quarantined:
+                    reasons[row["reason"]] += 1
+                quarantine.extend(result.quarantined)
+                if not result.ids:
+                    continue
+                converted["resized"] += result.resized
+                converted["channels_converted"] += result.channels_converted
+                ids.append(np.array(result.ids, dtype=np.dtypes.StringDType()))
+                labels.append(np.array(result.labels, dtype=object))
+                sources.append(np.array(result.sources, dtype=object))
+                keys.append(result.split_keys)
+                pixel_hashes.append(result.pixel_hashes)
+                dhashes.append(result.dhashes)
+                thumbnails.append(result.thumbnails)
+        pool.finish()
+        log.info("clean: pass 1 used %d process(es)", workers)
 
-        id_array = np.array(ids, dtype=object)
-        label_array = np.array(labels, dtype=object)
+        id_array = _concatenate(ids, np.dtypes.StringDType())
+        label_array = _concatenate(labels, object)
         keep, dup_rejections = resolve_duplicates(
             id_array,
             label_array,
-            np.concatenate(pixel_hashes) if ids else np.empty(0, dtype=np.uint64),
-            np.concatenate(dhashes) if ids else np.empty(0, dtype=np.uint64),
-            np.concatenate(thumbnails) if ids else np.empty((0, 64), dtype=np.uint8),
+            _concatenate(pixel_hashes, np.uint64),
+            _concatenate(dhashes, np.uint64),
+            _concatenate(thumbnails, np.uint8, (0, 64)),
             cfg.near_duplicate_distance,
             cfg.near_duplicate_difference,
         )
-        splits = np.empty(len(ids), dtype=object)
+        splits = np.empty(len(id_array), dtype=object)
         splits[keep] = assign_splits(
-            id_array[keep], label_array[keep], cfg.split.fractions(), cfg.seed
+            id_array[keep],
+            label_array[keep],
+            cfg.split.fractions(),
+            cfg.seed,
+            _concatenate(keys, np.uint64)[keep],
         )
+        known = cfg.labels if cfg.labels is not None else sorted(set(label_array[keep]))
+        # The kept rows' metadata as _route_staged writes them (split by split, in pass-1
+        # order): the expectations run on it while the images are routed.
+        kept_meta = _kept_metadata(
+            id_array, label_array, _concatenate(sources, object), splits, keep, cfg
+        )
+        del id_array, label_array
 
-        # Pass 2: route the staged rows, already in pass-1 order, to their split.
-        writers = {s: ShardWriter(out_dir / s, IMAGE_SCHEMA, cfg.shard_rows) for s in SPLITS}
-        position = 0
-        for batch in iter_batches(staging):
-            n = batch.num_rows
-            col = {name: batch.column(name).to_pylist() for name in batch.schema.names}
-            kept_here = keep[position : position + n]
-            split_here = splits[position : position + n]
-            for split in SPLITS:
-                rows = np.flatnonzero(kept_here & (split_here == split)).tolist()
-                if rows:
-                    part = {name: [values[i] for i in rows] for name, values in col.items()}
-                    part["split"] = [split] * len(rows)
-                    writers[split].extend(part, len(rows))
-            for i in np.flatnonzero(~kept_here).tolist():
-                reject(_where(col, i), col["label"][i], dup_rejections[position + i])
-            position += n
-        for writer in writers.values():
-            writer.close()
-        shutil.rmtree(staging)
+        # Pass 2 (in a thread: Arrow reads and writes, mostly without the interpreter lock)
+        # routes the staged rows to their split while Great Expectations validates.
+        with ThreadPoolExecutor(1, thread_name_prefix="clean-pass-2") as thread:
+            routed = thread.submit(
+                _route_staged, staging, out_dir, keep, splits, dup_rejections, cfg
+            )
+            try:
+                if validate:
+                    if gx_import is not None:
+                        gx_import.join()
+                    from tasks.expectations import raise_on_critical, validate_clean_dataset
 
-        kept_meta = _kept_metadata(out_dir)
+                    expectations = validate_clean_dataset(
+                        kept_meta,
+                        known_labels=list(known),
+                        height=cfg.image_size,
+                        width=cfg.image_size,
+                        channels=cfg.channels,
+                        split_fractions=cfg.split.fractions(),
+                        split_tolerance=cfg.split_tolerance,
+                        min_class_count=cfg.min_class_count,
+                        docs_dir=cfg.data_docs,
+                    )
+                    expectations["data_docs"] = os.path.relpath(
+                        expectations["data_docs"], cfg.report.parent
+                    )
+            finally:
+                duplicates = routed.result()  # the pass is over before anything else happens
+        for row in duplicates:
+            reasons[row["reason"]] += 1
+        quarantine.extend(duplicates)
+
         report = _report(cfg, ingested, kept_meta, reasons, converted)
         if validate:
-            from tasks.expectations import raise_on_critical, validate_clean_dataset
-
-            known = cfg.labels if cfg.labels is not None else sorted(set(label_array[keep]))
-            expectations = validate_clean_dataset(
-                kept_meta,
-                known_labels=list(known),
-                height=cfg.image_size,
-                width=cfg.image_size,
-                channels=cfg.channels,
-                split_fractions=cfg.split.fractions(),
-                split_tolerance=cfg.split_tolerance,
-                min_class_count=cfg.min_class_count,
-                docs_dir=cfg.data_docs,
-            )
-            expectations["data_docs"] = os.path.relpath(
-                expectations["data_docs"], cfg.report.parent
-            )
             report["expectations"] = expectations
         write_table(cfg.quarantine, quarantine, QUARANTINE_SCHEMA)
         write_json(cfg.report, report)
@@ -566,6 +932,18 @@ def run_clean(cfg: CleanConfig, validate: bool = True) -> dict:
         dict(sorted(reasons.items())),
     )
     return report
+
+
+def _concatenate(parts: list[np.ndarray], dtype, empty_shape: tuple = (0,)) -> np.ndarray:
+    """np.concatenate(parts), emptying `parts` (so they are not held twice)."""
+    out = np.concatenate(parts) if parts else np.empty(empty_shape, dtype=dtype)
+    parts.clear()
+    return out
+
+
+def _row_count(directory: Path) -> int:
+    """Rows in a dataset, from its shards' footers (nothing else is read)."""
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in shard_paths(directory))
 
 
 def _where(col: dict[str, list], i: int) -> dict:
@@ -601,11 +979,79 @@ def _row_numbers(pixels: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.n
     )
 
 
-def _kept_metadata(out_dir: Path) -> pd.DataFrame:
+def _route_staged(
+    staging: Path,
+    out_dir: Path,
+    keep: np.ndarray,
+    splits: np.ndarray,
+    rejections: list[Rejection | None],
+    cfg: CleanConfig,
+) -> list[dict]:
+    """Pass 2: write the staged rows (in pass-1 order) to out_dir/<split>; returns the
+    quarantine rows of those not kept, in order. Removes the staging area."""
+    writers = {s: _TableShards(out_dir / s, cfg.shard_rows) for s in SPLITS}
+    dropped_rows: list[dict] = []
+    position = 0
+    for batch in iter_batches(staging):
+        n = batch.num_rows
+        kept_here = keep[position : position + n]
+        split_here = splits[position : position + n]
+        for split in SPLITS:
+            rows = np.flatnonzero(kept_here & (split_here == split))
+            if len(rows):
+                part = batch.take(pa.array(rows))
+                split_column = pa.array([split] * len(rows), pa.string())
+                writers[split].write(part.set_column(SPLIT_COLUMN, "split", split_column))
+        dropped = np.flatnonzero(~kept_here)
+        if len(dropped):
+            part = batch.take(pa.array(dropped))
+            col = {c: part.column(c).to_pylist() for c in ("id", "source", "path", "label")}
+            for k, i in enumerate(dropped.tolist()):
+                rejection = rejections[position + i]
+                dropped_rows.append(
+                    _where(col, k)
+                    | {
+                        "label": col["label"][k],
+                        "reason": rejection.reason,
+                        "detail": rejection.detail,
+                    }
+                )
+        position += n
+    for writer in writers.values():
+        writer.close()
+    shutil.rmtree(staging)
+    return dropped_rows
+
+
+def _kept_metadata(
+    ids: np.ndarray,
+    labels: np.ndarray,
+    sources: np.ndarray,
+    splits: np.ndarray,
+    keep: np.ndarray,
+    cfg: CleanConfig,
+) -> pd.DataFrame:
+    """The frame `read_columns` of out_dir/{train,val,test} gives (the same rows, order and
+    dtypes), built from what is in memory: it need not wait for pass 2."""
+    import pandas as pd
+
     columns = ["id", "label", "split", "source", "parent_id", "height", "width", "channels"]
-    frames = [read_columns(out_dir / s, columns).to_pandas() for s in SPLITS]
-    frames = [f for f in frames if len(f)]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+    order = np.concatenate([np.flatnonzero(keep & (splits == s)) for s in SPLITS])
+    n = len(order)
+    if not n:
+        return pd.DataFrame(columns=columns)
+    values = {
+        "id": pa.array(ids[order], pa.string()),
+        "label": pa.array(labels[order], pa.string()),
+        "split": pa.array(splits[order], pa.string()),
+        "source": pa.array(sources[order], pa.string()),
+        "parent_id": pa.nulls(n, pa.string()),
+        "height": pa.array(np.full(n, cfg.image_size, dtype=np.int32)),
+        "width": pa.array(np.full(n, cfg.image_size, dtype=np.int32)),
+        "channels": pa.array(np.full(n, cfg.channels, dtype=np.int8)),
+    }
+    schema = pa.schema([IMAGE_SCHEMA.field(c) for c in columns])
+    return pa.table(values, schema=schema).to_pandas()
 
 
 def _report(
@@ -615,9 +1061,9 @@ def _report(
     reasons: Counter[str],
     converted: Counter[str],
 ) -> dict:
-    per_class = {
-        str(label): {s: int((group["split"] == s).sum()) for s in SPLITS} | {"total": len(group)}
-        for label, group in kept.groupby("label", sort=True)
+    per_class = {  # grouping the split column alone: no copy of the whole frame per class
+        str(label): {s: int((split == s).sum()) for s in SPLITS} | {"total": len(split)}
+        for label, split in kept.groupby("label", sort=True)["split"]
     }
     quarantined = dict(sorted(reasons.items()))
     report = {

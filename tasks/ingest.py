@@ -43,6 +43,8 @@ def run_ingest(cfg: IngestConfig) -> dict:
         for index, source in enumerate(cfg.sources):
             name = source_name(source, index)
             summary = summaries[name] = SourceSummary()
+            # Rows go to the writer a block at a time (the same shards as row by row).
+            block: dict[str, list] = {"id": [], "label": [], "path": [], "image": []}
             for record in read_source(source):
                 if isinstance(record, Rejected):
                     summary.quarantined[record.reason] += 1
@@ -60,15 +62,13 @@ def run_ingest(cfg: IngestConfig) -> dict:
                 assert isinstance(record, Item)
                 summary.items += 1
                 summary.per_class[record.label] += 1
-                out.append(
-                    {
-                        "id": content_id(record.data),
-                        "label": record.label,
-                        "source": name,
-                        "path": record.path,
-                        "image": record.data,
-                    }
-                )
+                block["id"].append(content_id(record.data))
+                block["label"].append(record.label)
+                block["path"].append(record.path)
+                block["image"].append(record.data)
+                if len(block["id"]) >= _BLOCK_ROWS:
+                    _write_block(out, block, name)
+            _write_block(out, block, name)
             _check_usable(name, source, summary)
     write_table(cfg.quarantine, quarantine, QUARANTINE_SCHEMA)
 
@@ -93,6 +93,17 @@ def run_ingest(cfg: IngestConfig) -> dict:
         cfg.output,
     )
     return result
+
+
+_BLOCK_ROWS = 1024
+
+
+def _write_block(out: ShardWriter, block: dict[str, list], source: str) -> None:
+    rows = len(block["id"])
+    if rows:
+        out.extend({**block, "source": [source] * rows}, rows)
+        for values in block.values():
+            values.clear()
 
 
 def _check_usable(name: str, source: object, summary: SourceSummary) -> None:
