@@ -475,7 +475,8 @@ def report(
         if workers > 1:
             print(
                 f"note: the floor decodes in 1 process; clean decodes in {workers} worker "
-                "processes, so the wall ratio counts up to that many cores for clean"
+                "processes, so the wall ratio counts up to that many cores for clean, and "
+                "its GX part is the validation alone (the import overlaps the decode pass)"
             )
     else:
         print("(ingest+clean) / floor: floor skipped (--skip-floor)")
@@ -512,7 +513,7 @@ def main(argv: list[str] | None = None) -> None:
         help="clean.workers: decode processes (0: one per CPU core; 1: none)",
     )
     parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
-    parser.add_argument("--run", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--run", default="run", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.workdir = args.workdir.resolve()
     if args.phase:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import multiprocessing
 import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 import tasks.clean as clean_module
@@ -116,6 +120,29 @@ def test_chunk_size_does_not_change_the_output(tmp_path, monkeypatch):
         run_clean(params.clean, validate=False)
         digests.append(outputs_digest(params))
     assert digests[0] == digests[1]
+
+
+def test_an_error_in_a_worker_fails_the_stage_and_keeps_the_previous_version(tmp_path, monkeypatch):
+    make_image_folder(tmp_path / "raw", classes=2, per_class=30, size=16, seed=5)
+    raw = small_params(str(tmp_path / "raw"), workers=2, min_class_count=1)
+    params = parse_params(raw, root=tmp_path / "run")
+    run_ingest(params.ingest)
+    run_clean(params.clean, validate=False)
+    before = outputs_digest(params)
+    # A batch no worker can decode: its image column holds text, not bytes.
+    shard = sorted(params.ingest.output.glob("part-*.parquet"))[1]
+    table = pq.read_table(shard)
+    table = table.set_column(4, "image", pa.array(["x"] * table.num_rows, pa.string()))
+    pq.write_table(table, shard)
+
+    monkeypatch.setattr(clean_module, "BATCH_ROWS", 16)
+    monkeypatch.setattr(clean_module, "POOL_MIN_ROWS", 0)
+    with pytest.raises(TypeError):
+        run_clean(params.clean, validate=False)
+    assert outputs_digest(params) == before
+    leftovers = [p.name for p in params.clean.output.parent.iterdir() if ".tmp-" in p.name]
+    assert leftovers == []
+    assert multiprocessing.active_children() == []  # the workers were waited for
 
 
 def test_small_inputs_and_workers_1_stay_in_this_process(monkeypatch):
