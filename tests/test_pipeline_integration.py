@@ -8,20 +8,10 @@ import pandas as pd
 import pytest
 import yaml
 
+from flows.closed_loop import STAGE_ORDER as ALL_STAGES
 from tests.conftest import run_tool
 
 pytestmark = pytest.mark.integration
-
-ALL_STAGES = (
-    "ingest",
-    "clean",
-    "train_evaluator",
-    "augment",
-    "fuse",
-    "train",
-    "generate",
-    "validate",
-)
 
 
 def set_params(workspace, update) -> None:
