@@ -283,6 +283,28 @@ class DiffusionConfig(_Model):
     p_uncond: float = Field(0.1, ge=0, lt=1, description="label dropout while training")
 
 
+class DistributedConfig(_Model):
+    """Data-parallel training under torchrun (DDP); one process per device."""
+
+    nproc_per_node: PositiveInt = Field(1, description="processes (GPUs) per node; >1: torchrun")
+    nnodes: PositiveInt = Field(1, description="nodes; >1 needs rdzv_endpoint")
+    node_rank: int = Field(0, ge=0)
+    rdzv_endpoint: str | None = Field(None, description="host:port of the rendezvous (node 0)")
+    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="auto: nccl on CUDA")
+
+    @property
+    def enabled(self) -> bool:
+        return self.nproc_per_node * self.nnodes > 1
+
+    @model_validator(mode="after")
+    def _multi_node_needs_endpoint(self) -> DistributedConfig:
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("nnodes > 1 needs rdzv_endpoint (host:port of node 0)")
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} must be below nnodes {self.nnodes}")
+        return self
+
+
 class TrainConfig(_Model):
     family: Literal["cgan", "diffusion"] = "cgan"
     steps: PositiveInt = 600
@@ -302,6 +324,7 @@ class TrainConfig(_Model):
     )
     cgan: CganConfig = CganConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
+    distributed: DistributedConfig = DistributedConfig()
     input: Path = Path("data/fused")
     output: Path = Path("models/generator")
     checkpoints: Path = Path("models/checkpoints/train")
@@ -428,6 +451,61 @@ class LoopConfig(_Model):
         return _resolve(path, info)
 
 
+class OrchestrationConfig(_Model):
+    """How the flow runs: the task runner for sharded stages and the workspace lock."""
+
+    task_runner: Literal["threads", "dask"] = Field(
+        "threads", description="threads: in the flow's process; dask: a Dask cluster"
+    )
+    max_workers: PositiveInt = Field(2, description="threads, or local Dask workers")
+    dask_address: str | None = Field(
+        None, description="scheduler address of a running Dask cluster; null: start a local one"
+    )
+    lock_timeout_s: float = Field(
+        0, ge=0, description="wait this long for another run's workspace lock, then refuse"
+    )
+
+
+class ScheduleConfig(_Model):
+    """The `closed-loop/nightly` deployment's schedule."""
+
+    cron: str = Field("0 2 * * *", description="cron expression (default: 02:00 every day)")
+    timezone: str = Field("UTC", description="IANA time zone of the cron expression")
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, cron: str) -> str:
+        if len(cron.split()) != 5:
+            raise ValueError(f"a cron expression has 5 fields, got {cron!r}")
+        return cron
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, zone: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(zone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {zone!r}") from None
+        return zone
+
+
+class VersioningConfig(_Model):
+    """What a successful run records: a git commit of the versions, a DVC push."""
+
+    git_branch: str | None = Field(
+        "synthloop/runs", description="branch that gets one commit per run; null: no commit"
+    )
+    dvc_push: bool = Field(True, description="push to the default DVC remote when one is set")
+    state: Path = Field(Path("reports/run_state.json"), description="inputs of the last run")
+
+    @field_validator("state")
+    @classmethod
+    def _out(cls, path: Path, info: ValidationInfo) -> Path:
+        return _resolve(path, info)
+
+
 class Params(_Model):
     ingest: IngestConfig
     clean: CleanConfig = Field(default_factory=dict)  # validated: paths resolve
@@ -439,6 +517,9 @@ class Params(_Model):
     # `validate` in params.yaml; renamed here because BaseModel.validate exists.
     validation: ValidateConfig = Field(default_factory=dict, alias="validate")
     loop: LoopConfig = Field(default_factory=dict)  # validated: paths resolve
+    orchestration: OrchestrationConfig = OrchestrationConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    versioning: VersioningConfig = Field(default_factory=dict)  # validated: paths resolve
 
 
 def _format_error(err: ValidationError, origin: str) -> str:
