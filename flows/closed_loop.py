@@ -9,13 +9,16 @@ retrain policy when the gates fail, run history, logs and UI artifacts.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.states import Completed, State
 
 from flows.loop import (
     DriftProbe,
@@ -23,14 +26,24 @@ from flows.loop import (
     dvc_add,
     dvc_hashes,
     overrides_for,
+    stale_stages,
     tool_env,
 )
+from flows.parameters import RunParameters
 from flows.summaries import (
     clean_summary_markdown,
     helped_verdict,
     loop_summary_markdown,
     sample_grid_markdown,
     training_summary_markdown,
+)
+from flows.workspace import (
+    WorkspaceLock,
+    changed_inputs,
+    dvc_default_remote,
+    dvc_push,
+    input_fingerprint,
+    record_run,
 )
 from synthloop.config import load_params
 from synthloop.dataset import write_json
@@ -146,16 +159,149 @@ def _target_reached(pool_counts: dict[str, int], classes: list[str], target: int
     return target is not None and all(pool_counts.get(c, 0) >= target for c in classes)
 
 
-@flow(name="closed-loop", log_prints=True)
-def closed_loop(params_path: str = "params.yaml", force: bool = False) -> dict:
+@flow(
+    name="closed-loop",
+    log_prints=True,
+    description="Ingest, clean, augment, fuse, train, generate and validate in rounds; "
+    "promote the accepted synthetic data while the gates pass.",
+)
+def closed_loop(
+    params_path: str = "params.yaml",
+    run: RunParameters = RunParameters(),  # noqa: B008 (never mutated)
+) -> dict | State:
+    """The closed loop on one workspace (the folder of `params_path`).
+
+    A run: validate its parameters against params.yaml; take the workspace lock; stop with
+    "nothing to do" when nothing it reads changed since the last successful run; then rounds
+    of the DVC stages and the gates; on success record the versions in git and push the data
+    to the DVC remote.
+
+    Args:
+        params_path: the workspace's params.yaml (the run works in its folder)
+        run: this run's settings; empty fields keep params.yaml's values
+    """
+    logger = get_run_logger()
+    params_file = Path(params_path).resolve()
+    workspace = params_file.parent
+    overrides = run.overrides()
+    # A bad value (a missing folder, a family that is not there) stops before any work.
+    params = load_params(params_file, overrides=overrides)
+    run_name = _flow_run_label()
+    with WorkspaceLock(workspace, params.orchestration.lock_timeout_s, holder=run_name):
+        verify_pool_task(str(params.loop.pool))  # a corrupt pool fails the run before training
+        if run.dry_run:
+            return _dry_run(workspace, params_file, params, overrides)
+        if overrides and load_params(params_file) != params:
+            apply_overrides(params_file, overrides)
+            logger.info("run parameters written into params.yaml: %s", overrides)
+        params = load_params(params_file)
+        changed = changed_inputs(params.versioning.state, _fingerprint(workspace, params_file))
+        if changed == [] and not run.force:
+            logger.info("nothing to do: no input changed since the last successful run")
+            create_markdown_artifact(
+                key="closed-loop-summary",
+                markdown="# Closed loop\n\nNothing to do: params, raw data, feedback, pool "
+                "and code are as they were when the gates last passed.",
+                description="nothing to do",
+            )
+            return Completed(message="nothing to do", data={"result": "nothing to do"})
+        if changed:
+            logger.info("changed since the last successful run: %s", ", ".join(changed))
+        result = _rounds(workspace, params_file, run.force)
+        params = load_params(params_file)
+        if result["passed"]:  # gates passed at this data version: the next run can skip
+            _write_state(params, workspace, params_file, run_name)
+        result["version"] = version_run(str(params_file), run_name, result)
+    return result
+
+
+def _fingerprint(workspace: Path, params_file: Path) -> dict[str, str]:
+    """What the run reads, plus what DVC finds stale (a deleted output shows up there)."""
+    found = input_fingerprint(workspace, params_file, load_params(params_file))
+    found["dvc_status"] = ",".join(sorted(stale_stages(workspace)))
+    return found
+
+
+def _flow_run_label() -> str:
+    from prefect.runtime import flow_run
+
+    return f"flow run {flow_run.name} ({flow_run.id})" if flow_run.id else "a local run"
+
+
+def _dry_run(workspace: Path, params_file: Path, params, overrides: dict) -> dict:  # noqa: ANN001
+    """What a run would do: the stages DVC finds stale and the params it would change."""
+    changed = changed_inputs(params.versioning.state, _fingerprint(workspace, params_file))
+    stale = stale_stages(workspace)
+    plan = {
+        "result": "dry run",
+        "overrides": overrides,
+        "stale_stages": stale,
+        "changed_inputs": changed,
+        "nothing_to_do": changed == [] and not overrides,
+    }
+    get_run_logger().info("dry run: %s", json.dumps(plan))
+    create_markdown_artifact(
+        key="closed-loop-plan",
+        markdown="# Closed loop: dry run\n\n```json\n" + json.dumps(plan, indent=2) + "\n```",
+        description="what this run would do",
+    )
+    return plan
+
+
+def _write_state(params, workspace: Path, params_file: Path, run_name: str) -> None:  # noqa: ANN001
+    """The inputs at the end of a successful run: the next run compares against them."""
+    write_json(
+        params.versioning.state,
+        {
+            "passed": True,
+            "run": run_name,
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+            "fingerprint": _fingerprint(workspace, params_file),
+        },
+    )
+
+
+@task(name="version-run")
+def version_run(params_path: str, run_name: str, result: dict) -> dict:
+    """Record the run's versions in git (when the workspace is a repo) and push the data to
+    the DVC remote (when one is configured)."""
+    logger = get_run_logger()
+    params = load_params(params_path)
+    workspace = Path(params_path).parent
+    version: dict = {}
+    if params.versioning.git_branch:
+        message = (
+            f"synthloop run: {run_name}\n\n{result['rounds']} round(s), last gates "
+            f"{'passed' if result['passed'] else 'failed'}; pool per class: "
+            f"{result['pool_per_class']}"
+        )
+        pool = os.path.relpath(params.loop.pool, workspace)
+        commit = record_run(workspace, params.versioning.git_branch, message, pool)
+        if commit is None:
+            logger.info("versioning: %s is not in a git repository; no commit", workspace)
+        else:
+            version["git"] = {"branch": commit.branch, "commit": commit.commit}
+            logger.info(
+                "versioning: %s %s on %s",
+                "committed" if commit.created else "unchanged:",
+                commit.commit[:12],
+                commit.branch,
+            )
+    remote = dvc_default_remote(workspace) if params.versioning.dvc_push else None
+    if remote:
+        version["dvc_remote"] = remote
+        version["dvc_push"] = dvc_push(workspace, params.loop.pool)
+        logger.info("versioning: pushed to DVC remote %r: %s", remote, version["dvc_push"])
+    return version
+
+
+def _rounds(workspace: Path, params_file: Path, force: bool) -> dict:
     """Rounds of: the DVC stages, validation gates, then promote the accepted samples into the
     pool (gates pass) or retrain with the next policy step (gates fail)."""
     from tasks.pool import pool_counts
 
     logger = get_run_logger()
-    params_file = Path(params_path).resolve()
-    params = load_params(params_file)  # a bad params.yaml stops the run before any work
-    workspace = params_file.parent
+    params = load_params(params_file)
     loop_cfg = params.loop
     rounds: list[dict] = []
     retrains = 0
@@ -164,7 +310,8 @@ def closed_loop(params_path: str = "params.yaml", force: bool = False) -> dict:
 
     for round_no in range(1, loop_cfg.max_rounds + 1):
         params = load_params(params_file)
-        verify_pool_task(str(loop_cfg.pool))  # a corrupt pool fails the run before training
+        if round_no > 1:
+            verify_pool_task(str(loop_cfg.pool))
         drift = DriftProbe(params) if round_no == 1 else None
         drift_fid: float | None = None
         stages: dict[str, str] = {}

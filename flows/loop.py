@@ -4,6 +4,7 @@ them in Prefect tasks."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -78,6 +79,17 @@ def dvc_hashes(workspace: Path) -> dict[str, str]:
             if out.get("path") in RECORDED_OUTS:
                 found[out["path"]] = out.get("md5")
     return dict(sorted(found.items()))
+
+
+def stale_stages(workspace: Path) -> list[str]:
+    """The stages `dvc status` finds changed (deps, params or outs)."""
+    proc = subprocess.run(
+        ["dvc", "status", "--json"], cwd=workspace, env=tool_env(), capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc status failed:\n{proc.stdout}\n{proc.stderr}")
+    status = json.loads(proc.stdout or "{}")
+    return [name.split(":")[-1] for name in status if not name.endswith(".dvc")]
 
 
 def dvc_add(workspace: Path, path: Path) -> str:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
-from synthloop.config import Params
+from synthloop.config import PARAMS_FILE, Params
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,16 @@ def _fuse(params: Params) -> dict:
     return run_fuse(params.fuse)
 
 
-def _train(params: Params) -> dict:
-    from tasks.train import run_train
+# The params file `synthloop stage` loaded (set by the CLI): a distributed train stage
+# re-runs `synthloop stage train` with it under torchrun.
+PARAMS_ENV = "SYNTHLOOP_PARAMS"
 
+
+def _train(params: Params) -> dict:
+    from tasks.train import inside_torchrun, launch_torchrun, run_train
+
+    if params.train.distributed.enabled and not inside_torchrun():
+        return launch_torchrun(params.train, Path(os.environ.get(PARAMS_ENV, PARAMS_FILE)))
     return run_train(params.train)
 
 

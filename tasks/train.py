@@ -14,6 +14,18 @@ and ends with the weights an uninterrupted run would have (bit-for-bit on CPU); 
 checkpoint of other settings or other data is refused. The checkpoints are working state,
 kept apart from the output.
 
+Distributed (DDP): with train.distributed set to more than one process, `synthloop stage
+train` re-runs itself under torchrun (`torchrun_command`), one process per device. Each
+process joins the process group, wraps the trained networks in DistributedDataParallel
+(`Family.distribute`; gradients are averaged) and takes its own slice of every global batch,
+all drawn from the same seeded stream: train.batch_size is per process, so the global batch
+is batch_size x world_size (lr is not rescaled). Each rank draws its own noise (rank 0 keeps
+the single-process stream); BatchNorm statistics stay per rank, DDP hands rank 0's to the
+others at every forward. The EMA is updated from identical weights on every rank; rank 0
+alone logs and writes checkpoints, reports and the model, whose card records world_size.
+Logged losses are averaged over the ranks. A checkpoint holds every rank's noise stream, so
+a resume (each rank loads rank 0's checkpoint) needs the same world size.
+
 Outputs (train.output, replaced atomically as a whole):
   weights.safetensors  the EMA generator: all that generate needs
   config.json          the TrainConfig that made it, plus classes, channels, size
@@ -29,16 +41,19 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from synthloop.config import TrainConfig
+from synthloop.config import DistributedConfig, TrainConfig
 from synthloop.dataset import atomic_dir, atomic_file, remove_stale_temporaries, write_json
 from tasks.generators import FAMILIES, Family
 from tasks.generators.base import derive_seed
@@ -54,20 +69,34 @@ WEIGHTS = "weights.safetensors"
 FINGERPRINT_KEYS = ("family", "batch_size", "lr", "ema_decay", "seed")
 SUMMARY_KEYS = (  # reports/train/summary.json: the model card's numbers, for `dvc metrics`
     "family", "model_version", "steps", "final_losses", "images_per_second", "train_seconds",
-    "wall_seconds", "resumed_from_step", "device",
+    "wall_seconds", "resumed_from_step", "device", "world_size",
 )  # fmt: skip
 
 
 def run_train(cfg: TrainConfig) -> dict:
-    """Train `cfg.family` on `cfg.input`; write the model to `cfg.output`; return its card."""
+    """Train `cfg.family` on `cfg.input`; write the model to `cfg.output`; return its card.
+    Inside torchrun, this process is one rank of a data-parallel run."""
+    rank, world, device = init_distributed(resolve_device(cfg.device), cfg.distributed.backend)
+    try:
+        return train(cfg, device, rank, world)
+    finally:
+        if world > 1:  # also on error, so the other ranks are not left waiting
+            dist.destroy_process_group()
+
+
+def train(cfg: TrainConfig, device: torch.device, rank: int = 0, world: int = 1) -> dict:
+    """The training run of one process: rank `rank` of `world` (0 of 1 without DDP)."""
     started = time.perf_counter()
+    main = rank == 0  # only rank 0 logs and writes
+    if not main:
+        log.setLevel(logging.WARNING)
     if cfg.checkpoints.resolve().is_relative_to(cfg.output.resolve()):
         raise ValueError(
             f"train.checkpoints ({cfg.checkpoints}) must not be inside train.output "
             f"({cfg.output}): the output is replaced as a whole"
         )
-    remove_stale_temporaries(cfg.output)
-    device = resolve_device(cfg.device)
+    if main:
+        remove_stale_temporaries(cfg.output)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convs: free speed
         torch.backends.cudnn.allow_tf32 = True
@@ -85,38 +114,50 @@ def run_train(cfg: TrainConfig) -> dict:
     # --- model, random streams, and the checkpoint to resume from ------------------------
     torch.manual_seed(cfg.seed)  # weight initialisation
     family = FAMILIES[cfg.family](cfg, len(classes), channels, height, device)
-    # Batch indices are drawn where the dataset lives: no host->device copy, no sync.
+    if rank:  # its own noise per rank; rank 0 keeps the single-process stream
+        family.rng.manual_seed(derive_seed(cfg.seed, f"{cfg.family}-train-rank{rank}"))
+    # Batch indices are drawn where the dataset lives: no host->device copy, no sync. Every
+    # rank holds the same stream, draws the same global batch and keeps its own slice.
     batches = torch.Generator(images.device).manual_seed(derive_seed(cfg.seed, "batches"))
-    fingerprint = make_fingerprint(cfg, data_version, device, images.device)
+    fingerprint = make_fingerprint(cfg, data_version, device, images.device, world)
     ckpt_path = cfg.checkpoints / CHECKPOINT
     rows: list[dict[str, float]] = []  # one per step: {"step": s, loss name: value, ...}
     start, train_seconds = 0, 0.0
-    if cfg.resume and ckpt_path.exists():
-        start, train_seconds, rows = load_checkpoint(ckpt_path, fingerprint, family, batches, cfg)
+    if cfg.resume and ckpt_path.exists():  # every rank loads rank 0's checkpoint
+        start, train_seconds, rows = load_checkpoint(
+            ckpt_path, fingerprint, family, batches, cfg, rank
+        )
         log.info("resumed from step %d (%s)", start, ckpt_path)
     elif cfg.resume:
         log.info("no checkpoint at %s: starting from step 0", ckpt_path)
+    if world > 1:  # after the resume: DDP starts from the weights every rank now holds
+        ids = [device.index] if device.type == "cuda" else None
+        family.distribute(lambda net: DistributedDataParallel(net, device_ids=ids))
 
     # --- the loop ------------------------------------------------------------------------
     log.info(
-        "train: %s on %d images (%d classes, %dx%dx%d) on %s, steps %d..%d",
-        cfg.family, n, len(classes), channels, height, width, device, start, cfg.steps,
+        "train: %s on %d images (%d classes, %dx%dx%d) on %s x %d, steps %d..%d",
+        cfg.family, n, len(classes), channels, height, width, device, world, start, cfg.steps,
     )  # fmt: skip
-    bar = tqdm(total=cfg.steps, initial=start, unit="step", disable=not sys.stderr.isatty())
+    bar = tqdm(
+        total=cfg.steps, initial=start, unit="step", disable=not (main and sys.stderr.isatty())
+    )
+    global_batch = cfg.batch_size * world
     window: list[dict[str, torch.Tensor]] = []  # losses since the last log, still on device
     loop_start, window_start = time.perf_counter(), time.perf_counter()
     for step in range(start + 1, cfg.steps + 1):
-        idx = torch.randint(n, (cfg.batch_size,), generator=batches, device=images.device)
+        idx = torch.randint(n, (global_batch,), generator=batches, device=images.device)
+        idx = idx[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]  # this rank's slice
         x, y = get_batch(images, labels, idx, device)
         window.append(family.train_step(x, y))
         bar.update(1)
 
         last = step == cfg.steps
         if step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or last:
-            new_rows = fetch_losses(window, first_step=step - len(window) + 1)  # one sync
+            new_rows = fetch_losses(window, first_step=step - len(window) + 1, world=world)
             rows += new_rows
             now = time.perf_counter()
-            rate = len(window) * cfg.batch_size / (now - window_start)
+            rate = len(window) * global_batch / (now - window_start)
             window, window_start = [], now
             if step % cfg.log_every == 0 or last:
                 means = mean_losses(new_rows)
@@ -124,10 +165,15 @@ def run_train(cfg: TrainConfig) -> dict:
                 bar.set_postfix(means)
         if step % cfg.checkpoint_every == 0 or last:
             seconds = train_seconds + time.perf_counter() - loop_start
-            save_checkpoint(ckpt_path, family, batches, fingerprint, step, seconds, rows)
+            rank_rngs = gather_rank_rngs(family, world)  # a collective: every rank joins
+            if main:
+                save_checkpoint(
+                    ckpt_path, family, batches, fingerprint, step, seconds, rows, rank_rngs
+                )
     bar.close()
     train_seconds += time.perf_counter() - loop_start
-    write_losses(cfg.reports / "losses.csv", rows)
+    if main:
+        write_losses(cfg.reports / "losses.csv", rows)
 
     # --- outputs -------------------------------------------------------------------------
     steps_run = max(cfg.steps - start, 0)
@@ -137,6 +183,7 @@ def run_train(cfg: TrainConfig) -> dict:
         "model_version": None,  # filled in once the weights are written
         "steps": cfg.steps,
         "batch_size": cfg.batch_size,
+        "world_size": world,
         "resumed_from_step": start if cfg.resume and start else None,
         "data_version": data_version,
         "data": str(cfg.input),
@@ -146,15 +193,18 @@ def run_train(cfg: TrainConfig) -> dict:
         ),
         "image": {"channels": channels, "height": height, "width": width},
         "final_losses": final,
-        "images_per_second": round(cfg.steps * cfg.batch_size / max(train_seconds, 1e-9), 1),
+        "images_per_second": round(cfg.steps * global_batch / max(train_seconds, 1e-9), 1),
         "train_seconds": round(train_seconds, 2),
         "wall_seconds": round(time.perf_counter() - started, 2),
         "device": device_name(device),
         "parameters": family.parameter_counts(),
         "flops_per_image": family.flops_per_image(),
     }
-    card["model_version"] = write_model(cfg, family, classes, channels, height, card)
-    write_json(cfg.reports / "summary.json", {k: card[k] for k in SUMMARY_KEYS})
+    if main:
+        card["model_version"] = write_model(cfg, family, classes, channels, height, card)
+        write_json(cfg.reports / "summary.json", {k: card[k] for k in SUMMARY_KEYS})
+    if world > 1:
+        dist.barrier()  # every rank returns once the model is written
     log.info(
         "train: %s, %d steps (%d this run) in %.1fs, %.0f img/s, %s -> %s (version %s)",
         cfg.family, cfg.steps, steps_run, train_seconds, card["images_per_second"], fmt(final),
@@ -191,12 +241,18 @@ def get_batch(
 # --- losses --------------------------------------------------------------------------------
 
 
-def fetch_losses(window: list[dict[str, torch.Tensor]], first_step: int) -> list[dict]:
-    """The window's per-step losses as rows, fetched from the device in one transfer."""
+def fetch_losses(
+    window: list[dict[str, torch.Tensor]], first_step: int, world: int = 1
+) -> list[dict]:
+    """The window's per-step losses as rows, fetched from the device in one transfer; under
+    DDP averaged over the ranks first (every rank calls this at the same steps)."""
     if not window:
         return []
     names = list(window[0])
     values = torch.stack([torch.stack([s[k].float() for k in names]) for s in window])
+    if world > 1:
+        dist.all_reduce(values)  # a sum: gloo has no AVG
+        values /= world
     return [
         {"step": first_step + i, **dict(zip(names, row, strict=True))}
         for i, row in enumerate(values.cpu().tolist())
@@ -228,13 +284,19 @@ def write_losses(path: Path, rows: list[dict]) -> None:
 
 
 def make_fingerprint(
-    cfg: TrainConfig, data_version: str, device: torch.device, data_device: torch.device
+    cfg: TrainConfig,
+    data_version: str,
+    device: torch.device,
+    data_device: torch.device,
+    world: int = 1,
 ) -> dict[str, str]:
     values: dict[str, Any] = {f"train.{k}": getattr(cfg, k) for k in FINGERPRINT_KEYS}
     values[f"train.{cfg.family}"] = getattr(cfg, cfg.family).model_dump(mode="json")
     values["data version"] = data_version
     # CPU and CUDA random generators differ, so a run resumes on the kind of device it began
     values["device"] = f"{device.type}, dataset on {data_device.type}"
+    if world > 1:  # the batch slices and the per-rank noise streams depend on it
+        values["world size"] = world
     return {k: json.dumps(v, sort_keys=True) for k, v in values.items()}
 
 
@@ -246,6 +308,7 @@ def save_checkpoint(
     step: int,
     train_seconds: float,
     rows: list[dict],
+    rank_rngs: list[torch.Tensor] | None = None,
 ) -> None:
     """Everything a bit-exact resume needs, written to a temporary file and renamed."""
     state = {
@@ -256,6 +319,7 @@ def save_checkpoint(
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "batches": batches.get_state(),
+            "ranks": rank_rngs,  # DDP: every rank's family noise stream, by rank
         },
         "train_seconds": train_seconds,
         "losses": rows,
@@ -270,14 +334,16 @@ def load_checkpoint(
     family: Family,
     batches: torch.Generator,
     cfg: TrainConfig,
+    rank: int = 0,
 ) -> tuple[int, float, list[dict]]:
     """Restore `family` and the random streams; returns (step, train seconds, loss rows)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     saved = state["fingerprint"]
+    keys = [*fingerprint, *(k for k in saved if k not in fingerprint)]  # e.g. world size
     changed = [
-        f"{key}: {saved.get(key, 'unset')} -> {value}"
-        for key, value in fingerprint.items()
-        if saved.get(key) != value
+        f"{key}: {saved.get(key, 'unset')} -> {fingerprint.get(key, 'unset')}"
+        for key in keys
+        if saved.get(key) != fingerprint.get(key)
     ]
     if changed:
         raise ValueError(
@@ -295,7 +361,71 @@ def load_checkpoint(
     if torch.cuda.is_available() and state["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     batches.set_state(state["rng"]["batches"])
+    if state["rng"].get("ranks"):
+        family.rng.set_state(state["rng"]["ranks"][rank])
     return state["step"], state["train_seconds"], state["losses"]
+
+
+def gather_rank_rngs(family: Family, world: int) -> list[torch.Tensor] | None:
+    """Every rank's family random state, for rank 0's checkpoint; None without DDP."""
+    if world == 1:
+        return None
+    states: list[Any] = [None] * world
+    dist.all_gather_object(states, family.rng.get_state())
+    return states
+
+
+# --- distributed: the torchrun launch and each rank's set-up ------------------------------
+
+
+def inside_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def torchrun_command(cfg: DistributedConfig, params_path: Path) -> list[str]:
+    """The torchrun command that runs `synthloop stage train` once per process; on several
+    nodes, every node runs it with its own node_rank."""
+    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    cmd += ["--nproc_per_node", str(cfg.nproc_per_node), "--nnodes", str(cfg.nnodes)]
+    if cfg.nnodes == 1:
+        cmd.append("--standalone")  # a local rendezvous on a free port
+    else:
+        cmd += ["--node_rank", str(cfg.node_rank)]
+        cmd += ["--rdzv_backend", "c10d", "--rdzv_endpoint", str(cfg.rdzv_endpoint)]
+    return cmd + ["-m", "synthloop.cli", "--params", str(params_path), "stage", "train"]
+
+
+def launch_torchrun(cfg: TrainConfig, params_path: Path) -> dict:
+    """Run the train stage under torchrun and wait; returns the model card rank 0 wrote
+    (empty on a node that does not hold it)."""
+    cmd = torchrun_command(cfg.distributed, params_path)
+    log.info("train: launching under torchrun: %s", " ".join(cmd))
+    card = cfg.output / "model_card.json"
+    before = card.stat().st_mtime_ns if card.is_file() else None
+    returncode = subprocess.run(cmd, check=False).returncode
+    if returncode != 0:
+        raise RuntimeError(
+            f"stage train: torchrun exited with code {returncode} (see the ranks' output above)"
+        )
+    # rank 0 may have run on another node: an unchanged card here is not this run's
+    if card.is_file() and card.stat().st_mtime_ns != before:
+        return json.loads(card.read_text())
+    return {}
+
+
+def init_distributed(device: torch.device, backend: str) -> tuple[int, int, torch.device]:
+    """Inside torchrun with more than one process: join the process group and take this
+    process's device (cuda:LOCAL_RANK). Returns (rank, world size, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend)
+    return dist.get_rank(), world, device
 
 
 # --- the model directory -----------------------------------------------------------------

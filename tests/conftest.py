@@ -92,12 +92,10 @@ def shapes_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "shapes", classes=3, per_class=20, size=16, seed=1)
 
 
-@pytest.fixture
-def workspace(tmp_path: Path) -> Path:
-    """A fresh project workspace: dvc.yaml, params.yaml, the code deps, a tiny raw dataset,
-    DVC initialised (no git)."""
-    ws = tmp_path / "ws"
-    ws.mkdir()
+def build_workspace(ws: Path, params: dict | None = None, git: bool = False) -> Path:
+    """A project workspace: dvc.yaml, params.yaml, the code deps, a tiny raw dataset, DVC
+    initialised; with `git`, a git repository with the project committed (as a clone is)."""
+    ws.mkdir(parents=True)
     shutil.copy(REPO / "dvc.yaml", ws / "dvc.yaml")
     for package in ("tasks", "synthloop", "flows"):
         shutil.copytree(REPO / package, ws / package, ignore=shutil.ignore_patterns("__pycache__"))
@@ -105,7 +103,40 @@ def workspace(tmp_path: Path) -> Path:
     for folder in ("pool", "feedback"):
         (ws / "data" / folder).mkdir(parents=True)
         (ws / "data" / folder / "README.md").write_text("kept by git\n")
-    (ws / "params.yaml").write_text(yaml.safe_dump(small_params()))
-    run_tool("dvc", "init", "--no-scm", "-q", cwd=ws)
-    run_tool("dvc", "config", "core.analytics", "false", cwd=ws)
+    (ws / "params.yaml").write_text(yaml.safe_dump(params or small_params()))
+    if git:
+        shutil.copy(REPO / ".gitignore", ws / ".gitignore")
+        shutil.copy(REPO / "prefect.yaml", ws / "prefect.yaml")
+        subprocess.run(["git", "init", "-q", "-b", "main"], cwd=ws, check=True)
+        run_tool("dvc", "init", "-q", cwd=ws)
+        run_tool("dvc", "config", "core.analytics", "false", cwd=ws)
+        git_commit(ws, "project")
+    else:
+        run_tool("dvc", "init", "--no-scm", "-q", cwd=ws)
+        run_tool("dvc", "config", "core.analytics", "false", cwd=ws)
     return ws
+
+
+def git_commit(ws: Path, message: str) -> None:
+    subprocess.run(["git", "add", "-A"], cwd=ws, check=True, capture_output=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", message],
+        cwd=ws,
+        check=True,
+        capture_output=True,
+    )
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    """A fresh project workspace with DVC initialised (no git)."""
+    return build_workspace(tmp_path / "ws")
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """Prefect's real local API (a temporary server) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

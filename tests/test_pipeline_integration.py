@@ -58,15 +58,6 @@ def test_bad_params_stop_the_cli_before_any_work(workspace):
     assert not (workspace / "data/ingested").exists()
 
 
-@pytest.fixture(scope="session")
-def prefect_api():
-    """Prefect's real local API (a temporary server) for the whole session."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def read_artifact(key: str) -> str:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey

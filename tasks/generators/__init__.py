@@ -3,8 +3,8 @@
 Each family implements the interface in `base.Family`: built from (cfg, num_classes,
 channels, size, device); `modules` and `optimizers`; `train_step(x, y)`; `sample(labels,
 generator)` from the EMA weights; `export_state()` / `from_export(...)` for the weights
-generate needs; `flops_per_image()` for MFU. Adding a family: subclass `Family`, register
-it here and add its name to `TrainConfig.family`.
+generate needs; `flops_per_image()` for MFU; `distribute(wrap)` for DDP. Adding a family:
+subclass `Family`, register it here and add its name to `TrainConfig.family`.
 """
 
 from __future__ import annotations

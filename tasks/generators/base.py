@@ -13,6 +13,7 @@ channels_last weights and inputs, fused Adam on CUDA, torch.compile behind a fla
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar
 
@@ -67,6 +68,12 @@ class Family:
         """Images of the given classes from the EMA weights, float NCHW in [-1, 1]. Noise is
         drawn from `generator` on its own device, so a CPU generator gives the same noise
         whatever device the model is on."""
+        raise NotImplementedError
+
+    def distribute(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Data-parallel training: `train_step` then calls each trained network through
+        `wrap(network)` (DistributedDataParallel, which averages its gradients over the
+        ranks). `modules` keeps the plain networks, so checkpoints and exports are unchanged."""
         raise NotImplementedError
 
     # --- export: the weights generate needs ------------------------------------------------

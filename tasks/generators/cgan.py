@@ -19,6 +19,7 @@ G's weights are averaged (EMA, train.ema_decay); the average is what samples.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from itertools import pairwise
 
 import torch
@@ -161,6 +162,9 @@ class CGAN(Family):
             "D": self.adam(self.D.parameters(), c.lr_d, BETAS),
         }
         self.g, self.d, self.g_ema = map(self.compiled, (self.G, self.D, self.G_ema))
+
+    def distribute(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        self.g, self.d = self.compiled(wrap(self.G)), self.compiled(wrap(self.D))
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         return diff_augment(x, self.rng) if self.cfg.cgan.diffaug else x

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from itertools import pairwise
 from typing import Literal
 
@@ -189,6 +190,9 @@ class Diffusion(Family):
         self.optimizers = {"unet": self.adam(self.unet.parameters(), cfg.lr, BETAS)}
         self.net, self.net_ema = self.compiled(self.unet), self.compiled(self.unet_ema)
         self.alphas_cumprod = cosine_alphas_cumprod(d.timesteps).to(self.device)
+
+    def distribute(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        self.net = self.compiled(wrap(self.unet))
 
     # --- the two parametrisations: the network's input scaling and its noise label -------
 

@@ -1,0 +1,57 @@
+"""The two deployments of the closed loop, built from params.yaml.
+
+- `closed-loop/nightly`: on `schedule.cron` in `schedule.timezone` (default 02:00 UTC).
+- `closed-loop/manual`: no schedule; started from the UI's "Run" form or the API.
+
+`synthloop serve` registers both with the Prefect server in PREFECT_API_URL and runs their
+flow runs in this process's machine (no work pool needed). `prefect.yaml` declares the same
+two for `prefect deploy` onto a work pool; a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.deployments.runner import EntrypointType, RunnerDeployment
+from prefect.schedules import Cron
+
+from flows.closed_loop import closed_loop
+from synthloop.config import load_params
+
+TAGS = ["synthloop"]
+# One run per deployment at a time; a second one waits in the queue. Across the two
+# deployments (and `make run`) the workspace lock keeps runs apart.
+ONE_AT_A_TIME = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
+DESCRIPTIONS = {
+    "nightly": "The closed loop on a schedule (params.yaml `schedule`).",
+    "manual": "The closed loop on demand: fill in the form (empty fields keep params.yaml).",
+}
+
+
+def build_deployments(params_path: Path) -> list[RunnerDeployment]:
+    params_path = params_path.resolve()
+    params = load_params(params_path)
+    common = {
+        # Runs import the flow by module, whatever the runner's working directory.
+        "entrypoint_type": EntrypointType.MODULE_PATH,
+        "parameters": {"params_path": str(params_path)},
+        "concurrency_limit": ONE_AT_A_TIME,
+        "tags": TAGS,
+        "enforce_parameter_schema": True,
+    }
+    nightly = closed_loop.to_deployment(
+        name="nightly",
+        schedules=[Cron(params.schedule.cron, timezone=params.schedule.timezone)],
+        description=DESCRIPTIONS["nightly"],
+        **common,
+    )
+    manual = closed_loop.to_deployment(name="manual", description=DESCRIPTIONS["manual"], **common)
+    return [nightly, manual]
+
+
+def serve(params_path: Path, limit: int = 1) -> None:
+    """Register the deployments and run their flow runs until interrupted."""
+    from prefect import serve as prefect_serve
+
+    prefect_serve(*build_deployments(params_path), limit=limit)

@@ -1,0 +1,79 @@
+"""The closed-loop flow's run parameters: what the Prefect UI shows as a form.
+
+Everything is optional: a field left empty keeps params.yaml's value. Types and ranges are
+part of the JSON schema Prefect stores with a deployment, so the server rejects a bad value
+(a negative round count, an unknown family) before a run is created. What only the
+workspace can judge (does this folder exist?) is checked when the run starts, before it
+writes anything.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Form(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceParameter(_Form):
+    """One ingest source; the same keys as params.yaml's `ingest.sources` entries."""
+
+    kind: Literal["image_folder", "manifest", "torchvision", "demo"] = Field(
+        description="image_folder: one sub-folder per class; manifest: a path,label table; "
+        "torchvision: a dataset under a local root; demo: the embedded digits"
+    )
+    path: str | None = Field(None, description="image_folder / manifest: path in the workspace")
+    dataset: str | None = Field(None, description="torchvision: class name, e.g. MNIST")
+    root: str | None = Field(None, description="torchvision: local dataset root")
+    seed: int | None = Field(None, description="demo: seed of the injected defects")
+    name: str | None = Field(None, description="a name for reports (default: from the path)")
+
+
+class GateParameters(_Form):
+    """Quality gates for this run; empty keeps params.yaml's `validate.gates`."""
+
+    min_class_consistency: float | None = Field(
+        None, ge=0, le=1, description="evaluator agrees with the intended class, at least"
+    )
+    max_near_copy_rate: float | None = Field(
+        None, ge=0, le=1, description="share of samples that nearly copy a real image, at most"
+    )
+    max_fid_ratio: float | None = Field(
+        None, gt=0, description="synthetic FID over the real-data floor, at most"
+    )
+    min_utility_delta: float | None = Field(
+        None, ge=-1, le=1, description="scarce-size accuracy gain from synthetic data, at least"
+    )
+
+
+class RunParameters(_Form):
+    """Per-run settings of the closed loop. They are written into params.yaml for the run
+    (as `dvc exp run --set-param` does), so DVC sees them and the run's commit records them."""
+
+    sources: list[SourceParameter] | None = Field(
+        None, description="ingest sources for this run (replace params.yaml's list)"
+    )
+    max_rounds: int | None = Field(None, ge=1, le=50, description="rounds of the loop, at most")
+    family: Literal["cgan", "diffusion"] | None = Field(None, description="generator family")
+    gates: GateParameters = Field(default_factory=GateParameters, description="quality gates")
+    dry_run: bool = Field(
+        False, description="only report what would run (stale stages, changed params)"
+    )
+    force: bool = Field(False, description="rerun every stage, even if DVC finds it unchanged")
+
+    def overrides(self) -> dict[str, dict[str, Any]]:
+        """The params.yaml overrides, by stage, that this run asks for."""
+        found: dict[str, dict[str, Any]] = {}
+        if self.sources is not None:
+            found["ingest"] = {"sources": [s.model_dump(exclude_none=True) for s in self.sources]}
+        if self.max_rounds is not None:
+            found["loop"] = {"max_rounds": self.max_rounds}
+        if self.family is not None:
+            found["train"] = {"family": self.family}
+        gates = self.gates.model_dump(exclude_none=True)
+        if gates:
+            found["validate"] = {"gates": gates}
+        return found

@@ -1,0 +1,327 @@
+"""Production paths on loopback: a real Prefect server, the two deployments served by
+`synthloop serve`, a manual run triggered through the API, `prefect deploy` of prefect.yaml,
+overlapping runs, and the Prefect UI in headless Chromium."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import REPO, build_workspace, small_params, tool_env
+
+pytestmark = pytest.mark.integration
+
+SCREENSHOTS = Path(os.environ.get("SYNTHLOOP_TEST_ARTIFACTS", REPO / "test-artifacts"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(check, timeout: float, what: str, interval: float = 0.5):  # noqa: ANN001, ANN201
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class PrefectServer:
+    """`prefect server start` on a loopback port with its own home and database."""
+
+    def __init__(self, home: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.api = f"{self.url}/api"
+        self.env = {
+            **tool_env(),
+            "PREFECT_HOME": str(home),
+            "PREFECT_API_URL": self.api,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_LOGGING_LEVEL": "INFO",
+        }
+        self.log = open(home / "server.log", "w")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(
+            ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+        def healthy() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"prefect server exited:\n{(home / 'server.log').read_text()}")
+            try:
+                return httpx.get(f"{self.api}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(healthy, 180, "the Prefect server")
+
+    def client(self):  # noqa: ANN201
+        from prefect.client.orchestration import PrefectClient
+
+        return PrefectClient(api=self.api)
+
+    def call(self, coro_fn):  # noqa: ANN001, ANN201
+        async def go():  # noqa: ANN202
+            async with self.client() as client:
+                return await coro_fn(client)
+
+        return asyncio.run(go())
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    srv = PrefectServer(home)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def served(server, tmp_path_factory):
+    """A git workspace whose deployments `synthloop serve` registered and runs."""
+    params = small_params()
+    params["schedule"] = {"cron": "30 3 * * *", "timezone": "Europe/Berlin"}
+    ws = build_workspace(tmp_path_factory.mktemp("served") / "ws", params, git=True)
+    log = open(ws.parent / "serve.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        ["synthloop", "serve"],
+        cwd=ws,
+        env={**server.env, "OMP_NUM_THREADS": "1"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+    async def both(client):  # noqa: ANN001, ANN202
+        found = await client.read_deployments()
+        return {d.name for d in found} >= {"nightly", "manual"}
+
+    try:
+        wait_until(lambda: server.call(both), 120, "synthloop serve to register")
+        yield ws
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def wait_for_run(server: PrefectServer, run_id, timeout: float = 420):  # noqa: ANN001, ANN201
+    async def read(client):  # noqa: ANN001, ANN202
+        return await client.read_flow_run(run_id)
+
+    return wait_until(
+        lambda: (r := server.call(read)).state.is_final() and r, timeout, f"flow run {run_id}", 2
+    )
+
+
+def test_nightly_deployment_has_the_cron_schedule_from_params(server, served):
+    async def read(client):  # noqa: ANN001, ANN202
+        return await client.read_deployment_by_name("closed-loop/nightly")
+
+    nightly = server.call(read)
+    (schedule,) = nightly.schedules
+    assert schedule.schedule.cron == "30 3 * * *"
+    assert schedule.schedule.timezone == "Europe/Berlin"
+    assert schedule.active
+    assert nightly.global_concurrency_limit.limit == 1
+    assert nightly.concurrency_options.collision_strategy == "ENQUEUE"
+    assert nightly.enforce_parameter_schema
+    assert nightly.parameter_openapi_schema["properties"]["run"]["$ref"].endswith("RunParameters")
+
+
+def test_a_bad_parameter_is_rejected_before_a_run_exists(server, served):
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    async def create_bad(client):  # noqa: ANN001, ANN202
+        manual = await client.read_deployment_by_name("closed-loop/manual")
+        before = len(await client.read_flow_runs())
+        with pytest.raises(PrefectHTTPStatusError) as err:
+            await client.create_flow_run_from_deployment(
+                manual.id, parameters={"run": {"max_rounds": 0}}
+            )
+        return before, len(await client.read_flow_runs()), str(err.value)
+
+    before, after, message = server.call(create_bad)
+    assert after == before
+    assert "max_rounds" in message or "Validation" in message, message
+
+
+def test_a_manual_run_with_parameters_completes_with_its_artifacts_and_a_second_waits(
+    server, served
+):
+    ws = served
+
+    async def trigger(client):  # noqa: ANN001, ANN202
+        manual = await client.read_deployment_by_name("closed-loop/manual")
+        runs = []
+        for _ in range(2):  # overlapping: the second waits for the first's slot
+            runs.append(
+                await client.create_flow_run_from_deployment(
+                    manual.id,
+                    parameters={"run": {"max_rounds": 1, "gates": {"max_near_copy_rate": 0.99}}},
+                )
+            )
+        return [r.id for r in runs]
+
+    first_id, second_id = server.call(trigger)
+    first = wait_for_run(server, first_id)
+    assert first.state.is_completed(), first.state
+    second = wait_for_run(server, second_id)
+    assert second.state.is_completed(), second.state
+    assert second.state.message == "nothing to do"
+    # The runs never overlapped.
+    assert second.start_time >= first.end_time
+
+    async def artifacts(client):  # noqa: ANN001, ANN202
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+        found = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[first_id]))
+        )
+        return {a.key: a.data for a in found}
+
+    found = server.call(artifacts)
+    assert {"clean-report", "training-summary", "sample-grid", "closed-loop-summary"} <= set(found)
+    assert "| 1 | 1 | pass |" in found["closed-loop-summary"]
+
+    # The run parameters landed in params.yaml; the run is one commit on synthloop/runs.
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    assert params["validate"]["gates"]["max_near_copy_rate"] == 0.99
+    log = subprocess.run(
+        ["git", "log", "--format=%s", "synthloop/runs"], cwd=ws, capture_output=True, text=True
+    ).stdout
+    assert log.count("synthloop run: flow run") == 1, log
+    (shard,) = (ws / "data/pool").glob("part-r0001.parquet.dvc")
+    assert (
+        "data/pool/part-r0001.parquet.dvc"
+        in subprocess.run(
+            ["git", "ls-tree", "-r", "--name-only", "synthloop/runs"],
+            cwd=ws,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
+
+
+def chromium() -> str | None:
+    for name in ("chromium", "chromium-browser"):
+        if path := shutil.which(name):
+            return path
+    return None
+
+
+def test_the_ui_shows_the_manual_deployment_and_its_parameter_form(server, served):
+    browser_path = chromium()
+    if browser_path is None:
+        pytest.skip("Debian's chromium is not installed (`make test` installs it with apt-get)")
+    pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency")
+    from playwright.sync_api import sync_playwright
+
+    async def manual(client):  # noqa: ANN001, ANN202
+        return await client.read_deployment_by_name("closed-loop/manual")
+
+    deployment = server.call(manual)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=browser_path,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{server.url}/deployments", wait_until="networkidle")
+        page.get_by_text("manual", exact=True).first.wait_for(timeout=60_000)
+        page.get_by_text("nightly", exact=True).first.wait_for(timeout=60_000)
+        page.screenshot(path=str(SCREENSHOTS / "prefect-ui-deployments.png"), full_page=True)
+
+        page.goto(
+            f"{server.url}/deployments/deployment/{deployment.id}/run", wait_until="networkidle"
+        )
+        form = page.get_by_text("Max Rounds").first
+        form.wait_for(timeout=60_000)
+        assert page.get_by_text("Dry Run").first.is_visible()
+        page.screenshot(path=str(SCREENSHOTS / "prefect-ui-manual-run-form.png"), full_page=True)
+        browser.close()
+    assert (SCREENSHOTS / "prefect-ui-manual-run-form.png").stat().st_size > 10_000
+
+
+def test_prefect_yaml_deploys_both_deployments_to_a_work_pool(server, tmp_path):
+    """`prefect deploy --all` of the committed prefect.yaml (no worker needed to register).
+    Last in this module: it re-registers the deployments `synthloop serve` made."""
+    ws = tmp_path / "project"
+    shutil.copytree(
+        REPO,
+        ws,
+        ignore=shutil.ignore_patterns(
+            ".venv",
+            ".git",
+            "data",
+            "models",
+            "reports",
+            "__pycache__",
+            ".synthloop",
+            "test-artifacts",
+        ),
+    )
+    env = {**server.env, "PWD": str(ws)}
+    subprocess.run(
+        ["prefect", "work-pool", "create", "synthloop", "--type", "process"],
+        cwd=ws,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    proc = subprocess.run(
+        ["prefect", "--no-prompt", "deploy", "--all"],
+        cwd=ws,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    async def read(client):  # noqa: ANN001, ANN202
+        return [
+            await client.read_deployment_by_name(f"closed-loop/{n}") for n in ("nightly", "manual")
+        ]
+
+    nightly, manual = server.call(read)
+    assert nightly.work_pool_name == manual.work_pool_name == "synthloop"
+    assert nightly.schedules[0].schedule.cron == "0 2 * * *"
+    assert not manual.schedules
+    assert nightly.pull_steps[0]["prefect.deployments.steps.set_working_directory"] == {
+        "directory": str(ws)
+    }
