@@ -17,10 +17,12 @@ from synthloop.config import PARAMS_FILE, Params
 log = logging.getLogger(__name__)
 
 
+# Sharded stages (synthloop/sharding.py) merge the shards the flow computed beforehand
+# (flows/sharded.py) and compute the missing ones here: the same outputs either way.
 def _ingest(params: Params) -> dict:
-    from tasks.ingest import run_ingest
+    from synthloop.sharding import run_inline
 
-    return run_ingest(params.ingest)
+    return run_inline("ingest", params)
 
 
 def _clean(params: Params) -> dict:
@@ -30,9 +32,9 @@ def _clean(params: Params) -> dict:
 
 
 def _augment(params: Params) -> dict:
-    from tasks.augment import run_augment
+    from synthloop.sharding import run_inline
 
-    return run_augment(params.augment)
+    return run_inline("augment", params)
 
 
 def _fuse(params: Params) -> dict:

@@ -27,15 +27,19 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import heapq
 import json
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torchvision
 from torchvision.transforms import v2
@@ -46,11 +50,13 @@ from synthloop.dataset import (
     ShardWriter,
     atomic_dir,
     content_id,
+    iter_batches,
     read_columns,
     remove_stale_temporaries,
     write_json,
 )
-from tasks.images import encode_rows, load_image_tensors, resolve_device
+from synthloop.sharding import Shard, StageSpec, cached_result, chunks, digest, run_uncached
+from tasks.images import decode_rows, encode_rows, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -192,62 +198,141 @@ def _isolated_rng(device: torch.device) -> Iterator[None]:
 
 def run_augment(cfg: AugmentConfig) -> dict:
     """Augment `cfg.input` into `cfg.output`; returns the report it writes to `cfg.report`."""
-    remove_stale_temporaries(cfg.output)
-    _require_rows(cfg.input)
-    data = load_image_tensors(cfg.input)
-    _, channels, height, width = data.images.shape
-    labels = [data.classes[i] for i in data.labels.tolist()]
-    counts = Counter(labels)
-    quotas = class_quotas(dict(counts), cfg.target_per_class, cfg.min_copies, cfg.max_copies)
-    plan = plan_copies(data.ids, labels, quotas, cfg.seed)
+    return run_uncached(SHARDING, cfg)
 
+
+# --- plan -> shard -> merge (synthloop/sharding.py) ------------------------------------------
+
+# Shard result columns: each augmented row with its place in the plan (the output order).
+_SHARD_SCHEMA = pa.schema(
+    [
+        ("pos", pa.int64()),
+        ("parent", pa.int64()),
+        ("copy", pa.int64()),
+        ("seed", pa.int64()),
+        ("id", pa.string()),
+        ("image", pa.binary()),
+    ]
+)
+
+# v2 transforms draw from torch's global CPU generator (and set_num_threads is global):
+# shards computed in threads of one process take turns, so each row keeps its own seed.
+_RNG_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class AugmentWork:
+    """Parent rows `start` to `stop` of the input, and the copies to make of them:
+    (plan position, parent row, copy number)."""
+
+    start: int
+    stop: int
+    copies: tuple[tuple[int, int, int], ...]
+
+
+def plan_augment(cfg: AugmentConfig) -> list[Shard]:
+    """Shards of `cfg.shard_rows` parent rows; the plan (and so each row's seed and place in
+    the output) is made once over all rows, so it does not depend on the sharding."""
+    ids, labels = _ids_labels(cfg.input)
+    quotas = class_quotas(
+        dict(Counter(labels)), cfg.target_per_class, cfg.min_copies, cfg.max_copies
+    )
+    ranges = chunks(len(ids), cfg.shard_rows)
+    copies: list[list[tuple[int, int, int]]] = [[] for _ in ranges]
+    for pos, (parent, copy) in enumerate(plan_copies(ids, labels, quotas, cfg.seed)):
+        copies[parent // cfg.shard_rows].append((pos, parent, copy))
+    versions = (torch.__version__, torchvision.__version__)
+    return [
+        Shard(
+            "augment",
+            i,
+            len(ranges),
+            digest(ids[r.start : r.stop], versions),  # ids are content hashes of the bytes
+            AugmentWork(r.start, r.stop, tuple(copies[i])),
+        )
+        for i, r in enumerate(ranges)
+    ]
+
+
+def run_augment_shard(cfg: AugmentConfig, shard: Shard, out: Path) -> dict:
+    """Make one shard's augmented rows (PNG bytes with their plan positions) into
+    `rows.parquet`; returns the image shape, device and timing."""
+    work: AugmentWork = shard.work
+    images, ids = _load_rows(cfg.input, work.start, work.stop)
+    _, channels, height, width = images.shape
     device = resolve_device(cfg.device)
     pipeline = build_pipeline(cfg.policy, channels)
-    transforms = [type(t).__name__ for t in pipeline.transforms]
-    seen = set(data.ids)
+    started = time.perf_counter()
+    with pq.ParquetWriter(out / "rows.parquet", _SHARD_SCHEMA) as writer:
+        for lo in range(0, len(work.copies), cfg.batch_size):
+            chunk = work.copies[lo : lo + cfg.batch_size]
+            rows = [parent - work.start for _, parent, _ in chunk]
+            seeds = [row_seed(cfg.seed, ids[parent - work.start], c) for _, parent, c in chunk]
+            batch = images[rows].to(device, non_blocking=True)
+            with _RNG_LOCK, _isolated_rng(device):
+                augmented = augment_batch(batch, seeds, pipeline)
+            pngs = encode_rows(augmented)
+            columns = {
+                "pos": [pos for pos, _, _ in chunk],
+                "parent": [parent for _, parent, _ in chunk],
+                "copy": [copy for _, _, copy in chunk],
+                "seed": seeds,
+                "id": [content_id(png) for png in pngs],
+                "image": pngs,
+            }
+            writer.write_table(pa.table(columns, schema=_SHARD_SCHEMA))
+    return {
+        "rows": len(work.copies),
+        "image": {"height": int(height), "width": int(width), "channels": int(channels)},
+        "device": device.type,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def merge_augment(cfg: AugmentConfig, folders: list[Path]) -> dict:
+    """The shards' rows in plan order into `cfg.output`, dropping any row whose bytes are
+    already there (a transform that happened to be the identity), and the report."""
+    remove_stale_temporaries(cfg.output)
+    ids, labels = _ids_labels(cfg.input)
+    counts = Counter(labels)
+    summaries = [cached_result(folder) or {} for folder in folders]
+    image = summaries[0]["image"]
+    height, width, channels = image["height"], image["width"], image["channels"]
+    transforms = [type(t).__name__ for t in build_pipeline(cfg.policy, channels).transforms]
+    seen = set(ids)
     made: Counter[str] = Counter()
     duplicates = 0
-    started = time.perf_counter()
-    with (
-        atomic_dir(cfg.output) as tmp,
-        ShardWriter(tmp, AUGMENTED_SCHEMA, cfg.shard_rows) as out,
-        _isolated_rng(device),
-    ):
-        for start in range(0, len(plan), cfg.batch_size):
-            chunk = plan[start : start + cfg.batch_size]
-            parents = [parent for parent, _ in chunk]
-            seeds = [row_seed(cfg.seed, data.ids[p], copy) for p, copy in chunk]
-            batch = data.images[parents].to(device, non_blocking=True)
-            pngs = encode_rows(augment_batch(batch, seeds, pipeline))
-            for (parent, copy), seed, png in zip(chunk, seeds, pngs, strict=True):
-                row_id = content_id(png)
-                if row_id in seen:  # a transform that happened to be the identity
-                    duplicates += 1
-                    continue
-                seen.add(row_id)
-                made[labels[parent]] += 1
-                out.append(
-                    {
-                        "id": row_id,
-                        "label": labels[parent],
-                        "split": "train",
-                        "source": "augmented",
-                        "parent_id": data.ids[parent],
-                        "image": png,
-                        "height": height,
-                        "width": width,
-                        "channels": channels,
-                        "path": None,
-                        "recipe": recipe(cfg.policy, transforms, seed, copy),
-                    }
-                )
-    seconds = time.perf_counter() - started
+    with atomic_dir(cfg.output) as tmp, ShardWriter(tmp, AUGMENTED_SCHEMA, cfg.shard_rows) as out:
+        streams = [_shard_rows(folder / "rows.parquet") for folder in folders]
+        for row in heapq.merge(*streams, key=lambda r: r["pos"]):
+            if row["id"] in seen:
+                duplicates += 1
+                continue
+            seen.add(row["id"])
+            label = labels[row["parent"]]
+            made[label] += 1
+            out.append(
+                {
+                    "id": row["id"],
+                    "label": label,
+                    "split": "train",
+                    "source": "augmented",
+                    "parent_id": ids[row["parent"]],
+                    "image": row["image"],
+                    "height": height,
+                    "width": width,
+                    "channels": channels,
+                    "path": None,
+                    "recipe": recipe(cfg.policy, transforms, row["seed"], row["copy"]),
+                }
+            )
 
     goal = cfg.target_per_class if cfg.target_per_class is not None else max(counts.values())
+    devices = sorted({s["device"] for s in summaries})
     report = {
-        "real": len(data),
+        "real": len(ids),
         "augmented": sum(made.values()),
-        "total": len(data) + sum(made.values()),
+        "total": len(ids) + sum(made.values()),
         "target_per_class": goal,
         "per_class": {
             label: {
@@ -261,22 +346,53 @@ def run_augment(cfg: AugmentConfig) -> dict:
         "duplicates_dropped": duplicates,
         "policy": cfg.policy.model_dump(),
         "transforms": transforms,
-        "image": {"height": int(height), "width": int(width), "channels": int(channels)},
-        "device": device.type,
+        "image": image,
+        "device": ",".join(devices),
     }
     write_json(cfg.report, report)
+    planned = sum(s["rows"] for s in summaries)
+    seconds = sum(s["seconds"] for s in summaries)
     log.info(
         "augment: %d real -> %d augmented rows (%d duplicates dropped) on %s in %.1fs "
         "(%.0f rows/s) -> %s",
         report["real"],
         report["augmented"],
         duplicates,
-        device.type,
+        report["device"],
         seconds,
-        len(plan) / seconds if seconds > 0 else 0.0,
+        planned / seconds if seconds > 0 else 0.0,
         cfg.output,
     )
     return report
+
+
+def _ids_labels(directory: Path) -> tuple[list[str], list[str]]:
+    _require_rows(directory)
+    table = read_columns(directory, ["id", "label"])
+    return table["id"].to_pylist(), table["label"].to_pylist()
+
+
+def _load_rows(directory: Path, start: int, stop: int) -> tuple[torch.Tensor, list[str]]:
+    """Decode rows `start` to `stop` of a dataset (in its stable order) only."""
+    chunks_: list[torch.Tensor] = []
+    ids: list[str] = []
+    offset = 0
+    for batch in iter_batches(directory, columns=["id", "image", "channels"]):
+        lo, hi = max(start - offset, 0), min(stop - offset, batch.num_rows)
+        offset += batch.num_rows
+        if lo >= hi:
+            if offset >= stop:
+                break
+            continue
+        rows = batch.slice(lo, hi - lo).to_pydict()
+        chunks_.append(decode_rows(rows["image"], int(rows["channels"][0])))
+        ids += rows["id"]
+    return torch.cat(chunks_), ids
+
+
+def _shard_rows(path: Path) -> Iterator[dict]:
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        yield from batch.to_pylist()
 
 
 def _require_rows(directory: Path) -> None:
@@ -285,3 +401,13 @@ def _require_rows(directory: Path) -> None:
             f"augment: {directory}: the clean train split has no rows; "
             "run the clean stage first (and check reports/clean.json)"
         )
+
+
+SHARDING = StageSpec(
+    stage="augment",
+    config=lambda params: params.augment,
+    plan=plan_augment,
+    run_shard=run_augment_shard,
+    merge=merge_augment,
+    modules=("tasks.augment", "tasks.images", "synthloop.dataset"),
+)

@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -37,7 +38,16 @@ class Rejected:
     detail: str
 
 
+@dataclass(frozen=True)
+class FileRef:
+    """A listed file, not read yet: `read_ref` turns it into an `Item` or a `Rejected`."""
+
+    path: str
+    label: str
+
+
 Record = Item | Rejected
+Listed = FileRef | Rejected
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -68,7 +78,20 @@ def read_bytes(path: Path | str) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
+def read_ref(ref: FileRef) -> Record:
+    return _read(ref.path, ref.label, ref.path)
+
+
+def _read_listed(listing: Iterator[Listed]) -> Iterator[Record]:
+    for entry in listing:
+        yield read_ref(entry) if isinstance(entry, FileRef) else entry
+
+
 def read_image_folder(source: ImageFolderSource) -> Iterator[Record]:
+    return _read_listed(list_image_folder(source))
+
+
+def list_image_folder(source: ImageFolderSource) -> Iterator[Listed]:
     """One sub-folder per class; files anywhere below a class folder take its label.
 
     Symlinks are followed only while they stay inside the root; each real directory is
@@ -79,7 +102,7 @@ def read_image_folder(source: ImageFolderSource) -> Iterator[Record]:
         raise SourceError(f"{source.path}: an image_folder source must be a directory")
     seen_dirs: set[Path] = set()
 
-    def walk(directory: Path, label: str | None) -> Iterator[Record]:
+    def walk(directory: Path, label: str | None) -> Iterator[Listed]:
         real = directory.resolve()
         if real in seen_dirs:
             return
@@ -103,7 +126,7 @@ def read_image_folder(source: ImageFolderSource) -> Iterator[Record]:
             elif label is None:
                 yield Rejected(shown, None, "no_class_folder", "file at the source root")
             elif entry.is_file():
-                yield _read(shown, label, shown)
+                yield FileRef(shown, label)
             else:
                 yield Rejected(shown, label, "not_a_regular_file", "socket, fifo or device")
 
@@ -111,6 +134,10 @@ def read_image_folder(source: ImageFolderSource) -> Iterator[Record]:
 
 
 def read_manifest(source: ManifestSource) -> Iterator[Record]:
+    return _read_listed(list_manifest(source))
+
+
+def list_manifest(source: ManifestSource) -> Iterator[Listed]:
     """A table of `path,label`; relative paths resolve against the manifest's folder and may
     not leave it (through `..` or a symlink)."""
     manifest = source.path
@@ -132,7 +159,7 @@ def read_manifest(source: ManifestSource) -> Iterator[Record]:
         if not path.exists():
             yield Rejected(str(path), label, "missing_file", f"row {row_number}")
             continue
-        yield _read(path, label, str(path))
+        yield FileRef(str(path), label)
 
 
 def _manifest_rows(manifest: Path) -> Iterator[tuple[int, object, object]]:
@@ -153,8 +180,30 @@ def _manifest_rows(manifest: Path) -> Iterator[tuple[int, object, object]]:
             yield row, path_value, label
 
 
-def read_torchvision(source: TorchvisionSource) -> Iterator[Record]:
-    """A torchvision dataset from a local root, re-encoded as PNG (downloads only if asked)."""
+def torchvision_count(source: TorchvisionSource) -> int:
+    """How many items `read_torchvision` yields (it loads the dataset's index, no images)."""
+    dataset = _torchvision_dataset(source)
+    return len(dataset) if source.limit is None else min(source.limit, len(dataset))
+
+
+def read_torchvision(
+    source: TorchvisionSource, start: int = 0, stop: int | None = None
+) -> Iterator[Record]:
+    """A torchvision dataset from a local root, re-encoded as PNG (downloads only if asked);
+    items `start` to `stop` (by default all of them)."""
+    dataset = _torchvision_dataset(source)
+    classes = list(getattr(dataset, "classes", []) or [])
+    split = "train" if source.train else "test"
+    count = len(dataset) if source.limit is None else min(source.limit, len(dataset))
+    for index in range(start, count if stop is None else min(stop, count)):
+        image, target = dataset[index]
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        label = classes[target] if target < len(classes) else str(target)
+        yield Item(f"torchvision://{source.dataset}/{split}/{index}", label, buf.getvalue())
+
+
+def _torchvision_dataset(source: TorchvisionSource) -> Any:
     import torchvision.datasets as tvd  # imported here: slow, and only this kind needs it
 
     cls = getattr(tvd, source.dataset, None)
@@ -167,15 +216,7 @@ def read_torchvision(source: TorchvisionSource) -> Iterator[Record]:
             f"{source.dataset} not found under {source.root} ({err}); "
             "put the files there or set download: true"
         ) from None
-    classes = list(getattr(dataset, "classes", []) or [])
-    split = "train" if source.train else "test"
-    count = len(dataset) if source.limit is None else min(source.limit, len(dataset))
-    for index in range(count):
-        image, target = dataset[index]
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        label = classes[target] if target < len(classes) else str(target)
-        yield Item(f"torchvision://{source.dataset}/{split}/{index}", label, buf.getvalue())
+    return dataset
 
 
 def read_source(source: object) -> Iterator[Record]:

@@ -1,0 +1,229 @@
+"""Sharded stages: shards computed as Prefect tasks (threads or a local Dask cluster) give the
+same outputs, byte for byte, as the plain stage; the shard cache never serves a stale shard;
+a failing shard names its stage and shard."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from synthloop.cli import main as synthloop
+from synthloop.config import load_params
+from synthloop.dataset import IMAGE_SCHEMA, ShardWriter
+from synthloop.procedural import make_image_folder
+from synthloop.sharding import (
+    ShardFailed,
+    cache_dir,
+    code_digest,
+    run_inline,
+    shard_key,
+    stage_spec,
+)
+from tests.conftest import small_params
+
+# What each stage writes (relative to the workspace).
+OUTPUTS = {
+    "ingest": ("data/ingested", "data/quarantine/ingest.parquet", "reports/ingest.json"),
+    "augment": ("data/augmented", "reports/augment.json"),
+}
+
+
+def outputs_digest(ws: Path, stage: str) -> dict[str, str]:
+    """sha256 of every output file of `stage`, by path."""
+    files = []
+    for out in OUTPUTS[stage]:
+        path = ws / out
+        files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    assert files
+    return {str(p.relative_to(ws)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def remove_outputs(ws: Path, stage: str) -> None:
+    for out in OUTPUTS[stage]:
+        path = ws / out
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def write_clean_train(directory: Path, per_class: int = 10, size: int = 12) -> None:
+    """A small clean train split (3 classes) in the pipeline's image format."""
+    raw = make_image_folder(directory.parent / "shapes-train", 3, per_class, size, seed=2)
+    with ShardWriter(directory, IMAGE_SCHEMA, shard_rows=7) as out:
+        for png in sorted(raw.rglob("*.png")):
+            data = png.read_bytes()
+            out.append(
+                {
+                    "id": hashlib.blake2b(data, digest_size=16).hexdigest(),
+                    "label": png.parent.name,
+                    "split": "train",
+                    "source": "shapes",
+                    "image": data,
+                    "height": size,
+                    "width": size,
+                    "channels": 3,
+                }
+            )
+
+
+@pytest.fixture
+def ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A workspace: params.yaml, 3 classes x 20 raw PNGs and two bad entries (62 listed: 21
+    ellipse, 20 rectangle, the stray file, 20 triangle), a clean train split of 30 rows;
+    ingest in 4 shards of 16 entries, augment in 4 shards of 8 parent rows."""
+    ws = tmp_path / "ws"
+    raw = make_image_folder(ws / "data/raw/shapes", classes=3, per_class=20, size=16, seed=1)
+    (raw / "stray.png").write_bytes(b"no class folder")
+    (raw / "ellipse" / "link.png").symlink_to(tmp_path)  # leaves the root: quarantined
+    write_clean_train(ws / "data/clean/train")
+    params = small_params()
+    params["augment"].update(shard_rows=8, batch_size=5, device="cpu")
+    params["orchestration"] = {"task_runner": "threads", "max_workers": 2}
+    (ws / "params.yaml").write_text(yaml.safe_dump(params))
+    # `synthloop stage` exports the params path; monkeypatch restores it afterwards.
+    monkeypatch.setenv("SYNTHLOOP_PARAMS", str(ws / "params.yaml"))
+    return ws
+
+
+def set_params(ws: Path, section: str, **values: object) -> None:
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params[section].update(values)
+    (ws / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def run_stage(ws: Path, stage: str) -> None:
+    assert synthloop(["--params", str(ws / "params.yaml"), "stage", stage]) == 0
+
+
+def forbid_computing(monkeypatch: pytest.MonkeyPatch, stage: str) -> None:
+    """Make computing a shard in this process fail: the stage must use the cached ones."""
+
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError(f"{stage}: a shard was computed again instead of reused")
+
+    target = {"ingest": "tasks.ingest._read_entries", "augment": "tasks.augment.augment_batch"}
+    monkeypatch.setattr(target[stage], refuse)
+
+
+@pytest.mark.parametrize(
+    ("stage", "runner"),
+    # (augment on dask passes too, but each worker process imports torch: +50 s on 2 cores)
+    [("ingest", "dask"), ("ingest", "threads"), ("augment", "threads")],
+)
+def test_sharded_run_gives_the_same_bytes_as_the_plain_stage(
+    ws, stage, runner, prefect_api, monkeypatch
+):
+    from flows.sharded import prepare_shards
+
+    run_stage(ws, stage)  # the plain stage: every shard inline, in this process
+    plain = outputs_digest(ws, stage)
+    remove_outputs(ws, stage)
+
+    set_params(ws, "orchestration", task_runner=runner, max_workers=2)
+    summary = prepare_shards(stage, str(ws / "params.yaml"))
+    assert summary == {"stage": stage, "shards": 4, "computed": 4, "reused": 0}
+    assert len(list(cache_dir(ws, stage).iterdir())) == 4
+    with monkeypatch.context() as patch:
+        forbid_computing(patch, stage)
+        run_stage(ws, stage)
+    assert outputs_digest(ws, stage) == plain
+    assert not cache_dir(ws, stage).exists()  # the merge consumed the shards
+
+
+def test_prepared_shards_are_reused_by_a_second_prepare(ws, prefect_api):
+    from flows.sharded import prepare_shards
+
+    params_path = str(ws / "params.yaml")
+    assert prepare_shards("ingest", params_path)["computed"] == 4
+    again = prepare_shards("ingest", params_path)
+    assert (again["computed"], again["reused"]) == (0, 4)
+
+
+def keys(ws: Path, stage: str) -> list[str]:
+    spec = stage_spec(stage)
+    config = spec.config(load_params(ws / "params.yaml"))
+    return [shard_key(spec, config, shard) for shard in spec.plan(config)]
+
+
+def test_keys_change_with_inputs_and_params(ws):
+    before = keys(ws, "ingest")
+    assert len(set(before)) == 4 and keys(ws, "ingest") == before  # distinct and stable
+
+    # New bytes in one file (entry 21: the second shard) change that shard's key only.
+    changed = ws / "data/raw/shapes/rectangle/000004.png"
+    make_image_folder(ws / "other", classes=2, per_class=1, size=16, seed=9)
+    changed.write_bytes((ws / "other/rectangle/000000.png").read_bytes())
+    after = keys(ws, "ingest")
+    assert [a != b for a, b in zip(before, after, strict=True)] == [False, True, False, False]
+
+    augment = keys(ws, "augment")
+    set_params(ws, "augment", seed=7)
+    assert not set(keys(ws, "augment")) & set(augment)  # a param change: every key is new
+
+
+def test_keys_change_with_the_code(tmp_path, monkeypatch):
+    module = tmp_path / "shardcode_probe.py"
+    module.write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    first = code_digest(("shardcode_probe",))
+    module.write_text("X = 2\n")
+    assert code_digest(("shardcode_probe",)) != first
+    sys.modules.pop("shardcode_probe", None)
+
+
+def test_a_stale_shard_is_never_used(ws, prefect_api):
+    from flows.sharded import prepare_shards
+
+    prepare_shards("ingest", str(ws / "params.yaml"))
+    changed = ws / "data/raw/shapes/triangle/000000.png"
+    make_image_folder(ws / "other", classes=2, per_class=1, size=16, seed=9)
+    new_bytes = (ws / "other/ellipse/000000.png").read_bytes()
+    changed.write_bytes(new_bytes)
+
+    run_stage(ws, "ingest")  # the old shard 2 is in the cache, under another key
+    sharded = outputs_digest(ws, "ingest")
+    rows = pd.read_parquet(ws / "data/ingested")
+    assert rows.loc[rows.path == str(changed), "image"].tolist() == [new_bytes]
+    remove_outputs(ws, "ingest")
+    run_inline("ingest", load_params(ws / "params.yaml"), workspace=ws)
+    assert outputs_digest(ws, "ingest") == sharded
+
+
+def fail_on(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Reading the file `name` raises (in this process: the threads runner or inline)."""
+    import tasks.ingest
+
+    real = tasks.ingest.read_ref
+
+    def read_ref(ref):  # noqa: ANN001, ANN202
+        if ref.path.endswith(name):
+            raise RuntimeError("disk on fire")
+        return real(ref)
+
+    monkeypatch.setattr(tasks.ingest, "read_ref", read_ref)
+
+
+def test_a_failing_shard_names_stage_and_shard(ws, prefect_api, monkeypatch):
+    from flows.sharded import prepare_shards
+
+    fail_on(monkeypatch, "triangle/000010.png")  # entry 50: the fourth shard, index 3
+    message = r"stage 'ingest': shard 3 \(of 4\) failed: RuntimeError: disk on fire"
+    with pytest.raises(ShardFailed, match=message):
+        prepare_shards("ingest", str(ws / "params.yaml"))
+    # The other shards are cached (a retry computes only the failed one); nothing half-made.
+    assert len(list(cache_dir(ws, "ingest").iterdir())) == 3
+    with pytest.raises(ShardFailed, match=message):
+        run_inline("ingest", load_params(ws / "params.yaml"), workspace=ws)
+    assert not (ws / "data/ingested").exists()
+
+
+def test_unknown_stage_is_refused(ws):
+    from flows.sharded import SHARDED_STAGES, prepare_shards
+
+    assert SHARDED_STAGES[:2] == ("ingest", "augment")
+    with pytest.raises(ValueError, match="'train' is not sharded"):
+        prepare_shards("train", str(ws / "params.yaml"))
