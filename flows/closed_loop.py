@@ -30,6 +30,7 @@ from flows.loop import (
     tool_env,
 )
 from flows.parameters import RunParameters
+from flows.sharded import SHARDED_STAGES, prepare_shards
 from flows.summaries import (
     clean_summary_markdown,
     helped_verdict,
@@ -290,7 +291,7 @@ def version_run(params_path: str, run_name: str, result: dict) -> dict:
     remote = dvc_default_remote(workspace) if params.versioning.dvc_push else None
     if remote:
         version["dvc_remote"] = remote
-        version["dvc_push"] = dvc_push(workspace, params.loop.pool)
+        version["dvc_push"] = dvc_push(workspace)
         logger.info("versioning: pushed to DVC remote %r: %s", remote, version["dvc_push"])
     return version
 
@@ -315,8 +316,13 @@ def _rounds(workspace: Path, params_file: Path, force: bool) -> dict:
         drift = DriftProbe(params) if round_no == 1 else None
         drift_fid: float | None = None
         stages: dict[str, str] = {}
+        shards: dict[str, dict] = {}
         for stage in STAGE_ORDER:
-            stages[stage] = run_stage(stage, str(workspace), force and round_no == 1)
+            rerun = force and round_no == 1
+            if stage in SHARDED_STAGES and (rerun or stale_stages(workspace, stage)):
+                # Its shards as parallel tasks first; the DVC stage then assembles them.
+                shards[stage] = prepare_shards(stage, str(params_file))
+            stages[stage] = run_stage(stage, str(workspace), rerun)
             if stage == "clean" and drift is not None and stages["clean"] == "ran":
                 drift_fid = drift.measure()
                 if drift_fid is not None:
@@ -349,6 +355,7 @@ def _rounds(workspace: Path, params_file: Path, force: bool) -> dict:
                     "gates",
                 )
             },
+            "shards": shards,
             "passed": bool(validation.get("passed")),
             "dvc": dvc_hashes(workspace),
         }

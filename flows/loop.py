@@ -81,10 +81,15 @@ def dvc_hashes(workspace: Path) -> dict[str, str]:
     return dict(sorted(found.items()))
 
 
-def stale_stages(workspace: Path) -> list[str]:
-    """The stages `dvc status` finds changed (deps, params or outs)."""
+def stale_stages(workspace: Path, *targets: str) -> list[str]:
+    """The stages (of `targets`, default all) whose deps, params or outs `dvc status` finds
+    changed."""
     proc = subprocess.run(
-        ["dvc", "status", "--json"], cwd=workspace, env=tool_env(), capture_output=True, text=True
+        ["dvc", "status", "--json", *targets],
+        cwd=workspace,
+        env=tool_env(),
+        capture_output=True,
+        text=True,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"dvc status failed:\n{proc.stdout}\n{proc.stderr}")

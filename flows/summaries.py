@@ -45,6 +45,7 @@ def training_summary_markdown(card: dict, summary: dict) -> str:
         ("data version", card.get("data_version")),
         ("model version", card.get("model_version")),
         ("device", card.get("device")),
+        ("processes (DDP)", card.get("world_size")),
         ("images/s", summary.get("images_per_second", card.get("images_per_second"))),
         *((f"final {name}", value) for name, value in losses.items()),
     ]

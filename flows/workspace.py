@@ -299,13 +299,13 @@ def dvc_default_remote(workspace: Path) -> str | None:
     return proc.stdout.strip() or None
 
 
-def dvc_push(workspace: Path, pool: Path) -> str:
-    """Push every output of the pipeline and the pool's .dvc files to the default remote."""
-    shards = sorted(pool.glob("*.dvc")) if pool.is_dir() else []
-    targets = ["dvc.yaml", *(os.path.relpath(p, workspace) for p in shards)]
+def dvc_push(workspace: Path) -> str:
+    """Push every cached output of the pipeline and every `.dvc`-tracked dataset (raw data,
+    the pool) to the default remote; returns DVC's last line ("N files pushed")."""
     proc = subprocess.run(
-        ["dvc", "push", *targets], cwd=workspace, env=tool_env(), capture_output=True, text=True
+        ["dvc", "push"], cwd=workspace, env=tool_env(), capture_output=True, text=True
     )
     if proc.returncode != 0:
         raise RuntimeError(f"dvc push failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    lines = proc.stdout.strip().splitlines()
+    return lines[-1] if lines else ""

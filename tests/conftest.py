@@ -94,7 +94,8 @@ def shapes_folder(tmp_path: Path) -> Path:
 
 def build_workspace(ws: Path, params: dict | None = None, git: bool = False) -> Path:
     """A project workspace: dvc.yaml, params.yaml, the code deps, a tiny raw dataset, DVC
-    initialised; with `git`, a git repository with the project committed (as a clone is)."""
+    initialised; with `git`, a git repository with the project committed (as a clone is)
+    and the raw data under DVC."""
     ws.mkdir(parents=True)
     shutil.copy(REPO / "dvc.yaml", ws / "dvc.yaml")
     for package in ("tasks", "synthloop", "flows"):
@@ -110,6 +111,7 @@ def build_workspace(ws: Path, params: dict | None = None, git: bool = False) -> 
         subprocess.run(["git", "init", "-q", "-b", "main"], cwd=ws, check=True)
         run_tool("dvc", "init", "-q", cwd=ws)
         run_tool("dvc", "config", "core.analytics", "false", cwd=ws)
+        run_tool("dvc", "add", "-q", "data/raw/shapes", cwd=ws)  # raw data under DVC
         git_commit(ws, "project")
     else:
         run_tool("dvc", "init", "--no-scm", "-q", cwd=ws)

@@ -274,8 +274,30 @@ def test_the_ui_shows_the_manual_deployment_and_its_parameter_form(server, serve
         form.wait_for(timeout=60_000)
         assert page.get_by_text("Dry Run").first.is_visible()
         page.screenshot(path=str(SCREENSHOTS / "prefect-ui-manual-run-form.png"), full_page=True)
+
+        # Submit the form as it stands (every field empty: params.yaml as it is).
+        before = {r.id for r in server.call(manual_runs)}
+        page.get_by_role("button", name="Submit").click()
+        run = wait_until(
+            lambda: next((r for r in server.call(manual_runs) if r.id not in before), None),
+            60,
+            "the run the form submitted",
+        )
+        run = wait_for_run(server, run.id)
+        assert run.state.is_completed(), run.state
+        page.goto(f"{server.url}/runs/flow-run/{run.id}?tab=Artifacts", wait_until="networkidle")
+        page.get_by_text("closed-loop-summary").first.wait_for(timeout=60_000)
+        page.screenshot(path=str(SCREENSHOTS / "prefect-ui-run-artifacts.png"), full_page=True)
         browser.close()
     assert (SCREENSHOTS / "prefect-ui-manual-run-form.png").stat().st_size > 10_000
+
+
+async def manual_runs(client):  # noqa: ANN001, ANN201
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    return await client.read_flow_runs(
+        deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["manual"]))
+    )
 
 
 def test_prefect_yaml_deploys_both_deployments_to_a_work_pool(server, tmp_path):

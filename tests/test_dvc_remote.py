@@ -77,11 +77,10 @@ def test_a_run_pushes_to_the_remote_and_a_fresh_clone_pulls_it_back(
     for key, value in CREDENTIALS.items():
         monkeypatch.setenv(key, value)
     ws = build_workspace(tmp_path / "ws", git=True)
-    # What a user does once: a default remote, and the raw data under DVC.
+    # What a user does once: a default remote (the raw data is already under DVC).
     run_tool("dvc", "remote", "add", "-d", "storage", "s3://synthloop/dvc", cwd=ws)
     run_tool("dvc", "remote", "modify", "storage", "endpointurl", url, cwd=ws)
-    run_tool("dvc", "add", "-q", "data/raw/shapes", cwd=ws)
-    git_commit(ws, "DVC remote; raw data under DVC")
+    git_commit(ws, "DVC remote")
 
     result = closed_loop(params_path=str(ws / "params.yaml"))
     assert result["passed"]
@@ -94,7 +93,7 @@ def test_a_run_pushes_to_the_remote_and_a_fresh_clone_pulls_it_back(
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(ws), str(clone)], check=True)
     subprocess.run(["git", "checkout", "-q", commit], cwd=clone, check=True)
-    run_tool("dvc", "pull", cwd=clone)
+    pulled = run_tool("dvc", "pull", cwd=clone)
 
     # Every dataset and model of the run came back, byte for byte.
     folders = [
@@ -110,7 +109,7 @@ def test_a_run_pushes_to_the_remote_and_a_fresh_clone_pulls_it_back(
         "models/generator",
     ]
     original = digests(ws, folders)
-    assert digests(clone, folders) == original
+    assert digests(clone, folders) == original, pulled.stdout + pulled.stderr
     assert any(p.startswith("data/pool/part-r0001.parquet") for p in original)
     assert (clone / "reports/validation.json").read_text() == (
         ws / "reports/validation.json"
