@@ -409,6 +409,9 @@ class ValidateConfig(_Model):
     )
     utility_repeats: PositiveInt = Field(2, description="seeds averaged at the scarce size")
     batch_size: PositiveInt = 256
+    shard_rows: PositiveInt = Field(
+        8192, description="images per feature shard (rounded up to a multiple of batch_size)"
+    )
     seed: int = 0
     device: Device = "auto"
     gates: GateConfig = GateConfig()

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 _SPEC_MODULES = {
     "ingest": "tasks.ingest",
     "augment": "tasks.augment",
+    "validate": "tasks.validate",
 }
 SHARDED_STAGES: tuple[str, ...] = tuple(_SPEC_MODULES)
 

@@ -91,12 +91,11 @@ def _train_evaluator(params: Params) -> dict:
 
 
 def _validate(params: Params) -> dict:
-    from tasks.validate import run_validate
+    from synthloop.sharding import run_inline
 
-    classes = _classes(params.train_evaluator.output / "config.json")
-    extra = requested_extra(params, classes)
-    requested = {c: params.generate.per_class + extra.get(c, 0) for c in classes}
-    return run_validate(params.validation, params.train_evaluator, requested)
+    # The feature shards, cached or computed here; tasks.validate.validate_job adds what
+    # generate was asked for per class.
+    return run_inline("validate", params)
 
 
 STAGES: dict[str, Callable[[Params], dict]] = {

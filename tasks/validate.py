@@ -14,29 +14,46 @@ real clean data only, `tasks/evaluator.py`):
 Per sample, an image is accepted when the evaluator gives its intended class at least
 `min_confidence`, it is not a near copy, and it is not a duplicate of an accepted image.
 The gates decide whether the loop may promote the accepted rows; this stage only reports.
+
+Sharded (synthloop/sharding.py): the evaluator features of the real train and test splits
+and of the synthetic images are computed in shards of whole batches, each saved as
+`features.npy` in the shard cache (the flow can compute them beforehand as parallel tasks);
+the merge concatenates them and computes everything else from them, as one process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import math
 import os
-from dataclasses import replace
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 
-from synthloop.config import EvaluatorConfig, GateConfig, ValidateConfig
+from synthloop.config import EvaluatorConfig, GateConfig, Params, ValidateConfig
 from synthloop.dataset import (
     IMAGE_SCHEMA,
     ShardWriter,
     atomic_dir,
     iter_batches,
     remove_stale_temporaries,
+    shard_paths,
     write_json,
 )
+from synthloop.sharding import Shard, StageSpec, cached_result, chunks, digest, run_uncached
 from tasks.evaluator import (
+    CONFIG,
+    WEIGHTS,
     Evaluator,
     Splits,
     accuracy,
@@ -44,7 +61,7 @@ from tasks.evaluator import (
     small_image_cpu_threads,
     train_net,
 )
-from tasks.images import ImageTensors, load_image_tensors, resolve_device
+from tasks.images import ImageTensors, decode_rows, load_image_tensors, resolve_device
 from tasks.metrics import (
     class_consistency,
     fid_kid_features,
@@ -239,20 +256,36 @@ def utility(
 # --- the stage -----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ValidateJob:
+    """The stage's params and what it needs besides: `evaluator` shapes the utility
+    classifiers (the evaluator's architecture); `requested` is what generate was asked for
+    per class (a shortfall is an expectation)."""
+
+    validate: ValidateConfig
+    evaluator: EvaluatorConfig
+    requested: dict[str, int] | None = None
+
+
 def run_validate(
     cfg: ValidateConfig,
     evaluator_cfg: EvaluatorConfig | None = None,
     requested_per_class: dict[str, int] | None = None,
 ) -> dict:
-    """Validate `cfg.synthetic`; accepted rows to `cfg.accepted`, the report to `cfg.report`.
+    """Validate `cfg.synthetic`; accepted rows to `cfg.accepted`, the report to `cfg.report`."""
+    job = ValidateJob(cfg, evaluator_cfg or EvaluatorConfig(), requested_per_class)
+    return run_uncached(SHARDING, job)
 
-    `evaluator_cfg` shapes the utility classifiers (the evaluator's architecture);
-    `requested_per_class` is what generate was asked for (a shortfall is an expectation).
-    """
-    device = resolve_device(cfg.device)
-    evaluator = load_evaluator(cfg.evaluator, device=device, batch_size=cfg.batch_size)
-    with small_image_cpu_threads(device, evaluator.size):
-        return _validate(cfg, evaluator, evaluator_cfg or EvaluatorConfig(), requested_per_class)
+
+def validate_job(params: Params) -> ValidateJob:
+    """The job from all params: per evaluator class, generate.per_class plus its extras
+    (generate.per_class_extra and people's feedback requests)."""
+    from synthloop.stages import _classes, requested_extra  # the registry's rules, shared
+
+    classes = _classes(params.train_evaluator.output / CONFIG)
+    extra = requested_extra(params, classes)
+    requested = {c: params.generate.per_class + extra.get(c, 0) for c in classes}
+    return ValidateJob(params.validation, params.train_evaluator, requested)
 
 
 def _validate(
@@ -260,7 +293,9 @@ def _validate(
     evaluator: Evaluator,
     evaluator_cfg: EvaluatorConfig,
     requested_per_class: dict[str, int] | None,
+    features: dict[str, torch.Tensor],
 ) -> dict:
+    """Everything but the features (`features[split]`, in the rows' order) from here."""
     remove_stale_temporaries(cfg.accepted)
     device = evaluator.device
     classes = evaluator.classes
@@ -271,9 +306,8 @@ def _validate(
     )
     synthetic = load_image_tensors(cfg.synthetic, classes=classes)
 
-    train_f = evaluator.features(splits.train.images)
-    test_f = evaluator.features(splits.test.images)
-    syn_f = evaluator.features(synthetic.images)
+    train_f, test_f, syn_f = (features[split] for split in SPLITS)
+    _check_rows({"train": splits.train, "test": splits.test, "synthetic": synthetic}, features)
     figures = fidelity(
         train_f, test_f, syn_f, splits.train.labels, synthetic.labels, classes, cfg.k, cfg.seed
     )
@@ -378,3 +412,176 @@ def _write_accepted(cfg: ValidateConfig, accepted_ids: set[str]) -> None:
                 if row["id"] in accepted_ids and row["id"] not in written:
                     written.add(row["id"])
                     writer.append(row)
+
+
+def _check_rows(data: dict[str, ImageTensors], features: dict[str, torch.Tensor]) -> None:
+    """A dataset rewritten between planning and loading would misalign rows and features."""
+    for split, rows in data.items():
+        if len(features[split]) != len(rows):
+            raise RuntimeError(
+                f"validate: {len(features[split])} {split} features for {len(rows)} images; "
+                "the dataset changed while the stage ran, run it again"
+            )
+
+
+# --- plan -> shard -> merge (synthloop/sharding.py) ------------------------------------------
+
+SPLITS = ("train", "test", "synthetic")  # the feature sets, in shard order
+FEATURES = "features.npy"  # a shard's (rows, feature_dim) float32 features
+
+
+@dataclass(frozen=True)
+class FeatureWork:
+    """Rows `start` to `stop` of the dataset `directory` (the feature set `split`), on
+    `device`: resolved when planned, so a worker computes what the key says."""
+
+    split: str
+    directory: Path
+    start: int
+    stop: int
+    device: str
+
+
+def shard_size(shard_rows: int, batch_size: int) -> int:
+    """`shard_rows` rounded up to whole batches: a shard's batches are then exactly the
+    unsharded run's batches, so its features are the same bits on CPU."""
+    return -(-shard_rows // batch_size) * batch_size
+
+
+def split_dirs(cfg: ValidateConfig) -> dict[str, Path]:
+    return {"train": cfg.clean / "train", "test": cfg.clean / "test", "synthetic": cfg.synthetic}
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def files_identity(paths: list[Path]) -> list[tuple[str, int, int]]:
+    """Name, size and mtime of each file (as DVC's own change check)."""
+    return [(p.name, (st := p.stat()).st_size, st.st_mtime_ns) for p in paths]
+
+
+def plan_validate(job: ValidateJob) -> list[Shard]:
+    """Shards of whole batches of each feature set. A shard's fingerprint holds the
+    evaluator's bytes, the identity of its dataset's files, the device and torch's
+    version: features computed for other weights, data or kernels are never reused."""
+    cfg = job.validate
+    size = shard_size(cfg.shard_rows, cfg.batch_size)
+    evaluator = (file_digest(cfg.evaluator / WEIGHTS), file_digest(cfg.evaluator / CONFIG))
+    device = str(resolve_device(cfg.device))
+    work: list[tuple[FeatureWork, str]] = []
+    for split, directory in split_dirs(cfg).items():
+        files = shard_paths(directory)
+        rows = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
+        if rows == 0:
+            raise ValueError(f"{directory}: the dataset is empty")
+        identity = digest(evaluator, torch.__version__, files_identity(files))
+        work += [
+            (FeatureWork(split, directory, r.start, r.stop, device), identity)
+            for r in chunks(rows, size)
+        ]
+    return [
+        Shard("validate", i, len(work), digest(w, identity), w)
+        for i, (w, identity) in enumerate(work)
+    ]
+
+
+def decode_range(directory: Path, start: int, stop: int) -> torch.Tensor:
+    """Rows `start` to `stop` of a dataset (in its stable order), decoded; files wholly
+    outside the range are not read."""
+    parts: list[torch.Tensor] = []
+    offset = 0
+    for path in shard_paths(directory):
+        file = pq.ParquetFile(path)
+        lo, hi = max(start - offset, 0), min(stop - offset, file.metadata.num_rows)
+        offset += file.metadata.num_rows
+        if lo < hi:
+            rows = file.read(columns=["image", "channels"]).slice(lo, hi - lo).to_pydict()
+            parts.append(decode_rows(rows["image"], int(rows["channels"][0])))
+    return torch.cat(parts)
+
+
+def run_validate_shard(job: ValidateJob, shard: Shard, out: Path) -> dict:
+    """One shard's evaluator features into `features.npy`; returns its split and size."""
+    work: FeatureWork = shard.work
+    cfg = job.validate
+    device = torch.device(work.device)
+    evaluator = load_evaluator(cfg.evaluator, device=device, batch_size=cfg.batch_size)
+    images = decode_range(work.directory, work.start, work.stop)
+    started = time.perf_counter()
+    with _shared_cpu_threads(device, evaluator.size):
+        features = evaluator.features(images).cpu().numpy()
+    np.save(out / FEATURES, features)
+    return {
+        "split": work.split,
+        "rows": len(features),
+        "device": device.type,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def load_features(folders: list[Path]) -> dict[str, torch.Tensor]:
+    """Each feature set from its shards, in shard order: memory-mapped, so only the one
+    concatenation per set is ever held in memory."""
+    arrays: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+    for folder in folders:
+        split = (cached_result(folder) or {})["split"]
+        arrays[split].append(np.load(folder / FEATURES, mmap_mode="r"))
+    return {split: torch.from_numpy(np.concatenate(parts)) for split, parts in arrays.items()}
+
+
+def merge_validate(job: ValidateJob, folders: list[Path]) -> dict:
+    """The features from the shards; everything else computed here, into the outputs."""
+    cfg = job.validate
+    device = resolve_device(cfg.device)
+    evaluator = load_evaluator(cfg.evaluator, device=device, batch_size=cfg.batch_size)
+    features = load_features(folders)
+    with small_image_cpu_threads(device, evaluator.size):
+        return _validate(cfg, evaluator, job.evaluator, job.requested, features)
+
+
+class _Shared:
+    """A context entered by the first of overlapping users and left after the last."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._scope = contextlib.ExitStack()
+
+    @contextlib.contextmanager
+    def hold(self, make: Callable[[], AbstractContextManager]) -> Iterator[None]:
+        with self._lock:
+            self._users += 1
+            if self._users == 1:
+                self._scope.enter_context(make())
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    self._scope.close()
+
+
+# One intra-op thread on CPU while any shard runs (`small_image_cpu_threads`), shared:
+# shards in threads of one process (the threads runner) overlap, and the first to finish
+# must not restore the thread count under the others.
+_SHARD_THREADS = _Shared()
+
+
+def _shared_cpu_threads(device: torch.device, size: int) -> AbstractContextManager:
+    return _SHARD_THREADS.hold(lambda: small_image_cpu_threads(device, size))
+
+
+SHARDING = StageSpec(
+    stage="validate",
+    config=validate_job,
+    plan=plan_validate,
+    run_shard=run_validate_shard,
+    merge=merge_validate,
+    modules=("tasks.validate", "tasks.evaluator", "tasks.images", "synthloop.dataset"),
+)

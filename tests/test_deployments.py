@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -81,7 +82,9 @@ class PrefectServer:
             async with self.client() as client:
                 return await coro_fn(client)
 
-        return asyncio.run(go())
+        # In a thread of its own: the caller may be inside an event loop (Playwright's).
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, go()).result()
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -5,12 +5,15 @@ a failing shard names its stage and shard."""
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import shutil
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from synthloop.cli import main as synthloop
@@ -227,3 +230,120 @@ def test_unknown_stage_is_refused(ws):
     assert SHARDED_STAGES[:2] == ("ingest", "augment")
     with pytest.raises(ValueError, match="'train' is not sharded"):
         prepare_shards("train", str(ws / "params.yaml"))
+
+
+# --- validate: evaluator features in shards ------------------------------------------------
+
+UPSTREAM = ("ingest", "clean", "train_evaluator", "augment", "fuse", "train", "generate")
+
+
+def validate_outputs(ws: Path) -> tuple[dict, dict[str, str]]:
+    """(the report's figures, sha256 of each accepted file); the report holds no timings."""
+    report = json.loads((ws / "reports/validation.json").read_text())
+    accepted = sorted(p for p in (ws / "data/accepted").rglob("*") if p.is_file())
+    assert accepted
+    return report, {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in accepted}
+
+
+@pytest.fixture(scope="module")
+def validate_base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
+    """A workspace with every stage before validate run on tiny params, and validate's
+    outputs computed inline: clean train/test 48/6 rows and 24 synthetic in feature shards
+    of 16 (shard_rows 10 rounded up to 2 batches of 8): 3 + 1 + 2 shards."""
+    ws = tmp_path_factory.mktemp("validate") / "ws"
+    make_image_folder(ws / "data/raw/shapes", classes=3, per_class=20, size=16, seed=1)
+    for folder in ("pool", "feedback"):
+        (ws / "data" / folder).mkdir(parents=True)
+    params = small_params()
+    params["validate"].update(batch_size=8, shard_rows=10, device="cpu")
+    params["orchestration"] = {"task_runner": "threads", "max_workers": 2}
+    (ws / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SYNTHLOOP_PARAMS", str(ws / "params.yaml"))  # restored afterwards
+        for stage in (*UPSTREAM, "validate"):
+            run_stage(ws, stage)
+    assert not cache_dir(ws, "validate").exists()
+    report, accepted = validate_outputs(ws)
+    return ws, report, accepted
+
+
+@pytest.fixture
+def vws(validate_base, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the validate workspace, without validate's outputs."""
+    ws = shutil.copytree(validate_base[0], tmp_path / "ws", symlinks=True)
+    shutil.rmtree(ws / "data/accepted")
+    (ws / "reports/validation.json").unlink()
+    monkeypatch.setenv("SYNTHLOOP_PARAMS", str(ws / "params.yaml"))
+    return ws
+
+
+def test_validate_from_prepared_features_equals_the_inline_run(
+    vws, validate_base, prefect_api, monkeypatch
+):
+    from flows.sharded import prepare_shards
+    from tasks.evaluator import Evaluator, load_evaluator, small_image_cpu_threads
+    from tasks.images import load_image_tensors
+    from tasks.validate import load_features
+
+    _, inline_report, inline_accepted = validate_base
+    summary = prepare_shards("validate", str(vws / "params.yaml"))
+    assert summary == {"stage": "validate", "shards": 6, "computed": 6, "reused": 0}
+
+    # The shards' features are the unsharded extraction's, bit for bit.
+    features = load_features([cache_dir(vws, "validate") / key for key in keys(vws, "validate")])
+    evaluator = load_evaluator(vws / "models/evaluator", batch_size=8)
+    with small_image_cpu_threads(evaluator.device, evaluator.size):
+        for split, folder in (("train", "clean/train"), ("synthetic", "synthetic")):
+            whole = evaluator.features(load_image_tensors(vws / "data" / folder).images)
+            assert torch.equal(features[split], whole), split
+
+    with monkeypatch.context() as patch:  # the stage must extract no feature itself
+
+        def refuse(*_: object) -> None:
+            raise AssertionError("validate: features were computed again instead of reused")
+
+        patch.setattr(Evaluator, "features", refuse)
+        run_stage(vws, "validate")
+    assert validate_outputs(vws) == (inline_report, inline_accepted)
+    assert not cache_dir(vws, "validate").exists()
+
+
+def test_validate_keys_change_with_evaluator_weights_and_data(vws):
+    from safetensors.torch import load_file, save_file
+
+    before = keys(vws, "validate")
+    assert len(set(before)) == 6 and keys(vws, "validate") == before
+
+    # A touched synthetic file: only the synthetic shards (the last two) get new keys.
+    part = sorted((vws / "data/synthetic").glob("part-*.parquet"))[0]
+    os.utime(part, ns=(part.stat().st_atime_ns, part.stat().st_mtime_ns + 10**9))
+    touched = keys(vws, "validate")
+    assert [a != b for a, b in zip(before, touched, strict=True)] == [False] * 4 + [True] * 2
+
+    weights = vws / "models/evaluator/weights.safetensors"
+    state = load_file(weights)
+    name = next(iter(state))
+    state[name] = state[name] + 1e-3
+    save_file(state, weights)
+    assert not set(keys(vws, "validate")) & set(touched)  # new weights: every key is new
+
+
+def test_a_missing_validate_shard_is_computed_inline(vws, validate_base, prefect_api, monkeypatch):
+    import tasks.validate
+    from flows.sharded import prepare_shards
+
+    prepare_shards("validate", str(vws / "params.yaml"))
+    missing = keys(vws, "validate")[4]  # the first synthetic shard
+    shutil.rmtree(cache_dir(vws, "validate") / missing)
+
+    decoded: list[tuple[int, int]] = []
+    real = tasks.validate.decode_range
+
+    def decode_range(directory: Path, start: int, stop: int) -> torch.Tensor:
+        decoded.append((start, stop))
+        return real(directory, start, stop)
+
+    monkeypatch.setattr(tasks.validate, "decode_range", decode_range)
+    run_stage(vws, "validate")
+    assert decoded == [(0, 16)]  # that shard only
+    assert validate_outputs(vws) == validate_base[1:]
