@@ -288,7 +288,8 @@ def test_the_ui_shows_the_manual_deployment_and_its_parameter_form(server, serve
         )
         run = wait_for_run(server, run.id)
         assert run.state.is_completed(), run.state
-        page.goto(f"{server.url}/runs/flow-run/{run.id}?tab=Artifacts", wait_until="networkidle")
+        page.goto(f"{server.url}/runs/flow-run/{run.id}", wait_until="networkidle")
+        page.get_by_text("Artifacts", exact=True).first.click()
         page.get_by_text("closed-loop-summary").first.wait_for(timeout=60_000)
         page.screenshot(path=str(SCREENSHOTS / "prefect-ui-run-artifacts.png"), full_page=True)
         browser.close()
