@@ -199,3 +199,42 @@ def test_prefect_yaml_matches_params_and_the_served_deployments():
     (cron,) = served["nightly"].schedules
     assert cron.schedule.cron == params.schedule.cron
     assert not served["manual"].schedules
+
+
+@pytest.mark.integration
+def test_a_run_that_finds_the_workspace_busy_stops_without_changing_anything(
+    workspace, prefect_api
+):
+    from flows.closed_loop import closed_loop
+
+    params_before = (workspace / "params.yaml").read_text()
+    with WorkspaceLock(workspace, holder="flow run nightly-otter"):
+        state = closed_loop(
+            params_path=str(workspace / "params.yaml"),
+            run=RunParameters(max_rounds=3),
+            return_state=True,
+        )
+    assert state.is_failed()
+    with pytest.raises(WorkspaceBusy, match="in use by flow run nightly-otter"):
+        state.result()
+    assert (workspace / "params.yaml").read_text() == params_before
+    assert not (workspace / "data/ingested").exists() and not (workspace / "dvc.lock").exists()
+
+
+@pytest.mark.integration
+def test_a_dry_run_reports_the_plan_and_writes_nothing(workspace, prefect_api):
+    from flows.closed_loop import closed_loop
+
+    params_before = (workspace / "params.yaml").read_text()
+    plan = closed_loop(
+        params_path=str(workspace / "params.yaml"),
+        run=RunParameters(dry_run=True, family="diffusion"),
+    )
+    assert plan["result"] == "dry run"
+    assert plan["overrides"] == {"train": {"family": "diffusion"}}
+    assert set(plan["stale_stages"]) == {
+        "ingest", "clean", "train_evaluator", "augment", "fuse", "train", "generate", "validate"
+    }  # fmt: skip
+    assert plan["changed_inputs"] is None  # no successful run yet
+    assert (workspace / "params.yaml").read_text() == params_before
+    assert not (workspace / "data/ingested").exists()
