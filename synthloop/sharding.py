@@ -44,6 +44,7 @@ _SPEC_MODULES = {
     "ingest": "tasks.ingest",
     "augment": "tasks.augment",
     "validate": "tasks.validate",
+    "clean": "tasks.clean",
 }
 SHARDED_STAGES: tuple[str, ...] = tuple(_SPEC_MODULES)
 

@@ -26,9 +26,9 @@ def _ingest(params: Params) -> dict:
 
 
 def _clean(params: Params) -> dict:
-    from tasks.clean import run_clean
+    from synthloop.sharding import run_inline
 
-    return run_clean(params.clean)
+    return run_inline("clean", params)
 
 
 def _augment(params: Params) -> dict:

@@ -34,7 +34,8 @@ import warnings
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,13 +49,13 @@ from synthloop.dataset import (
     IMAGE_SCHEMA,
     QUARANTINE_SCHEMA,
     atomic_dir,
-    iter_batches,
     read_columns,
     remove_stale_temporaries,
     shard_paths,
     write_json,
     write_table,
 )
+from synthloop.sharding import Shard, StageSpec, cached_result, chunks, digest, run_uncached
 
 if TYPE_CHECKING:
     import pandas as pd  # imported where used: decode workers never need it (~0.3 s each)
@@ -801,66 +802,191 @@ class _TableShards:
         self.flush()
 
 
-# --- the stage ---------------------------------------------------------------------------
+# --- the stage: plan -> shard -> merge (synthloop/sharding.py) ---------------------------
+
+SHARD_BATCHES = 8  # pass-1 batches (of BATCH_ROWS rows) per shard, at most
+COLUMNS = ["id", "label", "source", "path", "image"]
+_NUMBERS = ("split_keys", "pixel_hashes", "dhashes", "thumbnails")  # per kept row, as .npy
+_EMPTY = {name: np.empty(0, np.uint64) for name in _NUMBERS} | {
+    "thumbnails": np.empty((0, 64), np.uint8)
+}
 
 
 def run_clean(cfg: CleanConfig, validate: bool = True) -> dict:
     """Clean `cfg.input` into `cfg.output/{train,val,test}`; returns the report it writes."""
+    spec = SHARDING if validate else replace(SHARDING, merge=partial(merge_clean, validate=False))
+    return run_uncached(spec, cfg)
+
+
+@dataclass(frozen=True)
+class CleanWork:
+    """Rows `start` to `stop` of the ingested part file `part`; `total_rows` of the whole
+    input decides whether the stage's own run decodes in worker processes."""
+
+    part: str
+    start: int
+    stop: int
+    total_rows: int
+
+
+def plan_clean(cfg: CleanConfig) -> list[Shard]:
+    """Per ingested part file, shards of SHARD_BATCHES * BATCH_ROWS rows. Fingerprint: the
+    part's name, size and mtime (ingest rewrites a part whenever its rows change)."""
+    paths = shard_paths(cfg.input)
+    counts = [pq.ParquetFile(p).metadata.num_rows for p in paths]
+    total = sum(counts)
+    pieces = [
+        (path, rows)
+        for path, count in zip(paths, counts, strict=True)
+        for rows in chunks(count, SHARD_BATCHES * BATCH_ROWS)
+    ]
+    shards = []
+    for index, (path, rows) in enumerate(pieces):
+        stat = path.stat()
+        fingerprint = digest(path.name, stat.st_size, stat.st_mtime_ns, rows.start, rows.stop)
+        work = CleanWork(path.name, rows.start, rows.stop, total)
+        shards.append(Shard("clean", index, len(pieces), fingerprint, work))
+    return shards
+
+
+def run_clean_shard(cfg: CleanConfig, shard: Shard, out: Path) -> dict:
+    """Pass 1 on one shard's rows: the kept rows, converted, staged as out/part-*.parquet
+    (IMAGE_SCHEMA), the per-image rejections as out/quarantine.parquet, and the numbers the
+    whole-dataset rules need as out/<name>.npy; returns the counts."""
+    work: CleanWork = shard.work
+    pool = _pass1_pool(cfg, work.total_rows)
+    try:
+        results = list(pool.stage(_read_rows(cfg, work), out, cfg))
+    except BaseException:
+        _drop_pool()  # cancel what is queued, wait for what runs: no worker outlives the stage
+        raise
+    quarantined = [row for r in results for row in r.quarantined]
+    write_table(out / "quarantine.parquet", quarantined, QUARANTINE_SCHEMA)
+    for name in _NUMBERS:  # stage_batch gives each, empty or not, its dtype and width
+        parts = [getattr(r, name) for r in results]
+        np.save(out / f"{name}.npy", np.concatenate(parts) if parts else _EMPTY[name])
+    return {
+        "rows": sum(r.rows for r in results),
+        "kept": sum(len(r.ids) for r in results),
+        "resized": sum(r.resized for r in results),
+        "channels_converted": sum(r.channels_converted for r in results),
+    }
+
+
+def _read_rows(cfg: CleanConfig, work: CleanWork) -> Iterator[pa.RecordBatch]:
+    """The work's rows in batches of at most BATCH_ROWS."""
+    position = 0
+    source = pq.ParquetFile(Path(cfg.input) / work.part)
+    for batch in source.iter_batches(batch_size=BATCH_ROWS, columns=COLUMNS):
+        lo, hi = max(work.start - position, 0), min(work.stop - position, batch.num_rows)
+        if lo < hi:
+            yield batch.slice(lo, hi - lo)
+        position += batch.num_rows
+        if position >= work.stop:
+            return
+
+
+# The stage's own run computes its missing shards one after another in the main thread:
+# one pool of decode workers serves them all (started once, ~0.3 s per worker), released
+# by the merge. Shards computed on a flow's task runner (threads, Dask workers) decode in
+# their own thread: the runner already runs them in parallel, and a Dask worker process
+# may not have children.
+_pool: _DecodePool | None = None
+_gx_import: threading.Thread | None = None
+
+
+def _pass1_pool(cfg: CleanConfig, rows: int) -> _DecodePool:
+    global _pool, _gx_import
+    if threading.current_thread() is not threading.main_thread():
+        return _DecodePool(1)
+    if _pool is None:
+        _pool = _DecodePool(decode_workers(cfg, rows))
+        # With workers this process mostly waits: import Great Expectations meanwhile.
+        # Without, the import and the decoding would take turns on the interpreter lock,
+        # slower than one after the other (measured: +0.7 s at 100k).
+        if _pool.workers > 1 and _gx_import is None:
+            _gx_import = _prefetch_gx()
+    return _pool
+
+
+def _release_pool() -> tuple[_DecodePool | None, threading.Thread | None]:
+    """The pass-1 pool (its workers now exiting in the background) and the GX import
+    thread, handed to the merge, which waits for both."""
+    global _pool, _gx_import
+    pool, gx_import, _pool, _gx_import = _pool, _gx_import, None, None
+    if pool is not None:
+        pool.finish()
+    return pool, gx_import
+
+
+def _drop_pool() -> None:
+    global _pool
+    pool, _pool = _pool, None
+    if pool is not None:
+        pool.__exit__(None, None, None)
+
+
+def merge_clean(cfg: CleanConfig, folders: list[Path], validate: bool = True) -> dict:
+    """The shards' pass-1 results in shard order, then the whole-dataset decisions
+    (duplicates, conflicting labels, split), pass 2, the expectations and the report."""
+    pool, gx_import = _release_pool()
+    with contextlib.ExitStack() as stack:
+        if pool is not None:
+            stack.enter_context(pool)  # waits for the workers' exit at the end
+        workers = pool.workers if pool is not None else 1
+        log.info("clean: pass 1 used %d process(es)", workers)
+        return _merge(cfg, folders, validate, gx_import if validate else None)
+
+
+def _merge(
+    cfg: CleanConfig, folders: list[Path], validate: bool, gx_import: threading.Thread | None
+) -> dict:
     remove_stale_temporaries(cfg.output)
     quarantine: list[dict] = []
     reasons: Counter[str] = Counter()
     converted: Counter[str] = Counter()
     ingested = 0
 
-    # Per kept row, a batch at a time: what the whole-dataset rules need, compactly (an id
+    # Per kept row, a shard at a time: what the whole-dataset rules need, compactly (an id
     # as a numpy StringDType string: about half of a Python str in a list).
     ids: list[np.ndarray] = []  # (m,) StringDType
-    labels: list[np.ndarray] = []  # (m,) object, one str object per label and batch
-    keys: list[np.ndarray] = []  # (m,) uint64 split hashes
-    pixel_hashes: list[np.ndarray] = []  # (m,) uint64
-    dhashes: list[np.ndarray] = []  # (m,) uint64
+    labels: list[np.ndarray] = []  # (m,) object, one str object per label and shard
+    numbers: dict[str, list[np.ndarray]] = {name: [] for name in _NUMBERS[:3]}  # (m,) uint64
     # (n, 64) uint8 thumbnails go to a file: only near-duplicate candidates' are read back.
     thumbnails = _RowFile(64)
-    workers = decode_workers(cfg, _row_count(cfg.input))
-    # With worker processes this one mostly waits during pass 1: import Great Expectations
-    # (seconds) meanwhile. Without, the import thread and the decoding would take turns on
-    # the interpreter lock, slower than one after the other (measured: +0.7 s at 100k).
-    gx_import = _prefetch_gx() if validate and workers > 1 else None
-    columns = ["id", "label", "source", "path", "image"]
-    with atomic_dir(cfg.output) as out_dir, _DecodePool(workers) as pool, thumbnails:
+    with atomic_dir(cfg.output) as out_dir, thumbnails:
         staging = out_dir / "_staging"
         staging.mkdir()
         thumbnails.open(staging / "thumbnails.u8")  # removed with the staging area
-        batches = iter_batches(cfg.input, columns=columns, batch_rows=BATCH_ROWS)
-        # Pass 1: decode each image once (in `workers` processes) and stage the kept rows;
-        # keep only ids and hashes in memory. Batches come back in input order, so all
-        # below is the same whatever the number of workers.
-        with contextlib.closing(pool.stage(batches, staging, cfg)) as staged:
-            for result in staged:
-                ingested += result.rows
-                for row in result.quarantined:
-                    reasons[row["reason"]] += 1
-                quarantine.extend(result.quarantined)
-                if not result.ids:
-                    continue
-                converted["resized"] += result.resized
-                converted["channels_converted"] += result.channels_converted
-                ids.append(np.array(result.ids, dtype=np.dtypes.StringDType()))
-                labels.append(np.array(result.labels, dtype=object))
-                keys.append(result.split_keys)
-                pixel_hashes.append(result.pixel_hashes)
-                dhashes.append(result.dhashes)
-                thumbnails.write(result.thumbnails)
-        pool.finish()
-        log.info("clean: pass 1 used %d process(es)", workers)
+        for folder in folders:
+            summary = cached_result(folder) or {}
+            ingested += summary["rows"]
+            rows = pq.read_table(folder / "quarantine.parquet").to_pylist()
+            for row in rows:
+                reasons[row["reason"]] += 1
+            quarantine.extend(rows)
+            if not summary["kept"]:
+                continue
+            converted["resized"] += summary["resized"]
+            converted["channels_converted"] += summary["channels_converted"]
+            kept = pa.concat_tables(
+                pq.read_table(p, columns=["id", "label"]) for p in _staged(folder)
+            )
+            ids.append(np.array(kept["id"].to_pylist(), dtype=np.dtypes.StringDType()))
+            label = kept["label"].combine_chunks().dictionary_encode()
+            names = np.array(label.dictionary.to_pylist(), dtype=object)
+            labels.append(names[label.indices.to_numpy()])
+            for name, parts in numbers.items():
+                parts.append(np.load(folder / f"{name}.npy"))
+            thumbnails.write(np.load(folder / "thumbnails.npy"))
 
         id_array = _concatenate(ids, np.dtypes.StringDType())
         label_array = _concatenate(labels, object)
         keep, dup_rejections = resolve_duplicates(
             id_array,
             label_array,
-            _concatenate(pixel_hashes, np.uint64),
-            _concatenate(dhashes, np.uint64),
+            _concatenate(numbers["pixel_hashes"], np.uint64),
+            _concatenate(numbers["dhashes"], np.uint64),
             thumbnails.read(),
             cfg.near_duplicate_distance,
             cfg.near_duplicate_difference,
@@ -871,15 +997,17 @@ def run_clean(cfg: CleanConfig, validate: bool = True) -> dict:
             label_array[keep],
             cfg.split.fractions(),
             cfg.seed,
-            _concatenate(keys, np.uint64)[keep],
+            _concatenate(numbers["split_keys"], np.uint64)[keep],
         )
         known = cfg.labels if cfg.labels is not None else sorted(set(label_array[keep]))
-        del id_array, label_array  # pass 2 reads ids and labels back from the staging area
+        del id_array, label_array  # pass 2 reads ids and labels back from the shards
 
-        # Pass 2: route the staged rows, already in pass-1 order, to their split. (Run
-        # beside the validation in a thread it saved 0.2 s at 100,000 rows, lost time at
-        # 1,000,000 and raised the peak RSS by 100 MiB there.)
-        duplicates = _route_staged(staging, out_dir, keep, splits, dup_rejections, cfg)
+        # Pass 2: route the staged rows, in pass-1 order, to their split. (Run beside the
+        # validation in a thread it saved 0.2 s at 100,000 rows, lost time at 1,000,000 and
+        # raised the peak RSS by 100 MiB there.)
+        staged = (b for f in folders for p in _staged(f) for b in _file_batches(p))
+        duplicates = _route_staged(staged, out_dir, keep, splits, dup_rejections, cfg)
+        shutil.rmtree(staging)
         for row in duplicates:
             reasons[row["reason"]] += 1
         quarantine.extend(duplicates)
@@ -918,6 +1046,15 @@ def run_clean(cfg: CleanConfig, validate: bool = True) -> dict:
         dict(sorted(reasons.items())),
     )
     return report
+
+
+def _staged(folder: Path) -> list[Path]:
+    """A shard's staged rows, in order (one file per pass-1 batch)."""
+    return sorted(folder.glob("part-*.parquet"))
+
+
+def _file_batches(path: Path) -> Iterator[pa.RecordBatch]:
+    return pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS)
 
 
 class _RowFile:
@@ -959,11 +1096,6 @@ def _concatenate(parts: list[np.ndarray], dtype, empty_shape: tuple = (0,)) -> n
     return out
 
 
-def _row_count(directory: Path) -> int:
-    """Rows in a dataset, from its shards' footers (nothing else is read)."""
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in shard_paths(directory))
-
-
 def _where(col: dict[str, list], i: int) -> dict:
     return {"id": col["id"][i], "source": col["source"][i], "path": col["path"][i]}
 
@@ -998,7 +1130,7 @@ def _row_numbers(pixels: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 def _route_staged(
-    staging: Path,
+    staged: Iterator[pa.RecordBatch],
     out_dir: Path,
     keep: np.ndarray,
     splits: np.ndarray,
@@ -1006,11 +1138,11 @@ def _route_staged(
     cfg: CleanConfig,
 ) -> list[dict]:
     """Pass 2: write the staged rows (in pass-1 order) to out_dir/<split>; returns the
-    quarantine rows of those not kept, in order. Removes the staging area."""
+    quarantine rows of those not kept, in order."""
     writers = {s: _TableShards(out_dir / s, cfg.shard_rows) for s in SPLITS}
     dropped_rows: list[dict] = []
     position = 0
-    for batch in iter_batches(staging):
+    for batch in staged:
         n = batch.num_rows
         kept_here = keep[position : position + n]
         split_here = splits[position : position + n]
@@ -1037,7 +1169,6 @@ def _route_staged(
         position += n
     for writer in writers.values():
         writer.close()
-    shutil.rmtree(staging)
     return dropped_rows
 
 
@@ -1078,3 +1209,13 @@ def _report(
     }
     assert report["ingested"] == report["kept"] + report["quarantined_total"], report
     return report
+
+
+SHARDING = StageSpec(
+    stage="clean",
+    config=lambda params: params.clean,
+    plan=plan_clean,
+    run_shard=run_clean_shard,
+    merge=merge_clean,
+    modules=("tasks.clean", "synthloop.dataset"),
+)

@@ -17,6 +17,7 @@ from PIL import Image
 import tasks.clean as clean_module
 from synthloop.config import parse_params
 from synthloop.procedural import make_image_folder
+from synthloop.sharding import ShardFailed
 from tasks.clean import run_clean
 from tasks.ingest import run_ingest
 from tests.conftest import small_params
@@ -137,7 +138,8 @@ def test_an_error_in_a_worker_fails_the_stage_and_keeps_the_previous_version(tmp
 
     monkeypatch.setattr(clean_module, "BATCH_ROWS", 16)
     monkeypatch.setattr(clean_module, "POOL_MIN_ROWS", 0)
-    with pytest.raises(TypeError):
+    # Pass 1 runs as shards (synthloop/sharding.py): the failure names the shard and cause.
+    with pytest.raises(ShardFailed, match=r"'clean': shard 1 .*TypeError"):
         run_clean(params.clean, validate=False)
     assert outputs_digest(params) == before
     leftovers = [p.name for p in params.clean.output.parent.iterdir() if ".tmp-" in p.name]

@@ -104,7 +104,7 @@ def test_two_rounds_one_fails_a_gate_and_retrains_then_promotes(workspace, prefe
     assert second["stages"]["train"] == "ran" and second["stages"]["ingest"] == "skipped"
     # Round 1 computed the sharded stages' shards as tasks; round 2 had nothing stale there.
     assert first["shards"]["ingest"]["computed"] == first["shards"]["ingest"]["shards"] > 1
-    assert set(first["shards"]) == {"ingest", "augment", "validate"}
+    assert set(first["shards"]) == {"ingest", "clean", "augment", "validate"}
     assert "ingest" not in second["shards"] and "validate" in second["shards"]
     assert not list((workspace / ".synthloop/shards/ingest").glob("*"))  # merged, then removed
     assert second["promotion"]["promoted"] > 0
