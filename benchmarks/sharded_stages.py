@@ -1,7 +1,7 @@
-"""Sharded ingest and augment: one process vs their shards as Prefect tasks (threads, Dask).
+"""Sharded stages (ingest, clean, augment): one process vs their shards as Prefect tasks.
 
     python benchmarks/sharded_stages.py [--images 20000] [--size 16] [--repeats 3]
-                                        [--workers 2] [--stages ingest augment]
+                                        [--workers 2] [--stages ingest clean augment]
                                         [--runners inline threads dask] [--workdir DIR]
 
 A procedural image folder of N PNGs is made once under the work dir. For each stage and
@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 
 OUTPUTS = {
     "ingest": ["data/ingested", "data/quarantine/ingest.parquet", "reports/ingest.json"],
+    "clean": ["data/clean", "data/quarantine/clean.parquet"],
     "augment": ["data/augmented"],
 }
 
@@ -100,7 +101,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--stages", nargs="+", default=["ingest", "augment"])
+    parser.add_argument("--stages", nargs="+", default=["ingest", "clean", "augment"])
     parser.add_argument("--runners", nargs="+", default=["inline", "threads", "dask"])
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "sbench")
     args = parser.parse_args()
@@ -118,16 +119,15 @@ def main() -> None:
     )
     with prefect_test_harness(server_startup_timeout=120):
         for stage in args.stages:
-            if stage == "augment":  # augment reads clean's output: make it once
-                from synthloop.config import load_params
-                from synthloop.sharding import run_inline
-                from tasks.clean import run_clean
+            # clean reads ingest's output, augment clean's: made once when missing
+            from synthloop.config import load_params
+            from synthloop.sharding import run_inline
 
-                params = load_params(ws / "params.yaml")
-                if not (ws / "data/ingested").is_dir():
-                    run_inline("ingest", params, ws)
-                if not (ws / "data/clean").is_dir():
-                    run_clean(params.clean)
+            params = load_params(ws / "params.yaml")
+            upstream = {"clean": ["ingest"], "augment": ["ingest", "clean"]}.get(stage, [])
+            for before in upstream:
+                if not (ws / OUTPUTS[before][0]).is_dir():
+                    run_inline(before, params, ws)
             times: dict[str, list[float]] = {r: [] for r in args.runners}
             digests: dict[str, set[str]] = {r: set() for r in args.runners}
             for _ in range(args.repeats):
