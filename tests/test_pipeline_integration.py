@@ -58,18 +58,26 @@ def test_bad_params_stop_the_cli_before_any_work(workspace):
     assert not (workspace / "data/ingested").exists()
 
 
-def read_artifact(key: str) -> str:
+def read_artifact(key: str, flow_run_id) -> str:  # noqa: ANN001
+    """The artifact `key` of one flow run (other tests' runs share this session's API)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
 
-    async def latest() -> str:
+    async def read() -> str:
         async with get_client() as client:
             found = await client.read_artifacts(
-                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+                artifact_filter=ArtifactFilter(
+                    key=ArtifactFilterKey(any_=[key]),
+                    flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+                )
             )
             return found[0].data if found else ""
 
-    return asyncio.run(latest())
+    return asyncio.run(read())
 
 
 def test_two_rounds_one_fails_a_gate_and_retrains_then_promotes(workspace, prefect_api):
@@ -116,12 +124,13 @@ def test_two_rounds_one_fails_a_gate_and_retrains_then_promotes(workspace, prefe
     assert sum(loop["pool_per_class"].values()) == second["promotion"]["promoted"]
     assert yaml.safe_load((workspace / "params.yaml").read_text())["train"]["steps"] == 18
 
-    summary = read_artifact("closed-loop-summary")
+    run_id = state.state_details.flow_run_id
+    summary = read_artifact("closed-loop-summary", run_id)
     assert "| 1 | 1 | FAIL |" in summary and "| 2 | 2 | pass |" in summary
     assert "At 4 real images per class" in summary
-    assert "| class | train | val | test | total |" in read_artifact("clean-report")
-    assert "data:image/png;base64," in read_artifact("sample-grid")
-    assert "model version" in read_artifact("training-summary")
+    assert "| class | train | val | test | total |" in read_artifact("clean-report", run_id)
+    assert "data:image/png;base64," in read_artifact("sample-grid", run_id)
+    assert "model version" in read_artifact("training-summary", run_id)
 
 
 def test_gates_that_never_pass_fail_the_run_and_promote_nothing(workspace, prefect_api):
