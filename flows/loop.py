@@ -81,33 +81,27 @@ def dvc_hashes(workspace: Path) -> dict[str, str]:
     return dict(sorted(found.items()))
 
 
+def run_dvc(workspace: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`dvc ARGS` in the workspace with this environment's tools; a failure raises with
+    DVC's output unless `check` is off."""
+    proc = subprocess.run(
+        ["dvc", *args], cwd=workspace, env=tool_env(), capture_output=True, text=True
+    )
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
 def stale_stages(workspace: Path, *targets: str) -> list[str]:
     """The stages (of `targets`, default all) whose deps, params or outs `dvc status` finds
     changed."""
-    proc = subprocess.run(
-        ["dvc", "status", "--json", *targets],
-        cwd=workspace,
-        env=tool_env(),
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"dvc status failed:\n{proc.stdout}\n{proc.stderr}")
-    status = json.loads(proc.stdout or "{}")
+    status = json.loads(run_dvc(workspace, "status", "--json", *targets).stdout or "{}")
     return [name.split(":")[-1] for name in status if not name.endswith(".dvc")]
 
 
 def dvc_add(workspace: Path, path: Path) -> str:
     """`dvc add` one file; returns the md5 DVC recorded for it."""
-    proc = subprocess.run(
-        ["dvc", "add", "--quiet", str(path.relative_to(workspace))],
-        cwd=workspace,
-        env=tool_env(),
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"dvc add {path} failed:\n{proc.stdout}\n{proc.stderr}")
+    run_dvc(workspace, "add", "--quiet", str(path.relative_to(workspace)))
     record = yaml.safe_load(Path(f"{path}.dvc").read_text())
     return record["outs"][0]["md5"]
 

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import yaml
 
-from flows.loop import tool_env
+from flows.loop import run_dvc
 from synthloop.config import Params
+from synthloop.dataset import file_hash
 
 LOCK_FILE = ".synthloop/workspace.lock"
 # Code the stages run: a change here is a reason to run again.
@@ -115,7 +116,7 @@ def _tree_entries(root: Path) -> list[str]:
 
 
 def _file_digest(path: Path) -> str:
-    return hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest() if path.is_file() else ""
+    return file_hash(path) if path.is_file() else ""
 
 
 def _source_roots(params: Params) -> list[Path]:
@@ -291,21 +292,12 @@ def _git_config(top: Path, key: str) -> str | None:
 
 
 def dvc_default_remote(workspace: Path) -> str | None:
-    proc = subprocess.run(
-        ["dvc", "remote", "default"], cwd=workspace, env=tool_env(), capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        return None
-    return proc.stdout.strip() or None
+    proc = run_dvc(workspace, "remote", "default", check=False)
+    return (proc.stdout.strip() or None) if proc.returncode == 0 else None
 
 
 def dvc_push(workspace: Path) -> str:
     """Push every cached output of the pipeline and every `.dvc`-tracked dataset (raw data,
     the pool) to the default remote; returns DVC's last line ("N files pushed")."""
-    proc = subprocess.run(
-        ["dvc", "push"], cwd=workspace, env=tool_env(), capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"dvc push failed:\n{proc.stdout}\n{proc.stderr}")
-    lines = proc.stdout.strip().splitlines()
+    lines = run_dvc(workspace, "push").stdout.strip().splitlines()
     return lines[-1] if lines else ""

@@ -59,6 +59,15 @@ QUARANTINE_SCHEMA = pa.schema(
 )
 
 
+def file_hash(path: Path, digest_size: int = 16) -> str:
+    """blake2b of a file's bytes, read in 1 MiB blocks (weights files can be large)."""
+    digest = hashlib.blake2b(digest_size=digest_size)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def content_id(data: bytes) -> str:
     """A row's stable id: the hash of its image bytes."""
     return hashlib.blake2b(data, digest_size=16).hexdigest()

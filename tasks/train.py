@@ -37,7 +37,6 @@ Reports (train.reports): losses.csv (one row per step, for `dvc plots`), summary
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import os
@@ -54,7 +53,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from synthloop.config import DistributedConfig, TrainConfig
-from synthloop.dataset import atomic_dir, atomic_file, remove_stale_temporaries, write_json
+from synthloop.dataset import (
+    atomic_dir,
+    atomic_file,
+    file_hash,
+    remove_stale_temporaries,
+    write_json,
+)
 from tasks.generators import FAMILIES, Family
 from tasks.generators.base import derive_seed
 from tasks.images import dataset_version, load_image_tensors, resolve_device, to_float
@@ -433,11 +438,7 @@ def init_distributed(device: torch.device, backend: str) -> tuple[int, int, torc
 
 def model_version(weights: Path) -> str:
     """A content hash of the weights file: the version samples and reports refer to."""
-    digest = hashlib.blake2b(digest_size=8)
-    with open(weights, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_hash(weights, digest_size=8)
 
 
 def write_model(

@@ -24,7 +24,6 @@ the merge concatenates them and computes everything else from them, as one proce
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import os
@@ -45,6 +44,7 @@ from synthloop.dataset import (
     IMAGE_SCHEMA,
     ShardWriter,
     atomic_dir,
+    file_hash,
     iter_batches,
     remove_stale_temporaries,
     shard_paths,
@@ -452,14 +452,6 @@ def split_dirs(cfg: ValidateConfig) -> dict[str, Path]:
     return {"train": cfg.clean / "train", "test": cfg.clean / "test", "synthetic": cfg.synthetic}
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def files_identity(paths: list[Path]) -> list[tuple[str, int, int]]:
     """Name, size and mtime of each file (as DVC's own change check)."""
     return [(p.name, (st := p.stat()).st_size, st.st_mtime_ns) for p in paths]
@@ -471,7 +463,7 @@ def plan_validate(job: ValidateJob) -> list[Shard]:
     version: features computed for other weights, data or kernels are never reused."""
     cfg = job.validate
     size = shard_size(cfg.shard_rows, cfg.batch_size)
-    evaluator = (file_digest(cfg.evaluator / WEIGHTS), file_digest(cfg.evaluator / CONFIG))
+    evaluator = (file_hash(cfg.evaluator / WEIGHTS), file_hash(cfg.evaluator / CONFIG))
     device = str(resolve_device(cfg.device))
     work: list[tuple[FeatureWork, str]] = []
     for split, directory in split_dirs(cfg).items():
