@@ -12,10 +12,12 @@ export DVC_NO_ANALYTICS := 1
 
 .PHONY: setup browser run test lint bench serve
 
+# Bytecode is compiled once at install: where PYTHONDONTWRITEBYTECODE is set, every stage
+# process would otherwise recompile torch's and GX's sources on import (twice the start-up).
 setup:
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 \
 		|| $(PYTHON) -m pip install --quiet uv
-	$(UV) sync --frozen
+	$(UV) sync --frozen --compile-bytecode
 
 # Debian's chromium for the Prefect UI test; where it cannot be installed (no apt, no root),
 # that one test is skipped and says why.

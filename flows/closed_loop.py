@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
-import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,17 +17,19 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed, State
 
+from flows.attempt import (
+    promote_within_room,
+    read_json,
+    run_attempt,
+    verify_pool_task,
+)
 from flows.loop import (
-    DriftProbe,
     apply_overrides,
-    dvc_add,
-    dvc_hashes,
     overrides_for,
     stale_stages,
-    tool_env,
 )
 from flows.parameters import RunParameters
-from flows.sharded import SHARDED_STAGES, prepare_shards
+from flows.rounds import Attempt, Finish, decide
 from flows.summaries import (
     clean_summary_markdown,
     helped_verdict,
@@ -49,115 +48,15 @@ from flows.workspace import (
 from synthloop.config import load_params
 from synthloop.dataset import write_json
 
-# One round of the loop, in DVC's order; DVC skips what has not changed.
-STAGE_ORDER = (
-    "ingest",
-    "clean",
-    "train_evaluator",
-    "augment",
-    "fuse",
-    "train",
-    "generate",
-    "validate",
-)
-
-# DVC output that marks a failure worth retrying (another process holds the repo lock).
-_TRANSIENT = re.compile(r"Unable to acquire lock|lock is held|Resource temporarily unavailable")
-
-
-class StageFailed(RuntimeError):
-    def __init__(self, stage: str, returncode: int, tail: str, transient: bool) -> None:
-        self.stage, self.returncode, self.transient = stage, returncode, transient
-        kind = "transient" if transient else "permanent"
-        super().__init__(f"stage {stage!r} failed ({kind}, exit {returncode}):\n{tail}")
-
-
-def _retry_if_transient(task, task_run, state) -> bool:  # noqa: ANN001 (Prefect's signature)
-    try:
-        state.result()
-    except StageFailed as err:
-        return err.transient
-    except Exception:
-        return True
-    return False
-
-
-@task(
-    name="dvc-stage",
-    task_run_name="{stage}",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=_retry_if_transient,
-)
-def run_stage(stage: str, workspace: str, force: bool = False) -> str:
-    """`dvc repro` one stage; its output is streamed into the flow run's logs."""
-    logger = get_run_logger()
-    cmd = ["dvc", "repro", "--single-item", stage, *(["--force"] if force else [])]
-    logger.info("$ %s  (in %s)", " ".join(cmd), workspace)
-    proc = subprocess.Popen(
-        cmd,
-        cwd=workspace,
-        env=tool_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines: list[str] = []
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip()
-        if line:
-            lines.append(line)
-            logger.info("%s", line)
-    returncode = proc.wait()
-    output = "\n".join(lines)
-    if returncode != 0:
-        transient = bool(_TRANSIENT.search(output)) and "exited with 2" not in output
-        raise StageFailed(stage, returncode, "\n".join(lines[-20:]), transient)
-    skipped = "didn't change, skipping" in output or "is cached" in output
-    return "skipped" if skipped else "ran"
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
 
 class GatesFailed(RuntimeError):
-    """No attempt passed the quality gates within loop.max_retrains."""
-
-
-@task(name="promote")
-def promote_accepted(workspace: str, accepted: str, pool: str, round_no: int) -> dict:
-    """Append the accepted rows to the pool and version the new shard with DVC."""
-    from tasks.pool import promote
-
-    result = promote(Path(accepted), Path(pool), round_no)
-    if result["shard"]:
-        result["md5"] = dvc_add(Path(workspace), Path(pool) / result["shard"])
-    get_run_logger().info(
-        "round %d: promoted %d accepted rows (%d already in the pool)",
-        round_no,
-        result["promoted"],
-        result["already_in_pool"],
-    )
-    return result
-
-
-@task(name="verify-pool")
-def verify_pool_task(pool: str) -> int:
-    from tasks.pool import verify_pool
-
-    return verify_pool(Path(pool))
+    """No round of the run promoted anything: every attempt failed its gates."""
 
 
 @task(name="retrain-params")
 def retrain_params(params_file: str, overrides: dict) -> None:
     apply_overrides(Path(params_file), overrides)
     get_run_logger().info("retrain: params.yaml updated with %s", overrides)
-
-
-def _target_reached(pool_counts: dict[str, int], classes: list[str], target: int | None) -> bool:
-    return target is not None and all(pool_counts.get(c, 0) >= target for c in classes)
 
 
 @flow(
@@ -208,12 +107,24 @@ def closed_loop(
             return Completed(message="nothing to do", data={"result": "nothing to do"})
         if changed:
             logger.info("changed since the last successful run: %s", ", ".join(changed))
-        result = _rounds(workspace, params_file, run.force)
-        params = load_params(params_file)
-        if result["passed"]:  # gates passed at this data version: the next run can skip
-            _write_state(params, workspace, params_file, run_name)
+        # Until this run succeeds, no later run may call the workspace done.
+        write_json(params.versioning.state, {"passed": False, "run": run_name})
+        key = _run_key()
+        result = _rounds(workspace, params_file, run.force, key)
+        # Something was promoted at this data version: the next run can skip.
+        _write_state(load_params(params_file), workspace, params_file, run_name)
         result["version"] = version_run(str(params_file), run_name, result)
     return result
+
+
+def _run_key() -> str:
+    """This run's key in pool shard names: the UTC time its rounds start and a token of its
+    flow run id."""
+    from prefect.runtime import flow_run
+
+    from tasks.pool import run_key
+
+    return run_key(datetime.now(UTC), str(flow_run.id) if flow_run.id else None)
 
 
 def _fingerprint(workspace: Path, params_file: Path) -> dict[str, str]:
@@ -272,9 +183,8 @@ def version_run(params_path: str, run_name: str, result: dict) -> dict:
     version: dict = {}
     if params.versioning.git_branch:
         message = (
-            f"synthloop run: {run_name}\n\n{result['rounds']} round(s), last gates "
-            f"{'passed' if result['passed'] else 'failed'}; pool per class: "
-            f"{result['pool_per_class']}"
+            f"synthloop run: {run_name}\n\n{result['message']} ({result['attempts']} "
+            f"attempt(s)); pool per class: {result['pool_per_class']}"
         )
         pool = os.path.relpath(params.loop.pool, workspace)
         commit = record_run(workspace, params.versioning.git_branch, message, pool)
@@ -296,122 +206,109 @@ def version_run(params_path: str, run_name: str, result: dict) -> dict:
     return version
 
 
-def _rounds(workspace: Path, params_file: Path, force: bool) -> dict:
-    """Rounds of: the DVC stages, validation gates, then promote the accepted samples into the
-    pool (gates pass) or retrain with the next policy step (gates fail)."""
-    from tasks.pool import pool_counts
-
+def _rounds(workspace: Path, params_file: Path, force: bool, key: str) -> dict:
+    """Attempts of: the DVC stages and the validation gates, then promote the accepted samples
+    into the pool (gates pass) or retry with the next retrain step (gates fail), as
+    `flows.rounds.decide` says; returns the run's result or raises GatesFailed."""
     logger = get_run_logger()
-    params = load_params(params_file)
-    loop_cfg = params.loop
-    rounds: list[dict] = []
-    retrains = 0
-    failed_for_good = False
+    loop_cfg = load_params(params_file).loop
+    start_text = params_file.read_text()
+    ran_with: dict[tuple[int, int], str] = {}  # (round, attempt) -> params.yaml it ran with
+    history: list[Attempt] = []
+    records: list[dict] = []
     clean_report: dict = {}
-
-    for round_no in range(1, loop_cfg.max_rounds + 1):
-        params = load_params(params_file)
-        if round_no > 1:
-            verify_pool_task(str(loop_cfg.pool))
-        drift = DriftProbe(params) if round_no == 1 else None
-        drift_fid: float | None = None
-        stages: dict[str, str] = {}
-        shards: dict[str, dict] = {}
-        for stage in STAGE_ORDER:
-            rerun = force and round_no == 1
-            if stage in SHARDED_STAGES and (rerun or stale_stages(workspace, stage)):
-                # Its shards as parallel tasks first; the DVC stage then assembles them.
-                shards[stage] = prepare_shards(stage, str(params_file))
-            stages[stage] = run_stage(stage, str(workspace), rerun)
-            if stage == "clean" and drift is not None and stages["clean"] == "ran":
-                drift_fid = drift.measure()
-                if drift_fid is not None:
-                    logger.info("drift: evaluator FID old vs new clean train = %.3f", drift_fid)
-                    if drift_fid > loop_cfg.drift_threshold:
-                        # New data moved the distribution: no resuming old training state.
-                        shutil.rmtree(params.train.checkpoints, ignore_errors=True)
-        clean_report = _read_json(params.clean.report)
-        validation = _read_json(params.validation.report)
-        record = {
-            "round": round_no,
-            "attempt": retrains + 1,
-            "stages": stages,
-            "params": {
-                "train": params.train.model_dump(
-                    mode="json", include={"family", "steps", "lr", "batch_size", "seed"}
+    try:
+        while True:
+            step = decide(history, loop_cfg.max_rounds, loop_cfg.max_retrains)
+            if isinstance(step, Finish):
+                break
+            applied = {}
+            if step.retrain_step:  # applied now, at the start of the attempt that uses them
+                applied = overrides_for(step.retrain_step, loop_cfg.retrain)
+                retrain_params(str(params_file), applied)
+            ran_with[(step.round, step.attempt)] = params_file.read_text()
+            first = not history
+            record = run_attempt(workspace, params_file, step, force and first, first)
+            record["retrain_step"], record["retrain_overrides"] = step.retrain_step, applied
+            clean_report = read_json(load_params(params_file).clean.report)
+            full = False
+            if record["passed"]:
+                record["promotion"], full = promote_within_room(
+                    workspace, params_file, key, step.round, clean_report
                 )
-            },
-            "validation": {
-                k: validation.get(k)
-                for k in (
-                    "synthetic",
-                    "accepted",
-                    "rejected",
-                    "fid",
-                    "fid_real_floor",
-                    "class_consistency",
-                    "near_copy_rate",
-                    "utility",
-                    "gates",
+            else:
+                logger.warning(
+                    "round %d attempt %d: gates failed: %s",
+                    step.round,
+                    step.attempt,
+                    "; ".join(record["failed_gates"]),
                 )
-            },
-            "shards": shards,
-            "passed": bool(validation.get("passed")),
-            "dvc": dvc_hashes(workspace),
-        }
-        if drift_fid is not None:
-            record["drift_fid"] = drift_fid
-            record["drift_retrain_from_scratch"] = drift_fid > loop_cfg.drift_threshold
-        rounds.append(record)
-        if record["passed"]:
-            record["promotion"] = promote_accepted(
-                str(workspace), str(params.validation.accepted), str(loop_cfg.pool), round_no
+            records.append(record)
+            history.append(
+                Attempt(
+                    step.round, step.attempt, record["passed"], tuple(record["failed_gates"]), full
+                )
             )
-            counts = pool_counts(loop_cfg.pool)
-            record["pool_per_class"] = counts
-            if _target_reached(
-                counts, list(clean_report.get("per_class", {})), loop_cfg.target_per_class
-            ):
-                logger.info("every class reached %d pooled images: done", loop_cfg.target_per_class)
-                break
-        else:
-            failed = [
-                n
-                for n, g in validation.get("gates", {}).items()
-                if n != "passed" and not g["passed"]
-            ]
-            logger.warning("round %d: gates failed: %s", round_no, ", ".join(failed))
-            if retrains >= loop_cfg.max_retrains:
-                failed_for_good = True
-                break
-            retrains += 1
-            overrides = overrides_for(retrains, loop_cfg.retrain)
-            record["retrain_overrides"] = overrides
-            retrain_params(str(params_file), overrides)
+    except BaseException:
+        _restore_params(params_file, _kept_params(history, ran_with, start_text))
+        raise
+    finish = step
+    restored = _restore_params(params_file, _kept_params(history, ran_with, start_text))
+    if restored:
+        logger.info("params.yaml: retrain overrides that did not lead to a promotion undone")
+    params = load_params(params_file)
+    promoted = [r for r in records if r["passed"]]
+    from tasks.pool import describe_pool, pool_counts
 
-    last_validation = _read_json(params.validation.report)
     loop = {
-        "rounds": rounds,
-        "retrains": retrains,
-        "result": "failed" if failed_for_good else "completed",
-        "verdict": helped_verdict(last_validation),
+        "run": key,
+        "result": "promoted" if finish.succeeded else "failed",
+        "end": finish.reason,
+        "message": finish.message,
+        "rounds": finish.rounds,
+        "promoted_rounds": list(finish.promoted_rounds),
+        "attempts": records,
+        "params_from": list(finish.params_from) if finish.params_from else "start of the run",
+        "params_restored": restored,
+        "verdict": helped_verdict(promoted[-1]["validation"])
+        if promoted
+        else "No synthetic data was promoted: there is no utility verdict for this run.",
         "pool_per_class": pool_counts(loop_cfg.pool),
+        "pool": describe_pool(loop_cfg.pool),
     }
     write_json(loop_cfg.report, loop)
     _publish(params, clean_report, loop)
-    if failed_for_good:
+    logger.info("closed loop: %s", finish.message)
+    if not finish.succeeded:
         raise GatesFailed(
-            f"gates never passed in {retrains + 1} attempt(s); nothing was promoted in the last "
-            f"round. See {loop_cfg.report} and {params.validation.report}."
+            f"{finish.message}. See {loop_cfg.report} and {params.validation.report}."
         )
     return {
-        "rounds": len(rounds),
-        "stages": rounds[-1]["stages"],
-        "passed": rounds[-1]["passed"],
+        "rounds": finish.rounds,
+        "attempts": finish.attempts,
+        "promoted_rounds": list(finish.promoted_rounds),
+        "message": finish.message,
+        "stages": records[-1]["stages"],
+        "passed": True,
         "kept": clean_report.get("kept"),
         "ingested": clean_report.get("ingested"),
         "pool_per_class": loop["pool_per_class"],
     }
+
+
+def _kept_params(history: list[Attempt], ran_with: dict, start_text: str) -> str:
+    """params.yaml as the last promoted attempt ran it; the run's start when none promoted."""
+    promoted = [a for a in history if a.passed]
+    return ran_with[(promoted[-1].round, promoted[-1].attempt)] if promoted else start_text
+
+
+def _restore_params(params_file: Path, text: str) -> bool:
+    if params_file.read_text() == text:
+        return False
+    tmp = params_file.with_name(f".{params_file.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, params_file)
+    return True
 
 
 def _publish(params, clean_report: dict, loop: dict) -> None:  # noqa: ANN001
@@ -422,8 +319,8 @@ def _publish(params, clean_report: dict, loop: dict) -> None:  # noqa: ANN001
             markdown=clean_summary_markdown(clean_report),
             description="clean stage",
         )
-    card = _read_json(params.train.output / "model_card.json")
-    summary = _read_json(params.train.reports / "summary.json")
+    card = read_json(params.train.output / "model_card.json")
+    summary = read_json(params.train.reports / "summary.json")
     if card:
         create_markdown_artifact(
             key="training-summary",

@@ -60,15 +60,19 @@ def sample_grid_markdown(png: Path) -> str:
 
 
 def loop_summary_markdown(loop: dict) -> str:
-    """One table for the whole run: per round, the gates, acceptance and whether it helped."""
+    """One table for the whole run: per attempt, the gates, acceptance and whether it helped;
+    then the end state in one line, and the verdict from the rounds that promoted."""
+    state = "promoted" if loop.get("result") == "promoted" else "FAILED"
     lines = [
         "# Closed loop",
+        "",
+        f"**{state}**: {loop.get('message', '')}",
         "",
         "| round | attempt | gates | failed gates | accepted | promoted | "
         "scarce: real only | scarce: + synthetic | delta | FID / floor |",
         "| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for r in loop["rounds"]:
+    for r in loop["attempts"]:
         v = r.get("validation", {})
         gates = v.get("gates", {})
         util = v.get("utility", {})

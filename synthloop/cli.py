@@ -45,8 +45,10 @@ def _run(args: argparse.Namespace) -> int:
     from flows.closed_loop import closed_loop
 
     state = closed_loop(params_path=str(args.params), run=run, return_state=True)
-    if state.message:
-        print(f"closed-loop: {state.name}: {state.message}")
+    result = state.result(raise_on_failure=False) if state.is_completed() else None
+    message = result.get("message") if isinstance(result, dict) else None
+    if message or state.message:
+        print(f"closed-loop: {state.name}: {message or state.message}")
     return 0 if state.is_completed() else 1
 
 
@@ -55,6 +57,45 @@ def _serve(args: argparse.Namespace) -> int:
     from flows.deployments import serve
 
     serve(args.params, limit=args.limit)
+    return 0
+
+
+def _pool(args: argparse.Namespace) -> int:
+    """Show the pool; retire a shard; reset the pool (under the workspace lock)."""
+    from flows import pool_admin
+    from flows.workspace import WorkspaceLock
+
+    params = load_params(args.params)
+    workspace, pool = args.params.resolve().parent, params.loop.pool
+    if args.action == "show":
+        print(pool_admin.pool_table(pool))
+        return 0
+    if args.action == "retire" and not (args.shard and args.reason.strip()):
+        print(
+            "synthloop pool retire: name the shard and say why: "
+            "synthloop pool retire SHARD --reason TEXT",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    if args.action == "reset" and not args.yes:
+        if not sys.stdin.isatty():
+            print(
+                "synthloop pool reset: pass --yes to confirm (no terminal to ask)", file=sys.stderr
+            )
+            return EXIT_BAD_INPUT
+        answer = input(f"Remove every shard of {pool} and its DVC record? Type 'reset': ")
+        if answer.strip() != "reset":
+            print("pool left as it was")
+            return 1
+    holder = f"synthloop pool {args.action}"
+    with WorkspaceLock(workspace, params.orchestration.lock_timeout_s, holder=holder):
+        if args.action == "retire":
+            target = pool_admin.retire_shard(workspace, pool, args.shard, args.reason)
+            print(f"retired {args.shard} -> {target.relative_to(workspace)}: {args.reason}")
+        else:
+            removed = pool_admin.reset_pool(workspace, pool)
+            print(f"pool reset: removed {len(removed)} shard(s); the DVC cache and git keep them")
+    print("commit the pool's .dvc changes with git; the next run's fuse reads the new pool")
     return 0
 
 
@@ -88,6 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--limit", type=int, default=1, help="flow runs at once (default 1)")
     serve.set_defaults(func=_serve)
+
+    pool = sub.add_parser(
+        "pool",
+        help="the accepted-synthetic pool: show it, retire a shard, or reset it",
+        description="show: rows per class, run and family, and every shard; retire SHARD: "
+        "move a shard out of what fuse reads (its .dvc history stays in git and its data in "
+        "the DVC cache); reset: remove every shard and its DVC record",
+    )
+    pool.add_argument("action", nargs="?", default="show", choices=["show", "retire", "reset"])
+    pool.add_argument("shard", nargs="?", help="retire: the shard's file name")
+    pool.add_argument("--reason", default="", help="retire: why (kept in the shard's .dvc)")
+    pool.add_argument("--yes", action="store_true", help="reset: do not ask")
+    pool.set_defaults(func=_pool)
 
     check = sub.add_parser("check", help="validate params.yaml and exit")
     check.set_defaults(func=_check)

@@ -432,8 +432,14 @@ class LoopConfig(_Model):
 
     max_rounds: PositiveInt = 2
     max_retrains: int = Field(2, ge=0)
-    target_per_class: PositiveInt | None = Field(
-        None, description="stop once the pool holds this many accepted images of every class"
+    target_per_class: PositiveInt | Literal["auto"] | None = Field(
+        "auto",
+        description="a class stops growing in the pool at this many rows; auto: what fuse "
+        "can mix in (fuse.max_share); null: no per-class bound. The run ends once every "
+        "class is there",
+    )
+    max_pool_rows: PositiveInt | None = Field(
+        50_000, description="the pool as a whole stops growing at this many rows"
     )
     retrain: list[dict[str, dict[str, Any]]] = Field(
         default_factory=lambda: [

@@ -1,66 +1,176 @@
-"""The accepted-synthetic pool (`data/pool/`): what the loop keeps.
+"""The accepted-synthetic pool (`data/pool/`): what the loop keeps, night after night.
 
-Each promotion appends one Parquet shard of accepted rows not already in the pool, written
-to a temporary name and renamed into place, so a crash mid-promotion leaves the previous
-pool. The flow then versions the new shard with `dvc add` (one `.dvc` file per round), and
-checks every shard against its recorded hash before the pool is used again.
+- A promotion appends one Parquet shard of accepted rows not already in the pool, named
+  `part-<run key>-r<round>.parquet`. The run key is the run's UTC start time plus a token of
+  its id (`20261130T020000Z-3f2a9c1b`), so names are unique across runs and machines and
+  sort in the order the runs started. Each row records its run, round and generator family.
+- The shard is written to a temporary name and renamed into place: a crash mid-promotion
+  leaves the previous pool. The flow then versions it with `dvc add` (one `.dvc` file per
+  shard) and checks every shard against its recorded hash before the pool is used again.
+- The pool is bounded: a class stops growing at its target (`loop.target_per_class`;
+  `auto` is what fuse can mix in for that class) and the whole pool at `loop.max_pool_rows`.
+- Retired shards (`synthloop pool retire`) live in `retired/`: fuse does not read them, but
+  their ids still count as "already in the pool", so a retired row is never promoted again.
+- Shards named `part-rNNNN.parquet` come from the first naming scheme (round numbers only);
+  `legacy_name` gives each a name in the current scheme that sorts before every new one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import re
+import secrets
 import tempfile
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from synthloop.dataset import IMAGE_SCHEMA, iter_batches, read_columns, shard_paths
+from synthloop.dataset import IMAGE_SCHEMA, iter_batches, shard_paths
 
 POOL_SCHEMA = IMAGE_SCHEMA.append(pa.field("round", pa.int32()))
+POOL_SCHEMA = POOL_SCHEMA.append(pa.field("run", pa.string()))
+POOL_SCHEMA = POOL_SCHEMA.append(pa.field("family", pa.string()))
+RETIRED = "retired"
+_LEGACY = re.compile(r"^part-r(\d{4})\.parquet$")
+_NAME = re.compile(r"^part-(?P<run>\d{8}T\d{6}Z-[0-9a-z]+)-r(?P<round>\d+)\.parquet$")
 
 
 class PoolCorrupt(RuntimeError):
     """A pool shard no longer matches the hash DVC recorded for it."""
 
 
+def run_key(started: datetime, token: str | None = None) -> str:
+    """`YYYYmmddTHHMMSSZ-<token>`: the run's UTC start and 8 characters of its id."""
+    token = (token or secrets.token_hex(4)).replace("-", "")[:8].lower()
+    return f"{started.strftime('%Y%m%dT%H%M%SZ')}-{token}"
+
+
+def shard_name(key: str, round_no: int) -> str:
+    return f"part-{key}-r{round_no:02d}.parquet"
+
+
+def legacy_name(name: str) -> str | None:
+    """The current-scheme name of a `part-rNNNN.parquet` shard (None: not a legacy name)."""
+    match = _LEGACY.match(name)
+    return shard_name("00000000T000000Z-legacy", int(match[1])) if match else None
+
+
+def _shards(pool: Path, retired: bool = False) -> list[Path]:
+    pool = Path(pool)
+    found = shard_paths(pool) if pool.is_dir() else []
+    if retired and (pool / RETIRED).is_dir():
+        found += shard_paths(pool / RETIRED)
+    return found
+
+
 def pool_ids(pool: Path) -> set[str]:
-    if not Path(pool).is_dir() or not shard_paths(pool):
-        return set()
-    return set(read_columns(pool, ["id"]).column("id").to_pylist())
+    """Ids of every row in the pool, retired shards included."""
+    ids: set[str] = set()
+    for path in _shards(pool, retired=True):
+        ids.update(pq.read_table(path, columns=["id"]).column("id").to_pylist())
+    return ids
 
 
 def pool_counts(pool: Path) -> dict[str, int]:
-    if not Path(pool).is_dir() or not shard_paths(pool):
-        return {}
-    labels = read_columns(pool, ["label"]).column("label").to_pylist()
-    return dict(sorted(Counter(labels).items()))
+    """Rows per class in the live pool (what fuse reads)."""
+    counts: Counter[str] = Counter()
+    for path in _shards(pool):
+        counts.update(pq.read_table(path, columns=["label"]).column("label").to_pylist())
+    return dict(sorted(counts.items()))
 
 
-def promote(accepted: Path, pool: Path, round_no: int) -> dict:
-    """Append the accepted rows that are new to the pool as `part-rNNNN.parquet`."""
+def pool_targets(
+    train_per_class: dict[str, int],
+    target_per_class: int | str | None,
+    max_share: dict[str, float],
+) -> dict[str, int | None]:
+    """Per class, the most pooled rows worth keeping (None: no per-class bound).
+
+    `auto` is what fuse can mix in: with shares summing below 1, fuse keeps at most
+    share_synthetic * R / (1 - sum of shares) synthetic rows of a class with R real rows, so
+    more would never be read. Without that bound (no synthetic share, or shares summing to
+    1 or more), `auto` is R: as many synthetic rows as real ones.
+    """
+    if target_per_class is None:
+        return dict.fromkeys(train_per_class)
+    if target_per_class != "auto":
+        return dict.fromkeys(train_per_class, int(target_per_class))
+    share = max_share.get("synthetic")
+    total = sum(max_share.values())
+    if share is None or total >= 1:
+        return dict(train_per_class)
+    return {c: math.ceil(share * r / (1 - total)) for c, r in train_per_class.items()}
+
+
+def pool_room(
+    counts: dict[str, int], targets: dict[str, int | None], max_rows: int | None
+) -> tuple[dict[str, int | None], int | None]:
+    """Rows each class may still gain (None: unbounded), and the whole pool."""
+    per_class = {c: None if t is None else max(0, t - counts.get(c, 0)) for c, t in targets.items()}
+    total = None if max_rows is None else max(0, max_rows - sum(counts.values()))
+    return per_class, total
+
+
+def pool_full(counts: dict[str, int], targets: dict[str, int | None], max_rows: int | None) -> bool:
+    per_class, total = pool_room(counts, targets, max_rows)
+    if total == 0:
+        return True
+    return bool(per_class) and all(room == 0 for room in per_class.values())
+
+
+def promote(
+    accepted: Path,
+    pool: Path,
+    key: str,
+    round_no: int,
+    family: str = "",
+    room: dict[str, int | None] | None = None,
+    total_room: int | None = None,
+) -> dict:
+    """Append the accepted rows that are new to the pool, within its room, as one shard.
+
+    `room` maps a class to the rows it may still gain (a class missing from it, or None, is
+    unbounded); `total_room` bounds the whole shard. Rows past either are counted as
+    `over_target` and left out, in the accepted set's order.
+    """
     pool = Path(pool)
     pool.mkdir(parents=True, exist_ok=True)
     known = pool_ids(pool)
-    target = pool / f"part-r{round_no:04d}.parquet"
+    target = pool / shard_name(key, round_no)
     if target.exists():
-        raise FileExistsError(f"{target}: round {round_no} was already promoted")
+        raise FileExistsError(
+            f"{target}: this run ({key}) already promoted round {round_no}; a run key is "
+            "made once per run, so another process is writing this pool"
+        )
+    room = dict(room or {})
     columns: dict[str, list] = {name: [] for name in POOL_SCHEMA.names}
-    duplicates = 0
+    duplicates = over = 0
     per_class: Counter[str] = Counter()
     for batch in iter_batches(accepted, columns=IMAGE_SCHEMA.names):
         for row in batch.to_pylist():
             if row["id"] in known:
                 duplicates += 1
                 continue
+            label = row["label"]
+            left = room.get(label)
+            if (left is not None and per_class[label] >= left) or (
+                total_room is not None and len(columns["id"]) >= total_room
+            ):
+                over += 1
+                continue
             known.add(row["id"])
-            per_class[row["label"]] += 1
+            per_class[label] += 1
             for name in IMAGE_SCHEMA.names:
                 columns[name].append(row[name])
             columns["round"].append(round_no)
+            columns["run"].append(key)
+            columns["family"].append(family)
     promoted = len(columns["id"])
     if promoted:
         fd, tmp = tempfile.mkstemp(prefix=".promote-", suffix=".tmp", dir=pool)
@@ -71,12 +181,44 @@ def promote(accepted: Path, pool: Path, round_no: int) -> dict:
         finally:
             Path(tmp).unlink(missing_ok=True)
     return {
+        "run": key,
         "round": round_no,
+        "family": family,
         "promoted": promoted,
         "already_in_pool": duplicates,
+        "over_target": over,
         "per_class": dict(sorted(per_class.items())),
         "shard": target.name if promoted else None,
     }
+
+
+def describe_pool(pool: Path) -> list[dict]:
+    """One entry per shard, live then retired: its rows per class, run, round and family."""
+    entries = []
+    for path in _shards(pool, retired=True):
+        names = pq.read_schema(path).names
+        wanted = [c for c in ("label", "run", "round", "family") if c in names]
+        table = pq.read_table(path, columns=wanted).to_pydict()
+        match = _NAME.match(path.name)
+        legacy = _LEGACY.match(path.name)
+
+        def first(column: str, table: dict = table) -> object:
+            values = table.get(column) or [None]
+            return values[0]
+
+        entries.append(
+            {
+                "shard": path.name,
+                "retired": path.parent.name == RETIRED,
+                "rows": len(table["label"]),
+                "per_class": dict(sorted(Counter(table["label"]).items())),
+                "run": first("run") or (match["run"] if match else "legacy"),
+                "round": first("round")
+                or (int(match["round"]) if match else int(legacy[1]) if legacy else None),
+                "family": first("family") or "unknown",
+            }
+        )
+    return entries
 
 
 def file_md5(path: Path) -> str:
@@ -88,7 +230,8 @@ def file_md5(path: Path) -> str:
 
 
 def verify_pool(pool: Path) -> int:
-    """Check every shard that has a `.dvc` record against its md5; returns shards checked."""
+    """Check every live shard that has a `.dvc` record against its md5; returns shards
+    checked."""
     checked = 0
     for record in sorted(Path(pool).glob("part-*.parquet.dvc")):
         out = yaml.safe_load(record.read_text())["outs"][0]

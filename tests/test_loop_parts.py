@@ -2,6 +2,7 @@
 retrain overrides."""
 
 import hashlib
+from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -14,7 +15,18 @@ from synthloop.config import ConfigError, GateConfig
 from synthloop.dataset import IMAGE_SCHEMA, ShardWriter
 from tasks.feedback import read_requests
 from tasks.images import encode_rows
-from tasks.pool import PoolCorrupt, file_md5, pool_counts, promote, verify_pool
+from tasks.pool import (
+    PoolCorrupt,
+    file_md5,
+    legacy_name,
+    pool_counts,
+    pool_full,
+    pool_room,
+    pool_targets,
+    promote,
+    run_key,
+    verify_pool,
+)
 from tasks.validate import acceptance, evaluate_gates
 from tests.conftest import REPO
 
@@ -77,15 +89,21 @@ def test_gates_pass_and_each_can_fail():
         assert [n for n, g in result.items() if n != "passed" and not g["passed"]] == [name]
 
 
+KEY = "20261130T020000Z-3f2a9c1b"
+
+
 def test_promotion_dedupes_against_the_pool_and_is_atomic(tmp_path, monkeypatch):
     write_rows(tmp_path / "accepted", ["a", "a", "b"], seed=1)
     pool = tmp_path / "pool"
-    first = promote(tmp_path / "accepted", pool, round_no=1)
-    assert first["promoted"] == 3 and first["shard"] == "part-r0001.parquet"
-    assert pq.read_table(pool / first["shard"]).column("round").to_pylist() == [1, 1, 1]
+    first = promote(tmp_path / "accepted", pool, KEY, round_no=1, family="cgan")
+    assert first["promoted"] == 3 and first["shard"] == f"part-{KEY}-r01.parquet"
+    table = pq.read_table(pool / first["shard"]).to_pydict()
+    assert (
+        table["round"] == [1] * 3 and table["run"] == [KEY] * 3 and table["family"] == ["cgan"] * 3
+    )
 
     write_rows(tmp_path / "accepted2", ["b", "c"], seed=2)
-    again = promote(tmp_path / "accepted", pool, round_no=2)  # nothing new
+    again = promote(tmp_path / "accepted", pool, KEY, round_no=2)  # nothing new
     assert again == {**again, "promoted": 0, "already_in_pool": 3, "shard": None}
 
     def crash(*args, **kwargs):
@@ -93,15 +111,53 @@ def test_promotion_dedupes_against_the_pool_and_is_atomic(tmp_path, monkeypatch)
 
     monkeypatch.setattr("tasks.pool.pq.write_table", crash)
     with pytest.raises(KeyboardInterrupt):
-        promote(tmp_path / "accepted2", pool, round_no=3)
-    assert sorted(p.name for p in pool.iterdir()) == ["part-r0001.parquet"]
+        promote(tmp_path / "accepted2", pool, KEY, round_no=3)
+    assert sorted(p.name for p in pool.iterdir()) == [f"part-{KEY}-r01.parquet"]
     assert pool_counts(pool) == {"a": 2, "b": 1}
+
+
+def test_every_run_names_its_shards_apart_and_in_order(tmp_path):
+    """The second night's round 1 must not collide with the first night's round 1."""
+    pool = tmp_path / "pool"
+    nights = [datetime(2026, 11, d, 2, 0, tzinfo=UTC) for d in (29, 30)]
+    names = []
+    for seed, night in enumerate(nights):
+        write_rows(tmp_path / f"accepted{seed}", ["a", "b"], seed=seed)
+        key = run_key(night)
+        names.append(promote(tmp_path / f"accepted{seed}", pool, key, round_no=1)["shard"])
+    assert names[0] != names[1] and sorted(names) == names
+    assert run_key(nights[0]) != run_key(nights[0])  # same second, two runs: still apart
+    assert run_key(nights[0], "3f2a9c1b-0000-4000") == "20261129T020000Z-3f2a9c1b"
+    # A legacy name sorts before every current one and keeps its round.
+    assert legacy_name("part-r0002.parquet") == "part-00000000T000000Z-legacy-r02.parquet"
+    assert legacy_name(names[0]) is None
+    assert sorted([names[0], legacy_name("part-r0002.parquet")])[0].startswith("part-0000")
+
+
+def test_the_pool_stops_growing_at_its_targets(tmp_path):
+    # auto: what fuse can mix in, 0.3 * R / (1 - 0.7) = R with the default shares
+    shares = {"augmented": 0.4, "synthetic": 0.3}
+    assert pool_targets({"a": 10, "b": 4}, "auto", shares) == {"a": 10, "b": 4}
+    assert pool_targets({"a": 10}, "auto", {"synthetic": 0.2}) == {"a": 3}
+    assert pool_targets({"a": 10}, "auto", {"augmented": 0.5, "synthetic": 0.5}) == {"a": 10}
+    assert pool_targets({"a": 10}, 7, shares) == {"a": 7}
+    assert pool_targets({"a": 10}, None, shares) == {"a": None}
+
+    write_rows(tmp_path / "accepted", ["a"] * 5 + ["b"] * 5, seed=3)
+    pool = tmp_path / "pool"
+    room, total = pool_room({}, {"a": 2, "b": None}, max_rows=6)
+    assert room == {"a": 2, "b": None} and total == 6
+    result = promote(tmp_path / "accepted", pool, KEY, 1, room=room, total_room=total)
+    assert result["per_class"] == {"a": 2, "b": 4} and result["over_target"] == 4
+    assert pool_full(pool_counts(pool), {"a": 2, "b": None}, max_rows=6)
+    assert not pool_full(pool_counts(pool), {"a": 2, "b": None}, max_rows=None)
+    assert pool_full(pool_counts(pool), {"a": 2, "b": 4}, max_rows=None)
 
 
 def test_verify_pool_detects_a_changed_shard(tmp_path):
     write_rows(tmp_path / "accepted", ["a", "b"])
     pool = tmp_path / "pool"
-    shard = pool / promote(tmp_path / "accepted", pool, round_no=1)["shard"]
+    shard = pool / promote(tmp_path / "accepted", pool, KEY, round_no=1)["shard"]
     record = {"outs": [{"md5": file_md5(shard), "path": shard.name}]}
     shard.with_name(shard.name + ".dvc").write_text(yaml.safe_dump(record))
     assert verify_pool(pool) == 1

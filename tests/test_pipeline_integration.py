@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from flows.closed_loop import STAGE_ORDER as ALL_STAGES
+from flows.attempt import STAGE_ORDER as ALL_STAGES
 from tests.conftest import run_tool
 
 pytestmark = pytest.mark.integration
@@ -80,16 +80,17 @@ def read_artifact(key: str, flow_run_id) -> str:  # noqa: ANN001
     return asyncio.run(read())
 
 
-def test_two_rounds_one_fails_a_gate_and_retrains_then_promotes(workspace, prefect_api):
+def test_a_failed_attempt_retrains_within_its_round_then_promotes(workspace, prefect_api):
+    """Row FP (max_rounds 1, max_retrains 1) of the policy table, through the real flow."""
     from flows.closed_loop import closed_loop
 
     set_params(
         workspace,
         lambda p: (
-            # a gain of 2.0 in accuracy is impossible: round 1 cannot pass
+            # a gain of 2.0 in accuracy is impossible: attempt 1 cannot pass
             p["validate"]["gates"].update(min_utility_delta=2.0),
             p["loop"].update(
-                max_rounds=2,
+                max_rounds=1,
                 max_retrains=1,
                 retrain=[
                     {"train": {"steps": 18}, "validate": {"gates": {"min_utility_delta": -1.0}}}
@@ -100,17 +101,24 @@ def test_two_rounds_one_fails_a_gate_and_retrains_then_promotes(workspace, prefe
     state = closed_loop(params_path=str(workspace / "params.yaml"), return_state=True)
     assert state.is_completed(), state
     result = state.result()
-    assert result["rounds"] == 2 and result["passed"]
+    assert result["rounds"] == 1 and result["attempts"] == 2 and result["passed"]
+    assert result["message"] == "promoted in round 1"
 
     loop = json.loads((workspace / "reports/loop.json").read_text())
-    first, second = loop["rounds"]
+    assert loop["result"] == "promoted" and loop["params_from"] == [1, 2]
+    first, second = loop["attempts"]
     assert not first["passed"] and "promotion" not in first
     assert first["validation"]["gates"]["utility_delta_scarce"]["passed"] is False
-    assert first["retrain_overrides"]["train"] == {"steps": 18}
-    assert second["passed"] and second["attempt"] == 2
+    assert first["failed_gates"] == [
+        "utility_delta_scarce "
+        + "{} < 2.0".format(first["validation"]["gates"]["utility_delta_scarce"]["value"])
+    ]
+    assert first["retrain_overrides"] == {} and second["retrain_step"] == 1
+    assert second["retrain_overrides"]["train"] == {"steps": 18}
+    assert second["passed"] and (second["round"], second["attempt"]) == (1, 2)
     assert second["params"]["train"]["steps"] == 18  # the retrain really changed params
     assert second["stages"]["train"] == "ran" and second["stages"]["ingest"] == "skipped"
-    # Round 1 computed the sharded stages' shards as tasks; round 2 had nothing stale there.
+    # Attempt 1 computed the sharded stages' shards as tasks; attempt 2 had nothing stale there.
     assert first["shards"]["ingest"]["computed"] == first["shards"]["ingest"]["shards"] > 1
     assert set(first["shards"]) == {"ingest", "clean", "augment", "validate"}
     assert "ingest" not in second["shards"] and "validate" in second["shards"]
@@ -118,32 +126,35 @@ def test_two_rounds_one_fails_a_gate_and_retrains_then_promotes(workspace, prefe
     assert second["promotion"]["promoted"] > 0
     assert set(second["dvc"]) >= {"data/fused", "models/generator", "data/synthetic"}
 
-    # The promoted shard is a new DVC version of the pool, and fuse will read it.
-    shard = workspace / "data/pool" / second["promotion"]["shard"]
+    # The promoted shard is a new DVC version of the pool, named by the run, and fuse will
+    # read it; the report says which run and round made it.
+    promotion = second["promotion"]
+    shard = workspace / "data/pool" / promotion["shard"]
+    assert promotion["shard"] == f"part-{loop['run']}-r01.parquet"
     assert shard.is_file() and shard.with_name(shard.name + ".dvc").is_file()
-    assert sum(loop["pool_per_class"].values()) == second["promotion"]["promoted"]
+    assert loop["pool"] == [
+        {
+            "shard": promotion["shard"],
+            "retired": False,
+            "rows": promotion["promoted"],
+            "per_class": promotion["per_class"],
+            "run": loop["run"],
+            "round": 1,
+            "family": "cgan",
+        }
+    ]
+    assert sum(loop["pool_per_class"].values()) == promotion["promoted"]
+    # The overrides that led to the promotion stay: params.yaml is what made the pool.
     assert yaml.safe_load((workspace / "params.yaml").read_text())["train"]["steps"] == 18
 
     run_id = state.state_details.flow_run_id
     summary = read_artifact("closed-loop-summary", run_id)
-    assert "| 1 | 1 | FAIL |" in summary and "| 2 | 2 | pass |" in summary
+    assert "**promoted**: promoted in round 1" in summary
+    assert "| 1 | 1 | FAIL |" in summary and "| 1 | 2 | pass |" in summary
     assert "At 4 real images per class" in summary
     assert "| class | train | val | test | total |" in read_artifact("clean-report", run_id)
     assert "data:image/png;base64," in read_artifact("sample-grid", run_id)
     assert "model version" in read_artifact("training-summary", run_id)
-
-
-def test_gates_that_never_pass_fail_the_run_and_promote_nothing(workspace, prefect_api):
-    from flows.closed_loop import GatesFailed, closed_loop
-
-    set_params(workspace, lambda p: p["validate"]["gates"].update(min_utility_delta=2.0))
-    state = closed_loop(params_path=str(workspace / "params.yaml"), return_state=True)
-    assert state.is_failed()
-    with pytest.raises(GatesFailed, match="gates never passed"):
-        state.result()
-    loop = json.loads((workspace / "reports/loop.json").read_text())
-    assert loop["result"] == "failed" and loop["pool_per_class"] == {}
-    assert not list((workspace / "data/pool").glob("part-*"))
 
 
 def test_a_corrupt_pool_shard_fails_the_run_before_training(workspace, prefect_api):
@@ -160,7 +171,8 @@ def test_a_corrupt_pool_shard_fails_the_run_before_training(workspace, prefect_a
 
 
 def test_a_permanent_stage_error_fails_fast(workspace, prefect_api):
-    from flows.closed_loop import StageFailed, closed_loop
+    from flows.attempt import StageFailed
+    from flows.closed_loop import closed_loop
 
     set_params(workspace, lambda p: p["clean"].update(min_class_count=1000))
     state = closed_loop(params_path=str(workspace / "params.yaml"), return_state=True)

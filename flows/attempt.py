@@ -1,0 +1,220 @@
+"""One attempt of the closed loop: the DVC stages in order, the validation record, and the
+promotion of the accepted rows into the pool when the gates pass.
+
+Each stage is `dvc repro --single-item` in a Prefect task whose output streams into the
+flow run's logs; a failure DVC reports as transient (a held repo lock) is retried, any
+other fails fast. Sharded stages compute their shards as parallel tasks first.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from flows.loop import DriftProbe, dvc_hashes, stale_stages, tool_env
+from flows.rounds import Next, failed_gate_texts
+from flows.sharded import SHARDED_STAGES, prepare_shards
+from synthloop.config import load_params
+
+# One attempt of the loop, in DVC's order; DVC skips what has not changed.
+STAGE_ORDER = (
+    "ingest",
+    "clean",
+    "train_evaluator",
+    "augment",
+    "fuse",
+    "train",
+    "generate",
+    "validate",
+)
+
+# DVC output that marks a failure worth retrying (another process holds the repo lock).
+_TRANSIENT = re.compile(r"Unable to acquire lock|lock is held|Resource temporarily unavailable")
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, returncode: int, tail: str, transient: bool) -> None:
+        self.stage, self.returncode, self.transient = stage, returncode, transient
+        kind = "transient" if transient else "permanent"
+        super().__init__(f"stage {stage!r} failed ({kind}, exit {returncode}):\n{tail}")
+
+
+def _retry_if_transient(task, task_run, state) -> bool:  # noqa: ANN001 (Prefect's signature)
+    try:
+        state.result()
+    except StageFailed as err:
+        return err.transient
+    except Exception:
+        return True
+    return False
+
+
+@task(
+    name="dvc-stage",
+    task_run_name="{stage}",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=_retry_if_transient,
+)
+def run_stage(stage: str, workspace: str, force: bool = False) -> str:
+    """`dvc repro` one stage; its output is streamed into the flow run's logs."""
+    logger = get_run_logger()
+    cmd = ["dvc", "repro", "--single-item", stage, *(["--force"] if force else [])]
+    logger.info("$ %s  (in %s)", " ".join(cmd), workspace)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=workspace,
+        env=tool_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.rstrip()
+        if line:
+            lines.append(line)
+            logger.info("%s", line)
+    returncode = proc.wait()
+    output = "\n".join(lines)
+    if returncode != 0:
+        transient = bool(_TRANSIENT.search(output)) and "exited with 2" not in output
+        raise StageFailed(stage, returncode, "\n".join(lines[-20:]), transient)
+    skipped = "didn't change, skipping" in output or "is cached" in output
+    return "skipped" if skipped else "ran"
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+@task(name="promote")
+def promote_accepted(
+    workspace: str,
+    accepted: str,
+    pool: str,
+    key: str,
+    round_no: int,
+    family: str,
+    room: dict[str, int | None],
+    total_room: int | None,
+) -> dict:
+    """Append the accepted rows to the pool, within its room, and version the new shard."""
+    from flows.pool_admin import migrate_legacy_names, version_shard
+    from tasks.pool import promote
+
+    renamed = migrate_legacy_names(Path(workspace), Path(pool))
+    result = promote(Path(accepted), Path(pool), key, round_no, family, room, total_room)
+    if renamed:
+        result["renamed_legacy_shards"] = renamed
+    if result["shard"]:
+        result["md5"] = version_shard(Path(workspace), Path(pool) / result["shard"])
+    get_run_logger().info(
+        "round %d: promoted %d accepted rows as %s (%d already in the pool, %d over target)",
+        round_no,
+        result["promoted"],
+        result["shard"],
+        result["already_in_pool"],
+        result["over_target"],
+    )
+    return result
+
+
+@task(name="verify-pool")
+def verify_pool_task(pool: str) -> int:
+    from tasks.pool import verify_pool
+
+    return verify_pool(Path(pool))
+
+
+def run_attempt(
+    workspace: Path, params_file: Path, step: Next, force: bool, probe_drift: bool
+) -> dict:
+    """One attempt: the DVC stages in order (their shards first), then the validation report."""
+    logger = get_run_logger()
+    params = load_params(params_file)
+    if not probe_drift:
+        verify_pool_task(str(params.loop.pool))
+    drift = DriftProbe(params) if probe_drift else None
+    drift_fid: float | None = None
+    stages: dict[str, str] = {}
+    shards: dict[str, dict] = {}
+    for stage in STAGE_ORDER:
+        if stage in SHARDED_STAGES and (force or stale_stages(workspace, stage)):
+            # Its shards as parallel tasks first; the DVC stage then assembles them.
+            shards[stage] = prepare_shards(stage, str(params_file))
+        stages[stage] = run_stage(stage, str(workspace), force)
+        if stage == "clean" and drift is not None and stages["clean"] == "ran":
+            drift_fid = drift.measure()
+            if drift_fid is not None:
+                logger.info("drift: evaluator FID old vs new clean train = %.3f", drift_fid)
+                if drift_fid > params.loop.drift_threshold:
+                    # New data moved the distribution: no resuming old training state.
+                    shutil.rmtree(params.train.checkpoints, ignore_errors=True)
+    validation = read_json(params.validation.report)
+    record = {
+        "round": step.round,
+        "attempt": step.attempt,
+        "stages": stages,
+        "params": {
+            "train": params.train.model_dump(
+                mode="json", include={"family", "steps", "lr", "batch_size", "seed"}
+            )
+        },
+        "validation": {k: validation.get(k) for k in _RECORDED_FIGURES},
+        "shards": shards,
+        "passed": bool(validation.get("passed")),
+        "failed_gates": list(failed_gate_texts(validation.get("gates", {}))),
+        "dvc": dvc_hashes(workspace),
+    }
+    if drift_fid is not None:
+        record["drift_fid"] = drift_fid
+        record["drift_retrain_from_scratch"] = drift_fid > params.loop.drift_threshold
+    return record
+
+
+_RECORDED_FIGURES = (
+    "synthetic",
+    "accepted",
+    "rejected",
+    "fid",
+    "fid_real_floor",
+    "class_consistency",
+    "near_copy_rate",
+    "utility",
+    "gates",
+)
+
+
+def promote_within_room(
+    workspace: Path, params_file: Path, key: str, round_no: int, clean_report: dict
+) -> tuple[dict, bool]:
+    """Promote within the pool's room; returns the promotion and whether the pool is full."""
+    from tasks.pool import pool_counts, pool_full, pool_room, pool_targets
+
+    params = load_params(params_file)
+    pool = params.loop.pool
+    train_per_class = {c: v["train"] for c, v in clean_report.get("per_class", {}).items()}
+    targets = pool_targets(
+        train_per_class, params.loop.target_per_class, dict(params.fuse.max_share)
+    )
+    room, total = pool_room(pool_counts(pool), targets, params.loop.max_pool_rows)
+    family = read_json(params.train.output / "model_card.json").get("family", "")
+    promotion = promote_accepted(
+        str(workspace),
+        str(params.validation.accepted),
+        str(pool),
+        key,
+        round_no,
+        family,
+        room,
+        total,
+    )
+    promotion["targets"] = targets
+    return promotion, pool_full(pool_counts(pool), targets, params.loop.max_pool_rows)

@@ -1,0 +1,123 @@
+"""The pool under DVC: version a promoted shard, rename legacy shards, retire a shard, reset.
+
+`tasks/pool.py` owns the shards' contents; this module owns their DVC records. Every
+change goes through DVC (`dvc add`, `dvc move`, `dvc remove`), so `.dvc` files, DVC's
+`.gitignore` entries and the cache stay in step, and git keeps the history: a retired
+shard's old `.dvc` file is in the run branch's earlier commits, and its data in the DVC
+cache and remote. Callers hold the workspace lock (the flow does; so does `synthloop pool`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
+import yaml
+
+from flows.loop import dvc_add, run_dvc
+from tasks.pool import RETIRED, describe_pool, legacy_name
+
+
+def version_shard(workspace: Path, shard: Path) -> str:
+    """`dvc add` a new shard; returns its md5."""
+    return dvc_add(workspace, shard)
+
+
+def migrate_legacy_names(workspace: Path, pool: Path) -> dict[str, str]:
+    """Rename `part-rNNNN.parquet` shards (and their `.dvc` files) to the current scheme with
+    `dvc move`; returns {old: new}. Shards DVC does not track are renamed in place."""
+    renamed = {}
+    for folder in (pool, pool / RETIRED):
+        if not folder.is_dir():
+            continue
+        for shard in sorted(folder.glob("part-r*.parquet")):
+            new = legacy_name(shard.name)
+            if new is None:
+                continue
+            if Path(f"{shard}.dvc").is_file():
+                run_dvc(workspace, "move", _rel(workspace, shard), _rel(workspace, folder / new))
+            else:
+                shard.rename(folder / new)
+            renamed[shard.name] = new
+    return renamed
+
+
+def retire_shard(workspace: Path, pool: Path, name: str, reason: str) -> Path:
+    """Move a live shard into `retired/` (fuse stops reading it), with the reason and time
+    in its `.dvc` file's `meta`. Its rows stay known, so they are never promoted again."""
+    shard = pool / name
+    if not shard.is_file():
+        live = ", ".join(e["shard"] for e in describe_pool(pool) if not e["retired"]) or "none"
+        raise FileNotFoundError(f"{shard}: no such live pool shard (live shards: {live})")
+    if not reason.strip():
+        raise ValueError("a retired shard needs a reason (--reason)")
+    target = pool / RETIRED / name
+    target.parent.mkdir(exist_ok=True)
+    if Path(f"{shard}.dvc").is_file():
+        run_dvc(workspace, "move", _rel(workspace, shard), _rel(workspace, target))
+        record = Path(f"{target}.dvc")
+        data = yaml.safe_load(record.read_text())
+        data["meta"] = {
+            **(data.get("meta") or {}),
+            "retired": {"reason": reason, "at": datetime.now(UTC).isoformat(timespec="seconds")},
+        }
+        record.write_text(yaml.safe_dump(data, sort_keys=False))
+    else:
+        shard.rename(target)
+    return target
+
+
+def reset_pool(workspace: Path, pool: Path) -> list[str]:
+    """Remove every shard, live and retired, and its DVC record; returns the removed names.
+
+    The DVC cache and remote keep the data and git keeps the old `.dvc` files, so a reset
+    pool can still be restored from an earlier run's commit."""
+    removed = []
+    for folder in (pool, pool / RETIRED):
+        if not folder.is_dir():
+            continue
+        for record in sorted(folder.glob("part-*.parquet.dvc")):
+            run_dvc(workspace, "remove", _rel(workspace, record))
+        for shard in sorted(folder.glob("part-*.parquet")):
+            shard.unlink()
+            removed.append(shard.name)
+    shutil.rmtree(pool / RETIRED, ignore_errors=True)
+    return removed
+
+
+def pool_table(pool: Path) -> str:
+    """The pool per class, per run and per family, as text for a terminal."""
+    entries = describe_pool(pool)
+    if not entries:
+        return f"{pool}: empty"
+    live = [e for e in entries if not e["retired"]]
+
+    def totals(key: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for e in live:
+            out[str(e[key])] = out.get(str(e[key]), 0) + e["rows"]
+        return out
+
+    per_class: dict[str, int] = {}
+    for e in live:
+        for label, n in e["per_class"].items():
+            per_class[label] = per_class.get(label, 0) + n
+    lines = [f"{pool}: {sum(per_class.values())} rows in {len(live)} live shard(s)", ""]
+    for title, counts in (
+        ("class", dict(sorted(per_class.items()))),
+        ("run", totals("run")),
+        ("family", totals("family")),
+    ):
+        lines += [f"per {title}:", *(f"  {k:<28} {v:>8}" for k, v in counts.items()), ""]
+    lines.append("shards:")
+    for e in entries:
+        state = "retired" if e["retired"] else "live"
+        lines.append(
+            f"  {e['shard']:<48} {state:<8} rows {e['rows']:>6}  round {e['round']}  {e['family']}"
+        )
+    return "\n".join(lines)
+
+
+def _rel(workspace: Path, path: Path) -> str:
+    return str(path.resolve().relative_to(workspace.resolve()))

@@ -1,0 +1,187 @@
+"""Night after night in one workspace, through the real flow: five runs, each after a change
+a user makes (new raw images, a feedback request, impossible gates, a retired shard and a new
+seed). Every run promotes or fails on its gates, never on an error; the pool grows within its
+targets; the run branch gets one commit per good run; `dvc status` after each run is what the
+README says; a fresh clone of the last run pulls the pool back from the DVC remote."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from synthloop.procedural import make_image_folder
+from tests.conftest import build_workspace, git_commit, run_tool
+from tests.test_pipeline_integration import read_artifact
+
+pytestmark = pytest.mark.integration
+
+
+def set_params(ws: Path, update) -> None:  # noqa: ANN001
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    update(params)
+    (ws / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def add_raw_images(ws: Path, tmp: Path, per_class: int) -> None:
+    """New, distinct images in every class folder, versioned as a user would (`dvc add`)."""
+    fresh = make_image_folder(tmp / "fresh", classes=3, per_class=per_class, size=16, seed=7)
+    for path in fresh.rglob("*.png"):
+        shutil.copy(path, ws / "data/raw/shapes" / path.parent.name / f"new-{path.name}")
+    run_tool("dvc", "add", "-q", "data/raw/shapes", cwd=ws)
+
+
+def stale(ws: Path) -> dict:
+    found = json.loads(run_tool("dvc", "status", "--json", cwd=ws).stdout or "{}")
+    return {name.split(":")[-1]: why for name, why in found.items()}
+
+
+def run_commits(ws: Path) -> list[str]:
+    out = run_tool("git", "rev-list", "--first-parent", "synthloop/runs", "--not", "main", cwd=ws)
+    return out.stdout.split()
+
+
+def pool_digests(root: Path) -> dict[str, str]:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted((root / "data/pool").rglob("part-*.parquet"))
+    }
+
+
+def test_five_nights_in_one_workspace(tmp_path, prefect_api):
+    from flows.closed_loop import GatesFailed, closed_loop
+
+    ws = build_workspace(tmp_path / "ws", git=True)
+    run_tool("dvc", "remote", "add", "-d", "storage", str(tmp_path / "remote"), cwd=ws)
+    git_commit(ws, "a DVC remote")
+    params_file = str(ws / "params.yaml")
+
+    def night(change: str) -> dict:
+        if run_tool("git", "status", "--porcelain", cwd=ws).stdout.strip():
+            git_commit(ws, change)  # what the user changed, as they would commit it
+        state = closed_loop(params_path=params_file, return_state=True)
+        loop = json.loads((ws / "reports/loop.json").read_text())
+        if state.is_failed():  # only ever on the gates
+            with pytest.raises(GatesFailed, match="no synthetic data promoted: gates failed"):
+                state.result()
+        else:
+            assert state.is_completed(), state
+        return {
+            "failed": state.is_failed(),
+            "loop": loop,
+            "status": stale(ws),
+            "params": (ws / "params.yaml").read_text(),
+            "state": json.loads((ws / "reports/run_state.json").read_text()),
+            "summary": read_artifact("closed-loop-summary", state.state_details.flow_run_id),
+        }
+
+    nights = []
+
+    # Night 1: the first run of a fresh clone.
+    nights.append(night("night 1"))
+    # Night 2: new raw images arrive.
+    add_raw_images(ws, tmp_path, per_class=4)
+    nights.append(night("night 2: new raw images"))
+    # Night 3: a feedback request for more of one class.
+    (ws / "data/feedback/requests.csv").write_text("label,extra\nellipse,6\n")
+    nights.append(night("night 3: feedback asks for more ellipses"))
+    # Night 4: gates nothing can pass, with a retrain step: two attempts fail (row FF).
+    set_params(
+        ws,
+        lambda p: (
+            p["validate"]["gates"].update(min_utility_delta=2.0),
+            p["loop"].update(max_rounds=2, max_retrains=1, retrain=[{"train": {"steps": 14}}]),
+        ),
+    )
+    night4_params = (ws / "params.yaml").read_text()
+    nights.append(night("night 4: impossible gates"))
+    # Night 5: the gates back, a new generation seed, and night 1's shard retired by hand.
+    set_params(
+        ws,
+        lambda p: (
+            p["validate"]["gates"].update(min_utility_delta=-1.0),
+            p["generate"].update(seed=5),
+        ),
+    )
+    first_shard = nights[0]["loop"]["attempts"][0]["promotion"]["shard"]
+    retire = run_tool(
+        "synthloop", "pool", "retire", first_shard, "--reason", "feedback: blurry", cwd=ws
+    )
+    assert "retired" in retire.stdout
+    nights.append(night("night 5: gates restored, new seed, night 1's shard retired"))
+
+    outcomes = ["failed" if n["failed"] else n["loop"]["result"] for n in nights]
+    assert outcomes == ["promoted", "promoted", "promoted", "failed", "promoted"]
+
+    # Each good night's shard is its own, named by its run; targets bound every class.
+    shards = [
+        a["promotion"]["shard"]
+        for n in nights
+        for a in n["loop"]["attempts"]
+        if a.get("promotion", {}).get("shard")
+    ]
+    assert len(shards) == len(set(shards)) >= 3 and shards == sorted(shards)
+    promoted = [
+        sum(a.get("promotion", {}).get("promoted", 0) for a in n["loop"]["attempts"])
+        for n in nights
+    ]
+    assert promoted[0] > 0 and promoted[1] > 0 and promoted[3] == 0 and promoted[4] > 0
+    for n in nights:
+        for label, count in n["loop"]["pool_per_class"].items():
+            targets = [a["promotion"]["targets"] for a in n["loop"]["attempts"] if a["passed"]]
+            assert all(count <= t[label] for t in targets), (label, count, targets)
+    # Night 3 asked for more ellipses, so ellipse filled up first.
+    assert nights[2]["loop"]["pool_per_class"]["ellipse"] >= max(
+        nights[2]["loop"]["pool_per_class"].values()
+    )
+
+    # Night 4 failed on its gates (issue's case: max_rounds 2, two failed attempts): Failed,
+    # saying why; nothing promoted; params.yaml as the user left it; the next run may not
+    # call the workspace done; no commit (below).
+    failed = nights[3]["loop"]
+    assert [(a["round"], a["attempt"]) for a in failed["attempts"]] == [(1, 1), (1, 2)]
+    assert failed["attempts"][1]["params"]["train"]["steps"] == 14 and failed["params_restored"]
+    assert nights[3]["params"] == night4_params
+    assert failed["pool_per_class"] == nights[2]["loop"]["pool_per_class"]
+    assert failed["verdict"].startswith("No synthetic data was promoted")
+    assert nights[3]["state"]["passed"] is False and nights[4]["state"]["passed"] is True
+    assert (
+        "**FAILED**: no synthetic data promoted: gates failed (utility_delta_scarce"
+        in (nights[3]["summary"])
+    )
+    assert "**promoted**: promoted in round 1" in nights[4]["summary"]
+
+    # One commit per good run on the run branch, each with the pool's .dvc files.
+    commits = run_commits(ws)
+    assert len(commits) == 4
+    last = commits[0]
+    tree = run_tool("git", "ls-tree", "-r", "--name-only", last, "data/pool", cwd=ws).stdout
+    assert f"data/pool/retired/{first_shard}.dvc" in tree
+    assert sum(name.endswith(".parquet.dvc") for name in tree.split()) == len(shards)
+
+    # `dvc status` after a good run: only fuse, whose input (the pool) grew; after the failed
+    # run: train, whose params went back to what the user had.
+    for n in nights:
+        if n["failed"]:
+            assert set(n["status"]) == {"train"}, n["status"]
+        else:
+            assert set(n["status"]) <= {"fuse"}, n["status"]
+            if any(a.get("promotion", {}).get("shard") for a in n["loop"]["attempts"]):
+                assert "data/pool" in json.dumps(n["status"]["fuse"])
+
+    # The pool as `synthloop pool` shows it: per class, run and family; the retired shard too.
+    shown = run_tool("synthloop", "pool", cwd=ws).stdout
+    assert "per run:" in shown and "per family:" in shown and "cgan" in shown
+    assert f"{first_shard}" in shown and "retired" in shown
+
+    # A fresh clone of the last run's commit pulls the same pool from the remote.
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ws), str(clone)], check=True)
+    subprocess.run(["git", "checkout", "-q", last], cwd=clone, check=True)
+    run_tool("dvc", "pull", "-q", cwd=clone)
+    assert pool_digests(clone) == pool_digests(ws) and len(pool_digests(ws)) == len(shards)
