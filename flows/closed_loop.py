@@ -275,6 +275,8 @@ def _rounds(workspace: Path, params_file: Path, force: bool, key: str) -> dict:
         else "No synthetic data was promoted: there is no utility verdict for this run.",
         "pool_per_class": pool_counts(loop_cfg.pool),
         "pool": describe_pool(loop_cfg.pool),
+        # The verdict table of the last promoted attempt (of the last attempt: none promoted).
+        "utility": (promoted or records)[-1]["validation"].get("utility"),
     }
     write_json(loop_cfg.report, loop)
     _publish(params, clean_report, loop)

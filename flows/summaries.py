@@ -69,41 +69,103 @@ def loop_summary_markdown(loop: dict) -> str:
         f"**{state}**: {loop.get('message', '')}",
         "",
         "| round | attempt | gates | failed gates | accepted | promoted | "
-        "scarce: real only | scarce: + synthetic | delta | FID / floor |",
-        "| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "real+aug | + synthetic | gain [95% interval] | FID / floor |",
+        "| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for r in loop["attempts"]:
         v = r.get("validation", {})
         gates = v.get("gates", {})
-        util = v.get("utility", {})
+        decisive = _decisive(v.get("utility") or {})
         failed = ", ".join(n for n, g in gates.items() if n != "passed" and not g["passed"])
         fid_ratio = gates.get("fid_ratio", {}).get("value")
         lines.append(
             f"| {r['round']} | {r['attempt']} | {'pass' if r['passed'] else 'FAIL'} | "
             f"{failed or '-'} | {v.get('accepted', '-')} | "
-            f"{r.get('promotion', {}).get('promoted', 0)} | {util.get('real_only', '-')} | "
-            f"{util.get('real_plus_synthetic', '-')} | {_signed(util.get('delta'))} | "
+            f"{r.get('promotion', {}).get('promoted', 0)} | {decisive.get('real+aug', '-')} | "
+            f"{decisive.get('real+aug+synthetic', '-')} | {_gain(decisive)} | "
             f"{fid_ratio if fid_ratio is not None else '-'} |"
         )
     verdict = loop.get("verdict")
     if verdict:
         lines += ["", verdict]
+    util = loop.get("utility")
+    if util:
+        lines += ["", utility_table_markdown(util)]
+    return "\n".join(lines)
+
+
+def utility_table_markdown(util: dict) -> str:
+    """The verdict table: per arm, overall and short-class test accuracy; then the gain of
+    real+aug+synthetic over real+aug with its 95% interval, and what it means."""
+    short = util.get("short_classes") or []
+    overall, short_fig = util.get("overall") or {}, util.get("short") or {}
+    reference = util.get("reference") or {}
+    rows = [
+        (
+            "real (no augmentation)",
+            reference.get("real", {}).get("overall"),
+            reference.get("real", {}).get("short"),
+        ),
+        ("real+aug (baseline)", overall.get("real+aug"), short_fig.get("real+aug")),
+        (
+            "real+aug+synthetic",
+            overall.get("real+aug+synthetic"),
+            short_fig.get("real+aug+synthetic"),
+        ),
+        (
+            "synthetic only (TSTR)",
+            reference.get("tstr", {}).get("overall"),
+            reference.get("tstr", {}).get("short"),
+        ),
+    ]
+    seeds = len(util.get("seeds", []))
+    header = f"short classes ({', '.join(short)})" if short else "short classes (none)"
+    lines = [
+        f"| arm ({seeds} paired seeds, {util.get('test_images')} test images) | overall | "
+        f"{header} |",
+        "| --- | ---: | ---: |",
+        *(f"| {arm} | {_cell(a)} | {_cell(b)} |" for arm, a, b in rows),
+        f"| **gain over real+aug** | {_gain(overall)} | {_gain(short_fig) if short else '-'} |",
+        f"| **verdict** | {overall.get('verdict', '-')} | "
+        f"{short_fig.get('verdict', '-') if short else '-'} |",
+    ]
     return "\n".join(lines)
 
 
 def helped_verdict(validation: dict) -> str:
-    """One sentence: did the accepted synthetic data help at the scarce size, and by how much."""
-    util = validation.get("utility", {})
-    delta = util.get("delta")
-    if delta is None:
+    """One sentence: did the accepted synthetic data beat plain augmentation, and by how much."""
+    util = validation.get("utility") or {}
+    decisive = _decisive(util)
+    if not decisive:
         return "No utility figure was measured."
-    scarce = util.get("scarce", {}).get("real_per_class", "?")
-    verb = "helped" if delta > 0 else ("did not change" if delta == 0 else "hurt")
-    return (
-        f"At {scarce} real images per class, the accepted synthetic data **{verb}** the "
-        f"downstream classifier: {util.get('real_only')} -> {util.get('real_plus_synthetic')} "
-        f"test accuracy ({_signed(delta)})."
+    where = (
+        f"the short classes ({', '.join(util['short_classes'])})"
+        if util.get("decisive") == "short"
+        else "all classes"
     )
+    return (
+        f"On {where}, the accepted synthetic data: **{decisive.get('verdict')}** against real "
+        f"data with plain augmentation: {decisive.get('real+aug')} -> "
+        f"{decisive.get('real+aug+synthetic')} test accuracy, gain {_gain(decisive)} "
+        f"over {len(util.get('seeds', []))} paired seeds."
+    )
+
+
+def _decisive(util: dict) -> dict:
+    return (util.get(util.get("decisive", "")) or {}) if util else {}
+
+
+def _gain(figure: dict) -> str:
+    delta = figure.get("delta") or {}
+    if delta.get("mean") is None:
+        return "-"
+    low, high = delta.get("low"), delta.get("high")
+    interval = f" [{_signed(low)}, {_signed(high)}]" if low is not None else " [no interval]"
+    return f"{_signed(delta['mean'])}{interval}"
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def _signed(value: float | None) -> str:

@@ -103,6 +103,14 @@ class DemoSource(_Model):
     kind: Literal["demo"]
     seed: int = 0
     defects: bool = True
+    short_classes: list[str] = Field(
+        default_factory=lambda: ["3", "5", "8"],
+        description="digits cut to `short_keep` images each (a seeded choice): the long tail "
+        "of the target user; [] keeps every digit",
+    )
+    short_keep: PositiveInt = Field(
+        51, description="images kept of each short class (51: 36 test, 5 val, 10 train)"
+    )
     name: str | None = None
 
 
@@ -141,6 +149,12 @@ class SplitConfig(_Model):
     train: float = Field(0.8, ge=0, le=1)
     val: float = Field(0.1, ge=0, le=1)
     test: float = Field(0.1, ge=0, le=1)
+    test_min_per_class: int = Field(
+        0,
+        ge=0,
+        description="hold out at least this many test images of every class (leaving 2 for "
+        "train at least), so a short class still has a test set that can resolve a gain",
+    )
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> SplitConfig:
@@ -151,6 +165,13 @@ class SplitConfig(_Model):
 
     def fractions(self) -> dict[str, float]:
         return {"train": self.train, "val": self.val, "test": self.test}
+
+    def counts(self, n: int) -> tuple[int, int]:
+        """(val, test) rows of a class of n: the fractions, then the test minimum."""
+        n_val = int(round(n * self.val))
+        n_test = int(round(n * self.test))
+        n_test = max(n_test, min(self.test_min_per_class, n - n_val - 2))
+        return n_val, n_test
 
 
 class CleanConfig(_Model):
@@ -393,7 +414,9 @@ class GateConfig(_Model):
         10.0, gt=0, description="synthetic FID over the real train-vs-test floor, at most"
     )
     min_utility_delta: float = Field(
-        0.0, description="real+synthetic minus real-only accuracy at the scarce size, at least"
+        0.0,
+        description="lower bound of the 95% interval of the accuracy gain of real+aug+synthetic "
+        "over real+aug (short classes when there are any), at least",
     )
 
 
@@ -403,11 +426,19 @@ class ValidateConfig(_Model):
     )
     near_copy_percentile: float = Field(5.0, gt=0, lt=100)
     k: PositiveInt = Field(5, description="neighbours for precision/recall/density/coverage")
-    scarce_per_class: PositiveInt = Field(10, description="real images per class, scarce size")
     utility_steps: PositiveInt = Field(
         200, description="optimizer steps of each utility classifier, whatever its data size"
     )
-    utility_repeats: PositiveInt = Field(2, description="seeds averaged at the scarce size")
+    utility_seeds: int = Field(
+        5, ge=2, description="paired seeds of the utility arms (2 at least: an interval needs 2)"
+    )
+    short_class_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="a class with fewer real train images than this share of the largest "
+        "class is short: the utility gate reads the short classes when there are any",
+    )
     batch_size: PositiveInt = 256
     shard_rows: PositiveInt = Field(
         8192, description="images per feature shard (rounded up to a multiple of batch_size)"

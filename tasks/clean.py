@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from synthloop.config import CleanConfig
+from synthloop.config import CleanConfig, SplitConfig
 from synthloop.dataset import (
     IMAGE_SCHEMA,
     QUARANTINE_SCHEMA,
@@ -456,21 +456,21 @@ def split_keys(ids: list[str] | np.ndarray, seed: int) -> np.ndarray:
 def assign_splits(
     ids: np.ndarray,
     labels: np.ndarray,
-    fractions: dict[str, float],
+    split: SplitConfig,
     seed: int,
     keys: np.ndarray | None = None,
 ) -> np.ndarray:
     """Deterministic stratified split: within each class, rows ordered by a seeded hash of
-    their id; the first share goes to val, the next to test, the rest to train.
-    `keys`, if given, is `split_keys(ids, seed)` computed beforehand."""
+    their id; the first share goes to val, the next to test (at least
+    `split.test_min_per_class`), the rest to train. `keys`, if given, is
+    `split_keys(ids, seed)` computed beforehand."""
     if keys is None:
         keys = split_keys(ids, seed)
     splits = np.empty(len(ids), dtype=object)
     for label in np.unique(labels):
         rows = np.flatnonzero(labels == label)
         rows = rows[np.argsort(keys[rows], kind="stable")]
-        n_val = int(round(len(rows) * fractions["val"]))
-        n_test = int(round(len(rows) * fractions["test"]))
+        n_val, n_test = split.counts(len(rows))
         splits[rows[:n_val]] = "val"
         splits[rows[n_val : n_val + n_test]] = "test"
         splits[rows[n_val + n_test :]] = "train"
@@ -995,7 +995,7 @@ def _merge(
         splits[keep] = assign_splits(
             id_array[keep],
             label_array[keep],
-            cfg.split.fractions(),
+            cfg.split,
             cfg.seed,
             _concatenate(numbers["split_keys"], np.uint64)[keep],
         )

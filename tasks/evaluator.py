@@ -194,16 +194,22 @@ def build_net(cfg: EvaluatorConfig, channels: int, size: int, num_classes: int) 
 
 
 @torch.no_grad()
-def accuracy(net: EvaluatorNet, data: ImageTensors, batch_size: int) -> tuple[float, list[float]]:
-    """(overall accuracy, per-class accuracy by label index; NaN for an absent class)."""
+@torch.no_grad()
+def predict(net: EvaluatorNet, data: ImageTensors, batch_size: int) -> Tensor:
+    """The predicted label index of every row, on the CPU."""
     net.eval()
     device = next(net.parameters()).device
-    preds = torch.cat(
+    return torch.cat(
         [
             net(to_float(data.images[lo : lo + batch_size].to(device))).argmax(1).cpu()
             for lo in range(0, len(data), batch_size)
         ]
     )
+
+
+def accuracy(net: EvaluatorNet, data: ImageTensors, batch_size: int) -> tuple[float, list[float]]:
+    """(overall accuracy, per-class accuracy by label index; NaN for an absent class)."""
+    preds = predict(net, data, batch_size)
     correct = (preds == data.labels).float()
     per_class = [
         float(correct[data.labels == c].mean()) if (data.labels == c).any() else float("nan")
@@ -232,18 +238,27 @@ def small_image_cpu_threads(device: torch.device, size: int) -> Iterator[None]:
 
 
 def train_net(
-    cfg: EvaluatorConfig, splits: Splits, device: torch.device
+    cfg: EvaluatorConfig,
+    splits: Splits,
+    device: torch.device,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[EvaluatorNet, dict]:
     """Train on splits.train; keep the weights of the epoch with the best val accuracy.
 
     Seeded from cfg.seed through a forked RNG, so a run is reproducible on CPU and the
-    caller's global RNG state is left as it was.
+    caller's global RNG state is left as it was. `augment` (uint8 batch -> uint8 batch)
+    transforms every training batch on the fly.
     """
     with small_image_cpu_threads(device, splits.train.images.shape[-1]):
-        return _train(cfg, splits, device)
+        return _train(cfg, splits, device, augment)
 
 
-def _train(cfg: EvaluatorConfig, splits: Splits, device: torch.device) -> tuple[EvaluatorNet, dict]:
+def _train(
+    cfg: EvaluatorConfig,
+    splits: Splits,
+    device: torch.device,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[EvaluatorNet, dict]:
     _, channels, size, _ = splits.train.images.shape
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -263,7 +278,8 @@ def _train(cfg: EvaluatorConfig, splits: Splits, device: torch.device) -> tuple[
         total = 0.0
         for step in range(steps_per_epoch):
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            loss = F.cross_entropy(net(to_float(images[idx])), labels[idx])
+            batch = images[idx] if augment is None else augment(images[idx])
+            loss = F.cross_entropy(net(to_float(batch)), labels[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -8,8 +8,10 @@ real clean data only, `tasks/evaluator.py`):
 - class consistency: the evaluator's accuracy on the labels the generator was asked for;
 - privacy: each synthetic image's distance to its nearest real training image, and the
   share closer than real test images usually get (`near_copy_rate`);
-- utility: a downstream classifier trained on real data alone vs real plus the accepted
-  synthetic rows, scored on the real test split, at the full size and a scarce size;
+- utility (`tasks/utility.py`): a downstream classifier trained on the real train split
+  with the augment policy on the fly, alone vs plus the accepted synthetic rows, over paired
+  seeds, scored on the real test split: the mean gain with a 95% interval, overall, per
+  class and on the short classes;
 - a Great Expectations suite on the synthetic rows.
 Per sample, an image is accepted when the evaluator gives its intended class at least
 `min_confidence`, it is not a near copy, and it is not a duplicate of an accepted image.
@@ -39,7 +41,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
-from synthloop.config import EvaluatorConfig, GateConfig, Params, ValidateConfig
+from synthloop.config import AugmentPolicy, EvaluatorConfig, GateConfig, Params, ValidateConfig
 from synthloop.dataset import (
     IMAGE_SCHEMA,
     ShardWriter,
@@ -56,8 +58,8 @@ from tasks.evaluator import (
     WEIGHTS,
     Evaluator,
     Splits,
-    accuracy,
     load_evaluator,
+    predict,
     small_image_cpu_threads,
     train_net,
 )
@@ -69,6 +71,8 @@ from tasks.metrics import (
     near_copy_rate,
     prdc,
 )
+from tasks.online_augment import batch_augmenter
+from tasks.utility import compare_arms
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +110,9 @@ def evaluate_gates(gates: GateConfig, figures: dict) -> dict:
         "class_consistency": (figures["class_consistency"], ">=", gates.min_class_consistency),
         "near_copy_rate": (figures["near_copy_rate"], "<=", gates.max_near_copy_rate),
         "fid_ratio": (figures["fid"] / floor, "<=", gates.max_fid_ratio),
-        "utility_delta_scarce": (
-            figures["utility"]["scarce"]["delta"],
+        # The interval's lower bound: "no evidence" of a gain promotes nothing.
+        "utility_lower_bound": (
+            figures["utility"]["delta"]["low"],
             ">=",
             gates.min_utility_delta,
         ),
@@ -115,23 +120,13 @@ def evaluate_gates(gates: GateConfig, figures: dict) -> dict:
     }
     out: dict = {}
     for name, (value, op, threshold) in checks.items():
-        ok = bool(value >= threshold if op == ">=" else value <= threshold)
         if value is None or (isinstance(value, float) and math.isnan(value)):
             ok = False
+        else:
+            ok = bool(value >= threshold if op == ">=" else value <= threshold)
         out[name] = {"value": _round(value), "op": op, "threshold": threshold, "passed": ok}
     out["passed"] = all(g["passed"] for g in out.values())
     return out
-
-
-def scarce_subset(data: ImageTensors, per_class: int, seed: int) -> ImageTensors:
-    """`per_class` rows of each class, chosen by a seeded permutation."""
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(data), generator=generator)
-    picked: list[int] = []
-    for c in range(len(data.classes)):
-        rows = order[data.labels[order] == c][:per_class]
-        picked += rows.tolist()
-    return subset(data, torch.tensor(sorted(picked), dtype=torch.int64))
 
 
 def subset(data: ImageTensors, index: torch.Tensor) -> ImageTensors:
@@ -202,55 +197,28 @@ def utility(
     cfg: ValidateConfig,
     splits: Splits,
     accepted: ImageTensors,
-    synthetic: ImageTensors,
     device: torch.device,
     evaluator_cfg: EvaluatorConfig,
+    policy: AugmentPolicy,
 ) -> dict:
-    """Test accuracy of a classifier trained on real only vs real + accepted synthetic, at
-    the full and the scarce size (scarce averaged over `utility_repeats` seeds), and TSTR."""
+    """The paired-seed utility protocol of `tasks/utility.py`, with the evaluator's
+    architecture as the downstream classifier."""
 
-    def score(train: ImageTensors, seed: int) -> float:
+    def trainer(train: ImageTensors, seed: int, augment: bool) -> torch.Tensor:
         # The same number of optimizer steps for every training set, so that a larger
         # set (real + synthetic) does not win merely by training longer.
         steps_per_epoch = max(1, math.ceil(len(train) / evaluator_cfg.batch_size))
         epochs = max(1, math.ceil(cfg.utility_steps / steps_per_epoch))
         net_cfg = evaluator_cfg.model_copy(update={"epochs": epochs, "seed": seed})
-        net, _ = train_net(net_cfg, replace(splits, train=train), device)
-        return accuracy(net, splits.test, net_cfg.batch_size)[0]
+        stream = torch.Generator().manual_seed(seed)
+        online = batch_augmenter(policy, stream) if augment else None
+        net, _ = train_net(net_cfg, replace(splits, train=train), device, online)
+        return predict(net, splits.test, net_cfg.batch_size)
 
-    def compare(real: ImageTensors, seed: int) -> tuple[float, float]:
-        with_syn = concat(real, accepted) if len(accepted) else real
-        return score(real, seed), score(with_syn, seed)
-
-    real_full, plus_full = compare(splits.train, cfg.seed)
-    scarce = [
-        compare(scarce_subset(splits.train, cfg.scarce_per_class, cfg.seed + r), cfg.seed + r)
-        for r in range(cfg.utility_repeats)
-    ]
-    real_scarce = float(np.mean([a for a, _ in scarce]))
-    plus_scarce = float(np.mean([b for _, b in scarce]))
-    tstr_data = accepted if len(accepted) else synthetic
-    tstr = score(tstr_data, cfg.seed)
-    return {
-        "full": {
-            "real_images": len(splits.train),
-            "real_only": _round(real_full),
-            "real_plus_synthetic": _round(plus_full),
-            "delta": _round(plus_full - real_full),
-        },
-        "scarce": {
-            "real_per_class": cfg.scarce_per_class,
-            "repeats": cfg.utility_repeats,
-            "real_only": _round(real_scarce),
-            "real_plus_synthetic": _round(plus_scarce),
-            "delta": _round(plus_scarce - real_scarce),
-        },
-        "synthetic_images": len(accepted),
-        "real_only": _round(real_scarce),
-        "real_plus_synthetic": _round(plus_scarce),
-        "delta": _round(plus_scarce - real_scarce),
-        "tstr": _round(tstr),
-    }
+    seeds = [cfg.seed + s for s in range(cfg.utility_seeds)]
+    return compare_arms(
+        splits.train, accepted, splits.test.labels, trainer, seeds, cfg.short_class_share
+    )
 
 
 # --- the stage -----------------------------------------------------------------------------
@@ -265,15 +233,19 @@ class ValidateJob:
     validate: ValidateConfig
     evaluator: EvaluatorConfig
     requested: dict[str, int] | None = None
+    augment: AugmentPolicy = AugmentPolicy()
 
 
 def run_validate(
     cfg: ValidateConfig,
     evaluator_cfg: EvaluatorConfig | None = None,
     requested_per_class: dict[str, int] | None = None,
+    augment: AugmentPolicy | None = None,
 ) -> dict:
     """Validate `cfg.synthetic`; accepted rows to `cfg.accepted`, the report to `cfg.report`."""
-    job = ValidateJob(cfg, evaluator_cfg or EvaluatorConfig(), requested_per_class)
+    job = ValidateJob(
+        cfg, evaluator_cfg or EvaluatorConfig(), requested_per_class, augment or AugmentPolicy()
+    )
     return run_uncached(SHARDING, job)
 
 
@@ -285,7 +257,7 @@ def validate_job(params: Params) -> ValidateJob:
     classes = _classes(params.train_evaluator.output / CONFIG)
     extra = requested_extra(params, classes)
     requested = {c: params.generate.per_class + extra.get(c, 0) for c in classes}
-    return ValidateJob(params.validation, params.train_evaluator, requested)
+    return ValidateJob(params.validation, params.train_evaluator, requested, params.augment.policy)
 
 
 def _validate(
@@ -294,6 +266,7 @@ def _validate(
     evaluator_cfg: EvaluatorConfig,
     requested_per_class: dict[str, int] | None,
     features: dict[str, torch.Tensor],
+    policy: AugmentPolicy,
 ) -> dict:
     """Everything but the features (`features[split]`, in the rows' order) from here."""
     remove_stale_temporaries(cfg.accepted)
@@ -329,7 +302,7 @@ def _validate(
         q: _round(float(np.percentile(nearest.cpu().numpy(), p)))
         for q, p in (("p5", 5), ("median", 50), ("p95", 95))
     }
-    figures["utility"] = utility(cfg, splits, accepted, synthetic, device, evaluator_cfg)
+    figures["utility"] = utility(cfg, splits, accepted, device, evaluator_cfg, policy)
 
     stats = _pixel_stats(synthetic.images)
     requested = requested_per_class or dict.fromkeys(classes, 1)
@@ -356,14 +329,18 @@ def _validate(
     failed = [name for name, g in gates.items() if name != "passed" and not g["passed"]]
     log.info(
         "validate: %d synthetic -> %d accepted; fid %.3g (floor %.3g), consistency %.3f, "
-        "near-copy %.3f, utility delta (scarce) %+.4f; gates %s",
+        "near-copy %.3f, utility (%s) %+.4f [%s, %s]: %s; gates %s",
         len(synthetic),
         report["accepted"],
         figures["fid"] or math.nan,
         figures["fid_real_floor"] or math.nan,
         consistency,
         copy_rate,
-        figures["utility"]["delta"] or 0.0,
+        figures["utility"]["decisive"],
+        figures["utility"]["delta"]["mean"] or 0.0,
+        figures["utility"]["delta"]["low"],
+        figures["utility"]["delta"]["high"],
+        figures["utility"]["verdict"],
         "passed" if gates["passed"] else f"FAILED: {', '.join(failed)}",
     )
     return report
@@ -533,7 +510,7 @@ def merge_validate(job: ValidateJob, folders: list[Path]) -> dict:
     evaluator = load_evaluator(cfg.evaluator, device=device, batch_size=cfg.batch_size)
     features = load_features(folders)
     with small_image_cpu_threads(device, evaluator.size):
-        return _validate(cfg, evaluator, job.evaluator, job.requested, features)
+        return _validate(cfg, evaluator, job.evaluator, job.requested, features, job.augment)
 
 
 class _Shared:

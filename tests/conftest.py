@@ -71,15 +71,14 @@ def small_params(source_path: str = "data/raw/shapes", **clean: object) -> dict:
         "train_evaluator": {"width": 8, "feature_dim": 16, "epochs": 3, "batch_size": 32},
         "validate": {
             "k": 3,
-            "scarce_per_class": 4,
             "utility_steps": 10,
-            "utility_repeats": 1,
+            "utility_seeds": 2,
             "min_confidence": 0.0,
             "gates": {
                 "min_class_consistency": 0.0,
                 "max_near_copy_rate": 1.0,
                 "max_fid_ratio": 1e9,
-                "min_utility_delta": -1.0,
+                "min_utility_delta": -1e9,
             },
         },
         "loop": {"max_rounds": 1, "max_retrains": 0},

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synthloop.config import CleanConfig
+from synthloop.config import CleanConfig, SplitConfig
 from tasks.clean import (
     Converted,
     Rejection,
@@ -176,17 +176,34 @@ def test_split_is_stratified_deterministic_and_independent_of_order():
     ids = np.array([f"id{i:03d}" for i in range(200)], dtype=object)
     labels = np.array(["a"] * 100 + ["b"] * 100, dtype=object)
     fractions = {"train": 0.8, "val": 0.1, "test": 0.1}
-    splits = assign_splits(ids, labels, fractions, seed=0)
+    split = SplitConfig(**fractions)
+    splits = assign_splits(ids, labels, split, seed=0)
     for label in ("a", "b"):
         counts = {s: int(((labels == label) & (splits == s)).sum()) for s in fractions}
         assert counts == {"train": 80, "val": 10, "test": 10}
     order = np.random.default_rng(0).permutation(200)
-    shuffled = assign_splits(ids[order], labels[order], fractions, seed=0)
+    shuffled = assign_splits(ids[order], labels[order], split, seed=0)
     assert dict(zip(ids[order], shuffled, strict=True)) == dict(zip(ids, splits, strict=True))
-    assert (assign_splits(ids, labels, fractions, seed=1) != splits).any()
+    assert (assign_splits(ids, labels, split, seed=1) != splits).any()
 
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_thumbnail_is_64_grey_bytes(channels):
     shape = (32, 24) if channels == 1 else (32, 24, 3)
     assert thumbnail(noise(shape)).shape == (64,)
+
+
+def test_a_short_class_keeps_its_minimum_test_set():
+    ids = np.array([f"id{i:03d}" for i in range(231)], dtype=object)
+    labels = np.array(["rich"] * 180 + ["short"] * 51, dtype=object)
+    split = SplitConfig(train=0.7, val=0.1, test=0.2, test_min_per_class=36)
+    splits = assign_splits(ids, labels, split, seed=0)
+    count = {
+        (label, s): int(((labels == label) & (splits == s)).sum())
+        for label in ("rich", "short")
+        for s in ("train", "val", "test")
+    }
+    assert (count["rich", "test"], count["rich", "val"], count["rich", "train"]) == (36, 18, 126)
+    assert (count["short", "test"], count["short", "val"], count["short", "train"]) == (36, 5, 10)
+    # A class too small for the minimum still keeps 2 rows to train on.
+    assert SplitConfig(test_min_per_class=36).counts(10) == (1, 7)

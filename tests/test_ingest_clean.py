@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 
 import tasks.clean as clean_module
-from synthloop.config import parse_params
+from synthloop.config import load_params, parse_params
 from synthloop.dataset import read_columns
 from tasks.clean import run_clean
 from tasks.ingest import run_ingest
 from tasks.sources import SourceError
-from tests.conftest import small_params
+from tests.conftest import REPO, small_params
 
 
 def configure(root: Path, sources: list[dict], **clean) -> object:
@@ -235,3 +235,24 @@ def test_a_failed_critical_expectation_fails_the_stage_and_keeps_old_data(demo_r
     with pytest.raises(CriticalExpectationFailed, match="count"):
         run_clean(strict)
     assert tree_digest(params.clean.output) == before
+
+
+def test_the_demo_is_long_tailed_as_documented(demo_run):
+    from tasks.demo import digit_images, long_tail
+
+    _, report = demo_run
+    totals = {label: c["total"] for label, c in report["per_class"].items()}
+    for label in ("3", "5", "8"):  # 51 kept; a defect may take one away
+        assert totals[label] in (50, 51), totals
+    assert min(v for k, v in totals.items() if k not in ("3", "5", "8")) >= 170
+    # The default params give a short class 10 train, 5 val and 36 test images.
+    params = load_params(REPO / "params.yaml")
+    (source,) = params.ingest.sources
+    _, targets = digit_images()
+    kept = long_tail(targets, source.short_classes, source.short_keep, source.seed)
+    per_digit = np.bincount(targets[kept], minlength=10)
+    assert [per_digit[d] for d in (3, 5, 8)] == [51, 51, 51]
+    assert all(per_digit[d] == (targets == d).sum() for d in (0, 1, 2, 4, 6, 7, 9))
+    n_val, n_test = params.clean.split.counts(source.short_keep)
+    assert (source.short_keep - n_val - n_test, n_val, n_test) == (10, 5, 36)
+    assert params.clean.split.counts(180) == (18, 36)  # a rich class: the fractions

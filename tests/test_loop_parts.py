@@ -68,7 +68,7 @@ def figures(**over):
         "near_copy_rate": 0.01,
         "fid": 2.0,
         "fid_real_floor": 1.0,
-        "utility": {"scarce": {"delta": 0.01}},
+        "utility": {"delta": {"mean": 0.02, "low": 0.01, "high": 0.03}},
         "expectations_critical_ok": True,
     }
     return base | over
@@ -81,7 +81,8 @@ def test_gates_pass_and_each_can_fail():
         "class_consistency": {"class_consistency": 0.5},
         "near_copy_rate": {"near_copy_rate": 0.5},
         "fid_ratio": {"fid": 10.0},
-        "utility_delta_scarce": {"utility": {"scarce": {"delta": -0.01}}},
+        # the lower bound decides: a positive mean whose interval reaches below 0 fails
+        "utility_lower_bound": {"utility": {"delta": {"mean": 0.02, "low": -0.01, "high": 0.05}}},
         "expectations": {"expectations_critical_ok": False},
     }.items():
         result = evaluate_gates(gates, figures(**over))

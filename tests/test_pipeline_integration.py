@@ -93,7 +93,7 @@ def test_a_failed_attempt_retrains_within_its_round_then_promotes(workspace, pre
                 max_rounds=1,
                 max_retrains=1,
                 retrain=[
-                    {"train": {"steps": 18}, "validate": {"gates": {"min_utility_delta": -1.0}}}
+                    {"train": {"steps": 18}, "validate": {"gates": {"min_utility_delta": -1e9}}}
                 ],
             ),
         ),
@@ -108,10 +108,10 @@ def test_a_failed_attempt_retrains_within_its_round_then_promotes(workspace, pre
     assert loop["result"] == "promoted" and loop["params_from"] == [1, 2]
     first, second = loop["attempts"]
     assert not first["passed"] and "promotion" not in first
-    assert first["validation"]["gates"]["utility_delta_scarce"]["passed"] is False
+    assert first["validation"]["gates"]["utility_lower_bound"]["passed"] is False
     assert first["failed_gates"] == [
-        "utility_delta_scarce "
-        + "{} < 2.0".format(first["validation"]["gates"]["utility_delta_scarce"]["value"])
+        "utility_lower_bound "
+        + "{} < 2.0".format(first["validation"]["gates"]["utility_lower_bound"]["value"])
     ]
     assert first["retrain_overrides"] == {} and second["retrain_step"] == 1
     assert second["retrain_overrides"]["train"] == {"steps": 18}
@@ -151,7 +151,8 @@ def test_a_failed_attempt_retrains_within_its_round_then_promotes(workspace, pre
     summary = read_artifact("closed-loop-summary", run_id)
     assert "**promoted**: promoted in round 1" in summary
     assert "| 1 | 1 | FAIL |" in summary and "| 1 | 2 | pass |" in summary
-    assert "At 4 real images per class" in summary
+    assert "against real data with plain augmentation" in summary
+    assert "| real+aug (baseline) |" in summary and "| **verdict** |" in summary
     assert "| class | train | val | test | total |" in read_artifact("clean-report", run_id)
     assert "data:image/png;base64," in read_artifact("sample-grid", run_id)
     assert "model version" in read_artifact("training-summary", run_id)

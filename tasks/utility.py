@@ -1,0 +1,173 @@
+"""Utility: does the accepted synthetic data make a downstream classifier better than what
+the user already has?
+
+Every arm trains on the real images the generator trained on (the clean train split) and is
+scored on the real test split, with the same number of optimizer steps whatever its size:
+- `real+aug`, the baseline: the real images with the project's augment policy applied on
+  the fly (what every user already has);
+- `real+aug+synthetic`: the same plus the accepted synthetic rows, augmented the same way;
+- `real` (no augmentation) and `tstr` (train on synthetic, test on real), for reference.
+The two main arms are paired over `validate.utility_seeds` seeds: seed s gives both the same
+initial weights and augmentation stream. The per-seed delta (accuracy of the second minus
+the first) gives a mean and a 95% Student-t interval, overall, per class, and on the *short
+classes*: those with fewer real training images than `validate.short_class_share` of the
+largest class, the ones users come for. The verdict reads the interval: `helped` when its
+lower bound is above 0, `hurt` when its upper bound is below 0, else `no evidence`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from tasks.images import ImageTensors
+
+# An arm's classifier: (training set, seed, augment or None) -> predicted test labels.
+Trainer = Callable[[ImageTensors, int, bool], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Interval:
+    mean: float
+    low: float | None  # None: too few seeds for an interval
+    high: float | None
+    n: int
+
+    def as_dict(self) -> dict:
+        return {
+            "mean": _round(self.mean),
+            "low": _round(self.low),
+            "high": _round(self.high),
+            "seeds": self.n,
+        }
+
+
+def t_interval(values: list[float] | np.ndarray, confidence: float = 0.95) -> Interval:
+    """Mean and two-sided Student-t interval of paired per-seed differences."""
+    from scipy import stats
+
+    x = np.asarray(values, dtype=np.float64)
+    x = x[~np.isnan(x)]
+    if len(x) == 0:
+        return Interval(float("nan"), None, None, 0)
+    mean = float(x.mean())
+    if len(x) < 2:
+        return Interval(mean, None, None, len(x))
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+    return Interval(mean, mean - half, mean + half, len(x))
+
+
+def verdict(interval: Interval) -> str:
+    if interval.low is not None and interval.low > 0:
+        return "helped"
+    if interval.high is not None and interval.high < 0:
+        return "hurt"
+    return "no evidence"
+
+
+def short_classes(train_counts: dict[str, int], share: float) -> list[str]:
+    """Classes with fewer real training images than `share` of the largest class."""
+    if not train_counts:
+        return []
+    largest = max(train_counts.values())
+    return sorted(c for c, n in train_counts.items() if n < share * largest)
+
+
+def accuracy_of(
+    pred: torch.Tensor, labels: torch.Tensor, classes: list[int] | None = None
+) -> float:
+    """Accuracy over the test rows whose label is in `classes` (all rows: None)."""
+    mask = torch.ones_like(labels, dtype=torch.bool)
+    if classes is not None:
+        mask = torch.isin(labels, torch.tensor(classes, dtype=labels.dtype))
+    if not mask.any():
+        return float("nan")
+    return float((pred[mask] == labels[mask]).float().mean())
+
+
+def compare_arms(
+    train: ImageTensors,
+    accepted: ImageTensors,
+    test_labels: torch.Tensor,
+    trainer: Trainer,
+    seeds: list[int],
+    short_share: float,
+) -> dict:
+    """The protocol above, for any `trainer`; returns the report's `utility` section."""
+    classes = list(train.classes)
+    counts = {c: int((train.labels == i).sum()) for i, c in enumerate(classes)}
+    short = short_classes(counts, short_share)
+    short_idx = [classes.index(c) for c in short]
+    plus_data = _concat(train, accepted) if len(accepted) else train
+
+    def figures(pred: torch.Tensor) -> dict:
+        out = {"overall": accuracy_of(pred, test_labels)}
+        if short_idx:
+            out["short"] = accuracy_of(pred, test_labels, short_idx)
+        for i, c in enumerate(classes):
+            out[f"class:{c}"] = accuracy_of(pred, test_labels, [i])
+        return out
+
+    base, plus = [], []
+    for seed in seeds:
+        base.append(figures(trainer(train, seed, True)))
+        plus.append(figures(trainer(plus_data, seed, True)))
+    reference = {"real": figures(trainer(train, seeds[0], False))}
+    if len(accepted):
+        reference["tstr"] = figures(trainer(accepted, seeds[0], False))
+
+    def summary(key: str) -> dict:
+        deltas = [p[key] - b[key] for b, p in zip(base, plus, strict=True)]
+        interval = t_interval(deltas)
+        return {
+            "real+aug": _round(float(np.nanmean([b[key] for b in base]))),
+            "real+aug+synthetic": _round(float(np.nanmean([p[key] for p in plus]))),
+            "delta": interval.as_dict(),
+            "verdict": verdict(interval),
+        }
+
+    overall = summary("overall")
+    decisive = summary("short") if short_idx else overall
+    return {
+        "protocol": "paired seeds; every arm trains on the clean train split, with the augment "
+        "policy on the fly except `real` and `tstr`; scored on the real test split",
+        "seeds": list(seeds),
+        "real_images": len(train),
+        "synthetic_images": len(accepted),
+        "test_images": len(test_labels),
+        "short_classes": short,
+        "short_class_share": short_share,
+        "overall": overall,
+        "short": summary("short") if short_idx else None,
+        "per_class": {c: summary(f"class:{c}") for c in classes},
+        "reference": {
+            arm: {"overall": _round(f["overall"]), "short": _round(f.get("short"))}
+            for arm, f in reference.items()
+        },
+        # What the gate and the headline read: the short classes when there are any.
+        "decisive": "short" if short_idx else "overall",
+        "delta": decisive["delta"],
+        "verdict": decisive["verdict"],
+    }
+
+
+def _concat(a: ImageTensors, b: ImageTensors) -> ImageTensors:
+    if b.classes != a.classes:
+        raise ValueError(f"utility: synthetic classes {b.classes} differ from real {a.classes}")
+    return replace(
+        a,
+        images=torch.cat([a.images, b.images]),
+        labels=torch.cat([a.labels, b.labels]),
+        ids=a.ids + b.ids,
+        sources=a.sources + b.sources,
+    )
+
+
+def _round(value: float | None, digits: int = 5) -> float | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return round(float(value), digits)

@@ -1,0 +1,113 @@
+"""The utility protocol's plain parts: the interval, the verdict, short classes, what each arm
+trains on, the gate on the lower bound, and the on-the-fly augmentation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from synthloop.config import AugmentPolicy, GateConfig
+from tasks.images import ImageTensors
+from tasks.online_augment import batch_augmenter
+from tasks.utility import Interval, compare_arms, short_classes, t_interval, verdict
+from tasks.validate import evaluate_gates
+
+
+def test_the_interval_on_a_constructed_case():
+    # mean 3, sd sqrt(2.5), t(0.975, 4) = 2.776445: half-width 2.776445 * 1.581139 / sqrt(5)
+    interval = t_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    half = 2.776445 * math.sqrt(2.5) / math.sqrt(5)
+    assert interval.mean == 3.0 and interval.n == 5
+    assert interval.low == pytest.approx(3 - half, abs=1e-5)
+    assert interval.high == pytest.approx(3 + half, abs=1e-5)
+    assert t_interval([0.2, 0.2, 0.2]).low == pytest.approx(0.2)  # no spread, no width
+    one = t_interval([0.5])
+    assert one.low is None and verdict(one) == "no evidence"  # one seed is no evidence
+
+
+def test_the_verdict_reads_the_interval():
+    assert verdict(Interval(0.03, 0.01, 0.05, 5)) == "helped"
+    assert verdict(Interval(0.03, -0.01, 0.07, 5)) == "no evidence"
+    assert verdict(Interval(-0.03, -0.05, -0.01, 5)) == "hurt"
+
+
+def test_short_classes_are_those_below_a_share_of_the_largest():
+    counts = {"0": 140, "1": 10, "2": 69, "3": 70}
+    assert short_classes(counts, 0.5) == ["1", "2"]
+    assert short_classes({"a": 5, "b": 5}, 0.5) == []
+    assert short_classes({}, 0.5) == []
+
+
+def test_the_gate_uses_the_lower_bound():
+    gates = GateConfig(min_class_consistency=0, max_near_copy_rate=1, max_fid_ratio=1e9)
+    figures = {
+        "class_consistency": 1.0,
+        "near_copy_rate": 0.0,
+        "fid": 1.0,
+        "fid_real_floor": 1.0,
+        "expectations_critical_ok": True,
+    }
+    for low, passed in ((0.001, True), (-0.001, False), (None, False)):
+        utility = {"delta": {"mean": 0.05, "low": low, "high": 0.1}}
+        result = evaluate_gates(gates, figures | {"utility": utility})
+        assert result["utility_lower_bound"]["passed"] is passed, low
+
+
+def images(labels: list[int], start: int, classes: list[str]) -> ImageTensors:
+    n = len(labels)
+    return ImageTensors(
+        images=torch.arange(start, start + n, dtype=torch.uint8)
+        .view(n, 1, 1, 1)
+        .expand(n, 1, 4, 4),
+        labels=torch.tensor(labels),
+        ids=[f"id{start + i}" for i in range(n)],
+        classes=classes,
+        sources=["real"] * n,
+    )
+
+
+def test_every_arm_trains_on_the_generators_real_images_and_pairs_its_seeds():
+    classes = ["a", "b", "c"]
+    train = images([0] * 20 + [1] * 20 + [2] * 4, 0, classes)  # c is short
+    accepted = images([2] * 6, 100, classes)
+    test_labels = torch.tensor([0, 1, 2, 2])
+    calls = []
+
+    def trainer(data: ImageTensors, seed: int, augment: bool) -> torch.Tensor:
+        calls.append((set(data.ids), seed, augment))
+        # with the synthetic rows, class c is always right; without, half of it
+        pred = test_labels.clone()
+        if not any(i.startswith("id1") and int(i[2:]) >= 100 for i in data.ids):
+            pred[3] = 0
+        return pred
+
+    result = compare_arms(train, accepted, test_labels, trainer, [0, 1, 2], short_share=0.5)
+    real_ids, synthetic_ids = set(train.ids), set(accepted.ids)
+    for ids, _, _ in calls:
+        assert ids - synthetic_ids <= real_ids  # no real image beyond the generator's
+    base = [c for c in calls if c[0] == real_ids and c[2]]
+    plus = [c for c in calls if c[0] == real_ids | synthetic_ids]
+    assert [c[1] for c in base] == [c[1] for c in plus] == [0, 1, 2]  # paired seeds
+    assert all(c[2] for c in plus)  # the same augmentation in both main arms
+    assert (real_ids, 0, False) in calls and (synthetic_ids, 0, False) in calls  # references
+    assert result["short_classes"] == ["c"] and result["decisive"] == "short"
+    assert result["short"]["real+aug"] == 0.5 and result["short"]["real+aug+synthetic"] == 1.0
+    assert result["delta"] == {"mean": 0.5, "low": 0.5, "high": 0.5, "seeds": 3}
+    assert result["verdict"] == "helped" and result["overall"]["verdict"] == "helped"
+    assert result["per_class"]["a"]["verdict"] == "no evidence"  # no change there
+
+
+def test_online_augmentation_draws_per_image_and_is_seeded():
+    off = AugmentPolicy(rotate_degrees=0, translate=0, scale_min=1, scale_max=1, noise_std=0)
+    x = torch.zeros(16, 1, 8, 8, dtype=torch.uint8)
+    x[:, :, 2:6, 1:3] = 255
+    assert torch.equal(batch_augmenter(off, torch.Generator())(x), x)
+    flip = off.model_copy(update={"hflip": 1.0})
+    assert torch.equal(batch_augmenter(flip, torch.Generator())(x), x.flip(-1))
+    policy = AugmentPolicy(rotate_degrees=20, translate=0.2)
+    a = batch_augmenter(policy, torch.Generator().manual_seed(3))(x)
+    b = batch_augmenter(policy, torch.Generator().manual_seed(3))(x)
+    assert torch.equal(a, b) and a.dtype == torch.uint8
+    assert len({bytes(img.flatten().tolist()) for img in a}) > 8  # each image its own draw
