@@ -332,6 +332,13 @@ class TrainConfig(_Model):
     batch_size: PositiveInt = 64
     lr: float = Field(2e-4, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
+    class_balance: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="0: batches drawn uniformly over rows; 1: every class equally often "
+        "(a short class gets as many steps as a rich one); between: counts^(1-balance)",
+    )
     seed: int = 0
     device: Device = "auto"
     bf16: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")

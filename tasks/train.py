@@ -71,11 +71,33 @@ WEIGHTS = "weights.safetensors"
 # The settings a checkpoint can only be resumed with; steps, logging and paths may change
 # between runs. The active family's own section (train.cgan or train.diffusion), the data
 # version and the kind of device are added.
-FINGERPRINT_KEYS = ("family", "batch_size", "lr", "ema_decay", "seed")
+FINGERPRINT_KEYS = ("family", "batch_size", "lr", "ema_decay", "seed", "class_balance")
 SUMMARY_KEYS = (  # reports/train/summary.json: the model card's numbers, for `dvc metrics`
     "family", "model_version", "steps", "final_losses", "images_per_second", "train_seconds",
     "wall_seconds", "resumed_from_step", "device", "world_size",
 )  # fmt: skip
+
+
+def class_balance_weights(labels: torch.Tensor, balance: float) -> torch.Tensor | None:
+    """Per-row sampling weights: a class of c rows is drawn in proportion to c^(1-balance),
+    so 0 is uniform over rows (None: plain randint) and 1 draws every class equally often,
+    however few its rows: a short class then gets as many steps as a rich one."""
+    if balance == 0:
+        return None
+    counts = torch.bincount(labels).float()
+    return counts[labels].pow(-balance)
+
+
+def draw_batch(
+    weights: torch.Tensor | None,
+    n: int,
+    size: int,
+    generator: torch.Generator,
+    device: torch.device,
+) -> torch.Tensor:
+    if weights is None:
+        return torch.randint(n, (size,), generator=generator, device=device)
+    return torch.multinomial(weights, size, replacement=True, generator=generator)
 
 
 def run_train(cfg: TrainConfig) -> dict:
@@ -148,10 +170,11 @@ def train(cfg: TrainConfig, device: torch.device, rank: int = 0, world: int = 1)
         total=cfg.steps, initial=start, unit="step", disable=not (main and sys.stderr.isatty())
     )
     global_batch = cfg.batch_size * world
+    row_weights = class_balance_weights(labels, cfg.class_balance)
     window: list[dict[str, torch.Tensor]] = []  # losses since the last log, still on device
     loop_start, window_start = time.perf_counter(), time.perf_counter()
     for step in range(start + 1, cfg.steps + 1):
-        idx = torch.randint(n, (global_batch,), generator=batches, device=images.device)
+        idx = draw_batch(row_weights, n, global_batch, batches, images.device)
         idx = idx[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]  # this rank's slice
         x, y = get_batch(images, labels, idx, device)
         window.append(family.train_step(x, y))

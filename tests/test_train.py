@@ -199,3 +199,16 @@ def test_gpu_stages_import_without_prefect_dvc_or_great_expectations() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "", f"imported: {proc.stdout.strip()}"
+
+
+def test_class_balance_draws_every_class_equally_often():
+    from tasks.train import class_balance_weights, draw_batch
+
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    assert class_balance_weights(labels, 0.0) is None  # uniform over rows: plain randint
+    for balance, share_of_short in ((1.0, 0.5), (0.5, 0.25)):
+        weights = class_balance_weights(labels, balance)
+        drawn = draw_batch(weights, 100, 20_000, torch.Generator().manual_seed(0), labels.device)
+        short = float((labels[drawn] == 1).float().mean())
+        # the short class gets 10^(1-b) / (10^(1-b) + 90^(1-b)) of the draws
+        assert short == pytest.approx(share_of_short, abs=0.02), balance
