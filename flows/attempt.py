@@ -12,11 +12,12 @@ import json
 import re
 import shutil
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from flows.loop import DriftProbe, dvc_hashes, stale_stages, tool_env
+from flows.loop import DriftProbe, dvc_add, dvc_hashes, stale_stages, tool_env
 from flows.rounds import Next, failed_gate_texts
 from flows.sharded import SHARDED_STAGES, prepare_shards
 from synthloop.config import load_params
@@ -106,7 +107,7 @@ def promote_accepted(
     total_room: int | None,
 ) -> dict:
     """Append the accepted rows to the pool, within its room, and version the new shard."""
-    from flows.pool_admin import migrate_legacy_names, version_shard
+    from flows.pool_admin import migrate_legacy_names
     from tasks.pool import promote
 
     renamed = migrate_legacy_names(Path(workspace), Path(pool))
@@ -114,7 +115,7 @@ def promote_accepted(
     if renamed:
         result["renamed_legacy_shards"] = renamed
     if result["shard"]:
-        result["md5"] = version_shard(Path(workspace), Path(pool) / result["shard"])
+        result["md5"] = dvc_add(Path(workspace), Path(pool) / result["shard"])
     get_run_logger().info(
         "round %d: promoted %d accepted rows as %s (%d already in the pool, %d over target)",
         round_no,
@@ -204,7 +205,8 @@ def promote_within_room(
     targets = pool_targets(
         train_per_class, params.loop.target_per_class, dict(params.fuse.max_share)
     )
-    room, total = pool_room(pool_counts(pool), targets, params.loop.max_pool_rows)
+    before = pool_counts(pool)
+    room, total = pool_room(before, targets, params.loop.max_pool_rows)
     family = read_json(params.train.output / "model_card.json").get("family", "")
     promotion = promote_accepted(
         str(workspace),
@@ -217,4 +219,5 @@ def promote_within_room(
         total,
     )
     promotion["targets"] = targets
-    return promotion, pool_full(pool_counts(pool), targets, params.loop.max_pool_rows)
+    after = Counter(before) + Counter(promotion["per_class"])
+    return promotion, pool_full(dict(after), targets, params.loop.max_pool_rows)

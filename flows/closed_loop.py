@@ -46,7 +46,7 @@ from flows.workspace import (
     record_run,
 )
 from synthloop.config import load_params
-from synthloop.dataset import write_json
+from synthloop.dataset import atomic_file, write_json
 
 
 class GatesFailed(RuntimeError):
@@ -307,9 +307,8 @@ def _kept_params(history: list[Attempt], ran_with: dict, start_text: str) -> str
 def _restore_params(params_file: Path, text: str) -> bool:
     if params_file.read_text() == text:
         return False
-    tmp = params_file.with_name(f".{params_file.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, params_file)
+    with atomic_file(params_file) as tmp:
+        tmp.write_text(text)
     return True
 
 

@@ -1,7 +1,8 @@
-"""The pool under DVC: version a promoted shard, rename legacy shards, retire a shard, reset.
+"""The pool under DVC: rename legacy shards, retire a shard, reset, show.
 
-`tasks/pool.py` owns the shards' contents; this module owns their DVC records. Every
-change goes through DVC (`dvc add`, `dvc move`, `dvc remove`), so `.dvc` files, DVC's
+`tasks/pool.py` owns the shards' contents; this module owns their DVC records (a new
+shard is versioned with `flows.loop.dvc_add`). Every change goes through DVC (`dvc add`,
+`dvc move`, `dvc remove`), so `.dvc` files, DVC's
 `.gitignore` entries and the cache stay in step, and git keeps the history: a retired
 shard's old `.dvc` file is in the run branch's earlier commits, and its data in the DVC
 cache and remote. Callers hold the workspace lock (the flow does; so does `synthloop pool`).
@@ -10,18 +11,14 @@ cache and remote. Callers hold the workspace lock (the flow does; so does `synth
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
 
-from flows.loop import dvc_add, run_dvc
+from flows.loop import run_dvc
 from tasks.pool import RETIRED, describe_pool, legacy_name
-
-
-def version_shard(workspace: Path, shard: Path) -> str:
-    """`dvc add` a new shard; returns its md5."""
-    return dvc_add(workspace, shard)
 
 
 def migrate_legacy_names(workspace: Path, pool: Path) -> dict[str, str]:
@@ -92,22 +89,16 @@ def pool_table(pool: Path) -> str:
     if not entries:
         return f"{pool}: empty"
     live = [e for e in entries if not e["retired"]]
-
-    def totals(key: str) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for e in live:
-            out[str(e[key])] = out.get(str(e[key]), 0) + e["rows"]
-        return out
-
-    per_class: dict[str, int] = {}
+    per_class = sum((Counter(e["per_class"]) for e in live), Counter())
+    per_run, per_family = Counter(), Counter()
     for e in live:
-        for label, n in e["per_class"].items():
-            per_class[label] = per_class.get(label, 0) + n
-    lines = [f"{pool}: {sum(per_class.values())} rows in {len(live)} live shard(s)", ""]
+        per_run[str(e["run"])] += e["rows"]
+        per_family[str(e["family"])] += e["rows"]
+    lines = [f"{pool}: {per_class.total()} rows in {len(live)} live shard(s)", ""]
     for title, counts in (
         ("class", dict(sorted(per_class.items()))),
-        ("run", totals("run")),
-        ("family", totals("family")),
+        ("run", per_run),
+        ("family", per_family),
     ):
         lines += [f"per {title}:", *(f"  {k:<28} {v:>8}" for k, v in counts.items()), ""]
     lines.append("shards:")

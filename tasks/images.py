@@ -42,6 +42,19 @@ class ImageTensors:
         return len(self.ids)
 
 
+def concat(a: ImageTensors, b: ImageTensors) -> ImageTensors:
+    """The rows of `a` then those of `b`, which must share `a`'s classes."""
+    if b.classes != a.classes:
+        raise ValueError(f"classes {b.classes} differ from {a.classes}")
+    return ImageTensors(
+        images=torch.cat([a.images, b.images]),
+        labels=torch.cat([a.labels, b.labels]),
+        ids=a.ids + b.ids,
+        classes=a.classes,
+        sources=a.sources + b.sources,
+    )
+
+
 # PIL rather than torchvision.io: torchvision 0.29 deprecates its image codecs.
 def decode_rows(images: list[bytes], channels: int) -> torch.Tensor:
     """PNG bytes -> (N, C, H, W) uint8."""

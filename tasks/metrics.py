@@ -23,6 +23,13 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 
+def round_figure(value: float | None, digits: int = 5) -> float | None:
+    """A figure for a JSON report: rounded; None for a missing, NaN or infinite one."""
+    if value is None or not math.isfinite(value):
+        return None
+    return round(float(value), digits)
+
+
 def default_block_size(device: torch.device) -> int:
     """Rows per distance block: 2048^2 floats (16 MiB) on CPU, as fast as larger blocks there
     (cache-friendly) with a quarter of the memory; 16384^2 (1 GiB) on a GPU, to fill it."""

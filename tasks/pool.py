@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import re
 import secrets
-import tempfile
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
@@ -31,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from synthloop.dataset import IMAGE_SCHEMA, iter_batches, shard_paths
+from synthloop.dataset import IMAGE_SCHEMA, atomic_file, iter_batches, shard_paths
 
 POOL_SCHEMA = IMAGE_SCHEMA.append(pa.field("round", pa.int32()))
 POOL_SCHEMA = POOL_SCHEMA.append(pa.field("run", pa.string()))
@@ -173,13 +171,8 @@ def promote(
             columns["family"].append(family)
     promoted = len(columns["id"])
     if promoted:
-        fd, tmp = tempfile.mkstemp(prefix=".promote-", suffix=".tmp", dir=pool)
-        os.close(fd)
-        try:
+        with atomic_file(target) as tmp:
             pq.write_table(pa.table(columns, schema=POOL_SCHEMA), tmp)
-            os.replace(tmp, target)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
     return {
         "run": key,
         "round": round_no,
@@ -201,24 +194,25 @@ def describe_pool(pool: Path) -> list[dict]:
         table = pq.read_table(path, columns=wanted).to_pydict()
         match = _NAME.match(path.name)
         legacy = _LEGACY.match(path.name)
-
-        def first(column: str, table: dict = table) -> object:
-            values = table.get(column) or [None]
-            return values[0]
-
         entries.append(
             {
                 "shard": path.name,
                 "retired": path.parent.name == RETIRED,
                 "rows": len(table["label"]),
                 "per_class": dict(sorted(Counter(table["label"]).items())),
-                "run": first("run") or (match["run"] if match else "legacy"),
-                "round": first("round")
+                "run": _first(table, "run") or (match["run"] if match else "legacy"),
+                "round": _first(table, "round")
                 or (int(match["round"]) if match else int(legacy[1]) if legacy else None),
-                "family": first("family") or "unknown",
+                "family": _first(table, "family") or "unknown",
             }
         )
     return entries
+
+
+def _first(table: dict[str, list], column: str) -> object:
+    """A shard's value of a per-shard column (None: an older shard without it)."""
+    values = table.get(column)
+    return values[0] if values else None
 
 
 def file_md5(path: Path) -> str:

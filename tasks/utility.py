@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from tasks.images import ImageTensors
+from tasks.images import ImageTensors, concat
+from tasks.metrics import round_figure as _round
 
 # An arm's classifier: (training set, seed, augment or None) -> predicted test labels.
 Trainer = Callable[[ImageTensors, int, bool], torch.Tensor]
@@ -102,7 +103,7 @@ def compare_arms(
     counts = {c: int((train.labels == i).sum()) for i, c in enumerate(classes)}
     short = short_classes(counts, short_share)
     short_idx = [classes.index(c) for c in short]
-    plus_data = _concat(train, accepted) if len(accepted) else train
+    plus_data = concat(train, accepted) if len(accepted) else train
 
     def figures(pred: torch.Tensor) -> dict:
         out = {"overall": accuracy_of(pred, test_labels)}
@@ -153,21 +154,3 @@ def compare_arms(
         "delta": decisive["delta"],
         "verdict": decisive["verdict"],
     }
-
-
-def _concat(a: ImageTensors, b: ImageTensors) -> ImageTensors:
-    if b.classes != a.classes:
-        raise ValueError(f"utility: synthetic classes {b.classes} differ from real {a.classes}")
-    return replace(
-        a,
-        images=torch.cat([a.images, b.images]),
-        labels=torch.cat([a.labels, b.labels]),
-        ids=a.ids + b.ids,
-        sources=a.sources + b.sources,
-    )
-
-
-def _round(value: float | None, digits: int = 5) -> float | None:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    return round(float(value), digits)

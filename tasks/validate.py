@@ -71,6 +71,9 @@ from tasks.metrics import (
     near_copy_rate,
     prdc,
 )
+from tasks.metrics import (
+    round_figure as _round,
+)
 from tasks.online_augment import batch_augmenter
 from tasks.utility import compare_arms
 
@@ -138,22 +141,6 @@ def subset(data: ImageTensors, index: torch.Tensor) -> ImageTensors:
         classes=data.classes,
         sources=[data.sources[i] for i in rows],
     )
-
-
-def concat(a: ImageTensors, b: ImageTensors) -> ImageTensors:
-    return ImageTensors(
-        images=torch.cat([a.images, b.images]),
-        labels=torch.cat([a.labels, b.labels]),
-        ids=a.ids + b.ids,
-        classes=a.classes,
-        sources=a.sources + b.sources,
-    )
-
-
-def _round(value: float | None, digits: int = 5) -> float | None:
-    if value is None or not math.isfinite(value):
-        return None
-    return round(float(value), digits)
 
 
 # --- metric groups -------------------------------------------------------------------------

@@ -8,7 +8,8 @@ import json
 import pytest
 import yaml
 
-from flows.pool_admin import migrate_legacy_names, version_shard
+from flows.loop import dvc_add
+from flows.pool_admin import migrate_legacy_names
 from tasks.pool import file_md5, pool_counts, pool_ids, promote, verify_pool
 from tests.conftest import build_workspace, git_commit, run_tool
 from tests.test_loop_parts import write_rows
@@ -31,10 +32,10 @@ def test_legacy_names_retire_show_and_reset(tmp_path):
     write_rows(tmp_path / "old", ["a", "b"], seed=1)
     old = promote(tmp_path / "old", pool, "19990101T000000Z-legacy0", 1)["shard"]
     (pool / old).rename(pool / "part-r0001.parquet")
-    md5 = version_shard(ws, pool / "part-r0001.parquet")
+    md5 = dvc_add(ws, pool / "part-r0001.parquet")
     write_rows(tmp_path / "new", ["a", "a", "c"], seed=2)
     new = promote(tmp_path / "new", pool, KEY, 1, family="cgan")["shard"]
-    version_shard(ws, pool / new)
+    dvc_add(ws, pool / new)
     git_commit(ws, "two shards")
 
     renamed = migrate_legacy_names(ws, pool)
