@@ -148,10 +148,16 @@ class Evaluator:
 
     @torch.no_grad()
     def _batched(self, images: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        # One intra-op thread for small images wherever this runs (a stage, a shard task, the
+        # flow's drift probe): oneDNN caches conv primitives per shape, and one built for
+        # another thread count gives other float bits for the same features.
         out = []
-        for lo in range(0, len(images), self.batch_size):
-            x = _prepare(images[lo : lo + self.batch_size], self.channels, self.size, self.device)
-            out.append(fn(x).float().to(images.device))
+        with small_image_cpu_threads(self.device, self.size):
+            for lo in range(0, len(images), self.batch_size):
+                x = _prepare(
+                    images[lo : lo + self.batch_size], self.channels, self.size, self.device
+                )
+                out.append(fn(x).float().to(images.device))
         if not out:
             raise ValueError("no images given")
         return torch.cat(out)
