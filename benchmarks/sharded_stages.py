@@ -75,7 +75,7 @@ def make_workspace(root: Path, images: int, size: int, workers: int) -> Path:
 
 
 def run_once(ws: Path, stage: str, runner: str) -> float:
-    from flows.sharded import prepare_shards
+    from flows.sharded import prepare_shards, stage_spec
     from synthloop.config import load_params
     from synthloop.sharding import run_inline
 
@@ -91,7 +91,7 @@ def run_once(ws: Path, stage: str, runner: str) -> float:
     started = time.perf_counter()
     if runner != "inline":
         prepare_shards(stage, str(params_file))
-    run_inline(stage, load_params(params_file), ws)
+    run_inline(stage_spec(stage), load_params(params_file), ws)
     return time.perf_counter() - started
 
 
@@ -120,6 +120,7 @@ def main() -> None:
     with prefect_test_harness(server_startup_timeout=120):
         for stage in args.stages:
             # clean reads ingest's output, augment clean's: made once when missing
+            from flows.sharded import stage_spec
             from synthloop.config import load_params
             from synthloop.sharding import run_inline
 
@@ -127,7 +128,7 @@ def main() -> None:
             upstream = {"clean": ["ingest"], "augment": ["ingest", "clean"]}.get(stage, [])
             for before in upstream:
                 if not (ws / OUTPUTS[before][0]).is_dir():
-                    run_inline(before, params, ws)
+                    run_inline(stage_spec(before), params, ws)
             times: dict[str, list[float]] = {r: [] for r in args.runners}
             digests: dict[str, set[str]] = {r: set() for r in args.runners}
             for _ in range(args.repeats):

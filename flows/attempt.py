@@ -19,20 +19,9 @@ from prefect import get_run_logger, task
 
 from flows.loop import DriftProbe, dvc_add, dvc_hashes, stale_stages, tool_env
 from flows.rounds import Next, failed_gate_texts
-from flows.sharded import SHARDED_STAGES, prepare_shards
+from flows.sharded import prepare_shards
 from synthloop.config import load_params
-
-# One attempt of the loop, in DVC's order; DVC skips what has not changed.
-STAGE_ORDER = (
-    "ingest",
-    "clean",
-    "train_evaluator",
-    "augment",
-    "fuse",
-    "train",
-    "generate",
-    "validate",
-)
+from tasks.stages import STAGE_ORDER, is_sharded
 
 # DVC output that marks a failure worth retrying (another process holds the repo lock).
 _TRANSIENT = re.compile(r"Unable to acquire lock|lock is held|Resource temporarily unavailable")
@@ -147,7 +136,7 @@ def run_attempt(
     stages: dict[str, str] = {}
     shards: dict[str, dict] = {}
     for stage in STAGE_ORDER:
-        if stage in SHARDED_STAGES and (force or stale_stages(workspace, stage)):
+        if (force or stale_stages(workspace, stage)) and is_sharded(stage):
             # Its shards as parallel tasks first; the DVC stage then assembles them.
             shards[stage] = prepare_shards(stage, str(params_file))
         stages[stage] = run_stage(stage, str(workspace), force)

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from synthloop.config import FamilyName
+
 
 class _Form(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -57,7 +59,7 @@ class RunParameters(_Form):
         None, description="ingest sources for this run (replace params.yaml's list)"
     )
     max_rounds: int | None = Field(None, ge=1, le=50, description="rounds of the loop, at most")
-    family: Literal["cgan", "diffusion"] | None = Field(None, description="generator family")
+    family: FamilyName | None = Field(None, description="generator family")
     gates: GateParameters = Field(default_factory=GateParameters, description="quality gates")
     dry_run: bool = Field(
         False, description="only report what would run (stale stages, changed params)"

@@ -23,9 +23,17 @@ from prefect.futures import wait
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from synthloop.config import OrchestrationConfig, load_params
-from synthloop.sharding import SHARDED_STAGES, Shard, cache_dir, compute_shard, stage_spec
+from synthloop.sharding import Shard, StageSpec, cache_dir, compute_shard
+from tasks.stages import STAGES, is_sharded, stage_module
 
-__all__ = ["SHARDED_STAGES", "prepare_shards", "shard_stage", "task_runner"]
+__all__ = ["prepare_shards", "shard_stage", "task_runner"]
+
+
+def stage_spec(stage: str) -> StageSpec:
+    if not is_sharded(stage):
+        sharded = [s for s in STAGES if is_sharded(s)]
+        raise ValueError(f"stage {stage!r} is not sharded; sharded: {', '.join(sharded)}")
+    return stage_module(stage).SHARDING
 
 
 def task_runner(orchestration: OrchestrationConfig) -> TaskRunner:
@@ -88,8 +96,7 @@ def shard_stage(stage: str, params_path: str) -> dict:
 def prepare_shards(stage: str, params_path: str) -> dict:
     """Compute `stage`'s shards on the task runner of `params.orchestration` (a subflow when
     called inside a flow); returns {stage, shards, computed, reused}."""
-    if stage not in SHARDED_STAGES:
-        raise ValueError(f"stage {stage!r} is not sharded; sharded: {', '.join(SHARDED_STAGES)}")
+    stage_spec(stage)  # not sharded: a clear error before any task runs
     params = load_params(params_path)
     runner = task_runner(params.orchestration)
     return shard_stage.with_options(task_runner=runner)(stage, str(Path(params_path).resolve()))

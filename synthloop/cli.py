@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from synthloop.config import PARAMS_FILE, ConfigError, load_params
+from synthloop.config import FAMILY_NAMES, PARAMS_ENV, PARAMS_FILE, ConfigError, load_params
 
 # Exit codes: the flow retries a stage only for failures that may pass on their own.
 EXIT_BAD_INPUT = 2  # bad params or data: retrying cannot help
@@ -25,11 +25,11 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
 
 
 def _stage(args: argparse.Namespace) -> int:
-    from synthloop.stages import PARAMS_ENV, STAGES
+    from tasks.stages import run_stage
 
     params = load_params(args.params)
     os.environ[PARAMS_ENV] = str(args.params.resolve())  # for a stage that re-runs itself
-    summary = STAGES[args.name](params)
+    summary = run_stage(args.name, params)
     if args.json:
         print(json.dumps(summary, indent=2))
     return 0
@@ -106,14 +106,14 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from synthloop.stages import STAGES
+    from tasks.stages import STAGES
 
     parser = argparse.ArgumentParser(prog="synthloop", description=__doc__)
     parser.add_argument("--params", type=Path, default=Path(PARAMS_FILE), help="params file")
     sub = parser.add_subparsers(dest="command", required=True)
 
     stage = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)")
-    stage.add_argument("name", choices=sorted(STAGES))
+    stage.add_argument("name", choices=list(STAGES))
     stage.add_argument("--json", action="store_true", help="print the stage summary as JSON")
     stage.set_defaults(func=_stage)
 
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="rerun stages even if unchanged")
     run.add_argument("--dry-run", action="store_true", help="only report what would run")
     run.add_argument("--max-rounds", type=int, help="rounds of the loop, at most")
-    run.add_argument("--family", choices=["cgan", "diffusion"], help="generator family")
+    run.add_argument("--family", choices=FAMILY_NAMES, help="generator family")
     run.set_defaults(func=_run)
 
     serve = sub.add_parser(

@@ -7,7 +7,7 @@ that names the key. Relative paths resolve against the folder that holds `params
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -22,6 +22,9 @@ from pydantic import (
 )
 
 PARAMS_FILE = "params.yaml"
+# The params file `synthloop stage` loaded, exported for what runs beneath it: a
+# distributed train stage re-runs itself under torchrun; the shard cache lives beside it.
+PARAMS_ENV = "SYNTHLOOP_PARAMS"
 
 
 class ConfigError(ValueError):
@@ -210,6 +213,10 @@ class CleanConfig(_Model):
 
 
 Device = Literal["auto", "cpu", "cuda"]
+# The generator families (tasks/generators FAMILIES implements each; a test holds the two
+# equal). The run form, the CLI and TrainConfig take their choices from here.
+FamilyName = Literal["cgan", "diffusion"]
+FAMILY_NAMES: tuple[str, ...] = get_args(FamilyName)
 
 
 class AugmentPolicy(_Model):
@@ -327,7 +334,7 @@ class DistributedConfig(_Model):
 
 
 class TrainConfig(_Model):
-    family: Literal["cgan", "diffusion"] = "cgan"
+    family: FamilyName = "cgan"
     steps: PositiveInt = 600
     batch_size: PositiveInt = 64
     lr: float = Field(2e-4, gt=0)

@@ -7,20 +7,21 @@ order, the shards were computed.
 
 Shard results are cached under `<workspace>/.synthloop/shards/<stage>/<key>/`. The key hashes
 everything a result depends on: the shard's inputs (`Shard.fingerprint`), the stage's params
-and the source code of the modules that compute it, so a changed input, param or line of
-code never reuses a stale result. The Prefect flow can therefore compute shards beforehand,
-anywhere that sees the workspace (`flows/sharded.py`), and `synthloop stage NAME`, which DVC
-runs, merges them, computing inline any shard it does not find. DVC stays the authority on
-what is stale and versions what the merge writes; the merge consumes the cache.
+and the source of every project module the shard's code imports (synthloop/codegraph.py), so
+a changed input, param or line of code never reuses a stale result. The Prefect flow can
+therefore compute shards beforehand, anywhere that sees the workspace (`flows/sharded.py`),
+and `synthloop stage NAME`, which DVC runs, merges them, computing inline any shard it does
+not find. DVC stays the authority on what is stale and versions what the merge writes; the
+merge consumes the cache.
 
-A stage module opts in with a module-level `SHARDING = StageSpec(...)` and an entry in
-`_SPEC_MODULES`; its plain `run_<stage>(cfg)` is `run_uncached`, the same code without a cache.
+A stage module opts in with a module-level `SHARDING = StageSpec(...)` (tasks/stages.py finds
+it there); its `run_stage(params)` is `run_inline(SHARDING, params)`, and its plain
+`run_<stage>(cfg)` is `run_uncached`, the same code without a cache.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -34,19 +35,11 @@ from typing import Any, Generic, TypeVar
 
 from pydantic_core import to_jsonable_python
 
-from synthloop.config import Params
+from synthloop.codegraph import import_closure, module_file
+from synthloop.config import PARAMS_ENV, Params
 from synthloop.dataset import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
-
-# stage -> the module whose `SHARDING` describes it (imported only when asked for).
-_SPEC_MODULES = {
-    "ingest": "tasks.ingest",
-    "augment": "tasks.augment",
-    "validate": "tasks.validate",
-    "clean": "tasks.clean",
-}
-SHARDED_STAGES: tuple[str, ...] = tuple(_SPEC_MODULES)
 
 CACHE_DIR = Path(".synthloop") / "shards"
 DONE_FILE = "shard.json"  # written last (inside the atomic folder): its summary
@@ -74,15 +67,14 @@ class Shard:
 @dataclass(frozen=True)
 class StageSpec(Generic[C]):
     """How a stage shards. `config` picks the stage's params out of all of them (what the
-    cache key hashes); `merge` gets the shard folders in shard order. `modules` name the code
-    a shard's result depends on."""
+    cache key hashes); `merge` gets the shard folders in shard order. The code a shard's
+    result depends on is what `run_shard`'s module imports (`code_digest`)."""
 
     stage: str
     config: Callable[[Params], C]
     plan: Callable[[C], list[Shard]]
     run_shard: Callable[[C, Shard, Path], dict]
     merge: Callable[[C, list[Path]], dict]
-    modules: tuple[str, ...]
 
 
 class ShardFailed(RuntimeError):
@@ -100,12 +92,6 @@ class ShardFailed(RuntimeError):
 # --- pure pieces ---------------------------------------------------------------------------
 
 
-def stage_spec(stage: str) -> StageSpec:
-    if stage not in _SPEC_MODULES:
-        raise ValueError(f"stage {stage!r} is not sharded; sharded: {', '.join(SHARDED_STAGES)}")
-    return importlib.import_module(_SPEC_MODULES[stage]).SHARDING
-
-
 def digest(*parts: object) -> str:
     """A stable hex digest of JSON-able parts (pydantic models and paths included)."""
     text = json.dumps(to_jsonable_python(parts), sort_keys=True, separators=(",", ":"))
@@ -117,19 +103,18 @@ def chunks(count: int, size: int) -> list[range]:
     return [range(lo, min(lo + size, count)) for lo in range(0, count, size)]
 
 
-def code_digest(modules: tuple[str, ...]) -> str:
-    """The source of the named modules (and of this module): a code change is a new key."""
+def code_digest(module: str) -> str:
+    """The source of `module` and of every project module it imports: a code change is a
+    new key."""
     h = hashlib.blake2b(digest_size=16)
-    for name in (*modules, __name__):
-        source = importlib.import_module(name).__file__
-        h.update(name.encode() + b"\0" + Path(str(source)).read_bytes() + b"\0")
+    for name in import_closure(module):
+        h.update(name.encode() + b"\0" + module_file(name).read_bytes() + b"\0")
     return h.hexdigest()
 
 
 def shard_key(spec: StageSpec, config: Any, shard: Shard) -> str:
-    return digest(
-        spec.stage, shard.index, shard.count, shard.fingerprint, config, code_digest(spec.modules)
-    )
+    code = code_digest(spec.run_shard.__module__)
+    return digest(spec.stage, shard.index, shard.count, shard.fingerprint, config, code)
 
 
 def cache_dir(workspace: Path, stage: str) -> Path:
@@ -141,9 +126,8 @@ def cache_dir(workspace: Path, stage: str) -> Path:
 
 def default_workspace() -> Path:
     """The folder of the params file `synthloop stage` loaded (the CLI exports it as
-    SYNTHLOOP_PARAMS, synthloop.stages.PARAMS_ENV), else the current folder, where DVC runs
-    stage commands."""
-    params = os.environ.get("SYNTHLOOP_PARAMS")
+    PARAMS_ENV), else the current folder, where DVC runs stage commands."""
+    params = os.environ.get(PARAMS_ENV)
     return Path(params).resolve().parent if params else Path.cwd()
 
 
@@ -175,11 +159,11 @@ def compute_shard(
     return folder, summary, False
 
 
-def run_inline(stage: str, params: Params, workspace: Path | None = None) -> dict:
+def run_inline(spec: StageSpec, params: Params, workspace: Path | None = None) -> dict:
     """Run a sharded stage in this process: plan, use the cached shards under `workspace`
     (default: `default_workspace()`), compute the missing ones,
     merge into the stage's outputs, then drop the stage's cache."""
-    spec = stage_spec(stage)
+    stage = spec.stage
     config = spec.config(params)
     root = cache_dir(workspace or default_workspace(), stage)
     shards = spec.plan(config)

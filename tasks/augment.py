@@ -44,7 +44,7 @@ import torch
 import torchvision
 from torchvision.transforms import v2
 
-from synthloop.config import AugmentConfig, AugmentPolicy
+from synthloop.config import AugmentConfig, AugmentPolicy, Params
 from synthloop.dataset import (
     IMAGE_SCHEMA,
     ShardWriter,
@@ -55,7 +55,15 @@ from synthloop.dataset import (
     remove_stale_temporaries,
     write_json,
 )
-from synthloop.sharding import Shard, StageSpec, cached_result, chunks, digest, run_uncached
+from synthloop.sharding import (
+    Shard,
+    StageSpec,
+    cached_result,
+    chunks,
+    digest,
+    run_inline,
+    run_uncached,
+)
 from tasks.images import decode_rows, encode_rows, resolve_device
 
 log = logging.getLogger(__name__)
@@ -409,5 +417,9 @@ SHARDING = StageSpec(
     plan=plan_augment,
     run_shard=run_augment_shard,
     merge=merge_augment,
-    modules=("tasks.augment", "tasks.images", "synthloop.dataset"),
 )
+
+
+def run_stage(params: Params) -> dict:
+    """The DVC stage: reuse the shards the flow computed beforehand, compute the rest."""
+    return run_inline(SHARDING, params)

@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from synthloop.config import CleanConfig, SplitConfig
+from synthloop.config import CleanConfig, Params, SplitConfig
 from synthloop.dataset import (
     IMAGE_SCHEMA,
     QUARANTINE_SCHEMA,
@@ -55,7 +55,15 @@ from synthloop.dataset import (
     write_json,
     write_table,
 )
-from synthloop.sharding import Shard, StageSpec, cached_result, chunks, digest, run_uncached
+from synthloop.sharding import (
+    Shard,
+    StageSpec,
+    cached_result,
+    chunks,
+    digest,
+    run_inline,
+    run_uncached,
+)
 
 if TYPE_CHECKING:
     import pandas as pd  # imported where used: decode workers never need it (~0.3 s each)
@@ -1217,5 +1225,9 @@ SHARDING = StageSpec(
     plan=plan_clean,
     run_shard=run_clean_shard,
     merge=merge_clean,
-    modules=("tasks.clean", "synthloop.dataset"),
 )
+
+
+def run_stage(params: Params) -> dict:
+    """The DVC stage: reuse the shards the flow computed beforehand, compute the rest."""
+    return run_inline(SHARDING, params)

@@ -1,7 +1,7 @@
 """Train evaluator: a small CNN classifier trained on the real clean train split only.
 
-It is the validation yardstick that needs no download (DESIGN.md, "Validation without
-downloads"): its penultimate layer is the feature space for domain FID, KID and
+It is the validation yardstick that needs no download (no pretrained Inception): its
+penultimate layer is the feature space for domain FID, KID and
 precision/recall/density/coverage, and its predictions give class consistency. It never
 sees synthetic data, so its judgement does not depend on the generator.
 
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from synthloop.config import EvaluatorConfig
+from synthloop.config import EvaluatorConfig, Params
 from synthloop.dataset import atomic_dir, remove_stale_temporaries, write_json
 from tasks.images import (
     ImageTensors,
@@ -447,3 +447,7 @@ def inception_fid(
     real = inception_features(model, real_uint8, device=device)
     fake = inception_features(model, fake_uint8, device=device)
     return frechet_distance(real, fake)
+
+
+def run_stage(params: Params) -> dict:
+    return run_train_evaluator(params.train_evaluator)

@@ -3,10 +3,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from pathlib import Path
 
 import pandas as pd
+
+from synthloop.config import Params
+
+log = logging.getLogger(__name__)
 
 
 def read_requests(
@@ -43,3 +48,16 @@ def read_requests(
             else:
                 extra[label] += int(count)
     return dict(sorted(extra.items())), problems
+
+
+def requested_extra(params: Params, classes: list[str]) -> dict[str, int]:
+    """Extra images per class: generate.per_class_extra plus people's feedback requests
+    (a request for an unknown class is reported and skipped). Generate draws them and
+    validate expects them, from this one rule."""
+    extra = dict(params.generate.per_class_extra)
+    requests, problems = read_requests(params.fuse.feedback, classes)
+    for problem in problems:
+        log.warning("feedback request skipped: %s", problem)
+    for label, count in requests.items():
+        extra[label] = extra.get(label, 0) + count
+    return extra

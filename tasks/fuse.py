@@ -48,7 +48,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from synthloop.config import FuseConfig
+from synthloop.config import FuseConfig, Params
 from synthloop.dataset import (
     IMAGE_SCHEMA,
     ShardWriter,
@@ -346,3 +346,7 @@ def _requests(feedback: pd.DataFrame) -> int:
     if not len(feedback):
         return 0
     return int((feedback["verdict"].eq("") & feedback["request"].astype(bool)).sum())
+
+
+def run_stage(params: Params) -> dict:
+    return run_fuse(params.fuse)

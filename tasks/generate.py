@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from synthloop.config import GenerateConfig, TrainConfig
+from synthloop.config import GenerateConfig, Params, TrainConfig
 from synthloop.dataset import (
     IMAGE_SCHEMA,
     ShardWriter,
@@ -37,8 +37,9 @@ from synthloop.dataset import (
     remove_stale_temporaries,
     write_json,
 )
+from tasks.feedback import requested_extra
 from tasks.generators import FAMILIES, Family
-from tasks.images import encode_rows, resolve_device, to_uint8
+from tasks.images import encode_rows, model_classes, resolve_device, to_uint8
 from tasks.train import WEIGHTS, model_version
 
 log = logging.getLogger(__name__)
@@ -205,3 +206,10 @@ def write_grid(
             canvas.paste(tile.convert("RGB"), (label_width + col * (cell + PAD), top))
     with atomic_file(path) as tmp:
         canvas.save(tmp, format="PNG")
+
+
+def run_stage(params: Params) -> dict:
+    """The DVC stage: per_class of every class the model knows, plus the extras asked for."""
+    classes = model_classes(params.generate.model / "config.json")
+    extra = requested_extra(params, classes)
+    return run_generate(params.generate.model_copy(update={"per_class_extra": extra}))

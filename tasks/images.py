@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,3 +130,10 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return images.float().add(1.0).mul(127.5).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def model_classes(model_config: Path) -> list[str]:
+    """The classes a trained model (generator or evaluator) knows, from its config.json."""
+    if not model_config.is_file():
+        raise FileNotFoundError(f"{model_config}: missing; run the stage that trains this model")
+    return list(json.loads(model_config.read_text())["classes"])

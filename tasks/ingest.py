@@ -19,9 +19,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from synthloop.config import (
+    DemoSource,
     ImageFolderSource,
     IngestConfig,
     ManifestSource,
+    Params,
     TorchvisionSource,
     source_name,
 )
@@ -35,7 +37,8 @@ from synthloop.dataset import (
     write_json,
     write_table,
 )
-from synthloop.sharding import Shard, StageSpec, cached_result, digest, run_uncached
+from synthloop.sharding import Shard, StageSpec, cached_result, digest, run_inline, run_uncached
+from tasks.demo import read_demo
 from tasks.sources import (
     FileRef,
     Record,
@@ -43,13 +46,25 @@ from tasks.sources import (
     SourceError,
     list_image_folder,
     list_manifest,
+    read_image_folder,
+    read_manifest,
     read_ref,
-    read_source,
     read_torchvision,
     torchvision_count,
 )
 
 log = logging.getLogger(__name__)
+
+
+def read_source(source: object) -> Iterator[Record]:
+    """Every record of one configured source, whatever its kind."""
+    readers = {
+        ImageFolderSource: read_image_folder,
+        ManifestSource: read_manifest,
+        TorchvisionSource: read_torchvision,
+        DemoSource: read_demo,
+    }
+    return readers[type(source)](source)
 
 
 @dataclass
@@ -285,5 +300,9 @@ SHARDING = StageSpec(
     plan=plan_ingest,
     run_shard=run_ingest_shard,
     merge=merge_ingest,
-    modules=("tasks.ingest", "tasks.sources", "tasks.demo", "synthloop.dataset"),
 )
+
+
+def run_stage(params: Params) -> dict:
+    """The DVC stage: reuse the shards the flow computed beforehand, compute the rest."""
+    return run_inline(SHARDING, params)

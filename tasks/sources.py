@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 import pyarrow.parquet as pq
 
-from synthloop.config import DemoSource, ImageFolderSource, ManifestSource, TorchvisionSource
+from synthloop.config import ImageFolderSource, ManifestSource, TorchvisionSource
 
 
 class SourceError(ValueError):
@@ -217,15 +217,3 @@ def _torchvision_dataset(source: TorchvisionSource) -> Any:
             "put the files there or set download: true"
         ) from None
     return dataset
-
-
-def read_source(source: object) -> Iterator[Record]:
-    from tasks.demo import read_demo
-
-    readers = {
-        ImageFolderSource: read_image_folder,
-        ManifestSource: read_manifest,
-        TorchvisionSource: read_torchvision,
-        DemoSource: read_demo,
-    }
-    return readers[type(source)](source)

@@ -52,7 +52,7 @@ from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from synthloop.config import DistributedConfig, TrainConfig
+from synthloop.config import PARAMS_ENV, PARAMS_FILE, DistributedConfig, Params, TrainConfig
 from synthloop.dataset import (
     atomic_dir,
     atomic_file,
@@ -489,3 +489,11 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({torch.get_num_threads()} threads, {os.cpu_count()} cores)"
+
+
+def run_stage(params: Params) -> dict:
+    """The DVC stage. With `train.distributed.enabled`, outside torchrun it launches torchrun
+    on the same params file, whose processes run this again, inside."""
+    if params.train.distributed.enabled and not inside_torchrun():
+        return launch_torchrun(params.train, Path(os.environ.get(PARAMS_ENV, PARAMS_FILE)))
+    return run_train(params.train)

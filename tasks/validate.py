@@ -52,7 +52,15 @@ from synthloop.dataset import (
     shard_paths,
     write_json,
 )
-from synthloop.sharding import Shard, StageSpec, cached_result, chunks, digest, run_uncached
+from synthloop.sharding import (
+    Shard,
+    StageSpec,
+    cached_result,
+    chunks,
+    digest,
+    run_inline,
+    run_uncached,
+)
 from tasks.evaluator import (
     CONFIG,
     WEIGHTS,
@@ -63,7 +71,14 @@ from tasks.evaluator import (
     small_image_cpu_threads,
     train_net,
 )
-from tasks.images import ImageTensors, decode_rows, load_image_tensors, resolve_device
+from tasks.feedback import requested_extra
+from tasks.images import (
+    ImageTensors,
+    decode_rows,
+    load_image_tensors,
+    model_classes,
+    resolve_device,
+)
 from tasks.metrics import (
     class_consistency,
     fid_kid_features,
@@ -239,9 +254,7 @@ def run_validate(
 def validate_job(params: Params) -> ValidateJob:
     """The job from all params: per evaluator class, generate.per_class plus its extras
     (generate.per_class_extra and people's feedback requests)."""
-    from synthloop.stages import _classes, requested_extra  # the registry's rules, shared
-
-    classes = _classes(params.train_evaluator.output / CONFIG)
+    classes = model_classes(params.train_evaluator.output / CONFIG)
     extra = requested_extra(params, classes)
     requested = {c: params.generate.per_class + extra.get(c, 0) for c in classes}
     return ValidateJob(params.validation, params.train_evaluator, requested, params.augment.policy)
@@ -539,5 +552,9 @@ SHARDING = StageSpec(
     plan=plan_validate,
     run_shard=run_validate_shard,
     merge=merge_validate,
-    modules=("tasks.validate", "tasks.evaluator", "tasks.images", "synthloop.dataset"),
 )
+
+
+def run_stage(params: Params) -> dict:
+    """The DVC stage: reuse the shards the flow computed beforehand, compute the rest."""
+    return run_inline(SHARDING, params)

@@ -17,8 +17,7 @@ from conftest import small_params
 from safetensors.torch import load_file
 from test_train import make_dataset
 
-from synthloop.config import DistributedConfig, TrainConfig, parse_params
-from synthloop.stages import PARAMS_ENV, STAGES
+from synthloop.config import PARAMS_ENV, DistributedConfig, TrainConfig, parse_params
 from tasks import train
 from tasks.train import model_version, torchrun_command
 
@@ -59,12 +58,12 @@ def test_train_stage_launches_torchrun_only_outside_it(
     for var in ("WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
 
-    STAGES["train"](params)
+    train.run_stage(params)
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun's processes see it
-    STAGES["train"](params)
+    train.run_stage(params)
     monkeypatch.delenv("WORLD_SIZE")
     one_process = params.train.model_copy(update={"distributed": DistributedConfig()})
-    STAGES["train"](params.model_copy(update={"train": one_process}))
+    train.run_stage(params.model_copy(update={"train": one_process}))
     assert calls == ["/p/params.yaml", "run_train", "run_train"]
 
 

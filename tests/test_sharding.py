@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -17,18 +16,13 @@ import pytest
 import torch
 import yaml
 
+from flows.sharded import stage_spec
+from synthloop import codegraph
 from synthloop.cli import main as synthloop
 from synthloop.config import load_params
 from synthloop.dataset import IMAGE_SCHEMA, ShardWriter
 from synthloop.procedural import make_image_folder
-from synthloop.sharding import (
-    ShardFailed,
-    cache_dir,
-    code_digest,
-    run_inline,
-    shard_key,
-    stage_spec,
-)
+from synthloop.sharding import ShardFailed, cache_dir, code_digest, run_inline, shard_key
 from tests.conftest import small_params
 
 # What each stage writes (relative to the workspace).
@@ -169,14 +163,19 @@ def test_keys_change_with_inputs_and_params(ws):
     assert not set(keys(ws, "augment")) & set(augment)  # a param change: every key is new
 
 
-def test_keys_change_with_the_code(tmp_path, monkeypatch):
-    module = tmp_path / "shardcode_probe.py"
-    module.write_text("X = 1\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    first = code_digest(("shardcode_probe",))
-    module.write_text("X = 2\n")
-    assert code_digest(("shardcode_probe",)) != first
-    sys.modules.pop("shardcode_probe", None)
+def test_keys_change_with_the_code_a_shard_imports(tmp_path, monkeypatch):
+    # A shard module importing a helper (lazily): editing the helper is a new key.
+    monkeypatch.setattr(codegraph, "ROOT", tmp_path)
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks/probe.py").write_text("def run():\n    from tasks import helper\n")
+    helper = tmp_path / "tasks/helper.py"
+    helper.write_text("X = 1\n")
+    (tmp_path / "tasks/other.py").write_text("Y = 1\n")
+    first = code_digest("tasks.probe")
+    (tmp_path / "tasks/other.py").write_text("Y = 2\n")  # not imported: the same key
+    assert code_digest("tasks.probe") == first
+    helper.write_text("X = 22\n")
+    assert code_digest("tasks.probe") != first
 
 
 def test_a_stale_shard_is_never_used(ws, prefect_api):
@@ -193,7 +192,7 @@ def test_a_stale_shard_is_never_used(ws, prefect_api):
     rows = pd.read_parquet(ws / "data/ingested")
     assert rows.loc[rows.path == str(changed), "image"].tolist() == [new_bytes]
     remove_outputs(ws, "ingest")
-    run_inline("ingest", load_params(ws / "params.yaml"), workspace=ws)
+    run_inline(stage_spec("ingest"), load_params(ws / "params.yaml"), workspace=ws)
     assert outputs_digest(ws, "ingest") == sharded
 
 
@@ -221,14 +220,13 @@ def test_a_failing_shard_names_stage_and_shard(ws, prefect_api, monkeypatch):
     # The other shards are cached (a retry computes only the failed one); nothing half-made.
     assert len(list(cache_dir(ws, "ingest").iterdir())) == 3
     with pytest.raises(ShardFailed, match=message):
-        run_inline("ingest", load_params(ws / "params.yaml"), workspace=ws)
+        run_inline(stage_spec("ingest"), load_params(ws / "params.yaml"), workspace=ws)
     assert not (ws / "data/ingested").exists()
 
 
 def test_unknown_stage_is_refused(ws):
-    from flows.sharded import SHARDED_STAGES, prepare_shards
+    from flows.sharded import prepare_shards
 
-    assert SHARDED_STAGES[:2] == ("ingest", "augment")
     with pytest.raises(ValueError, match="'train' is not sharded"):
         prepare_shards("train", str(ws / "params.yaml"))
 

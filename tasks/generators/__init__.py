@@ -4,7 +4,7 @@ Each family implements the interface in `base.Family`: built from (cfg, num_clas
 channels, size, device); `modules` and `optimizers`; `train_step(x, y)`; `sample(labels,
 generator)` from the EMA weights; `export_state()` / `from_export(...)` for the weights
 generate needs; `flops_per_image()` for MFU; `distribute(wrap)` for DDP. Adding a family:
-subclass `Family`, register it here and add its name to `TrainConfig.family`.
+subclass `Family`, register it here and add its name to `synthloop.config.FamilyName`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,53 @@
+"""The stage registry: every pipeline stage, in run order, and the module that runs it.
+
+`STAGES` is the one list of stages. dvc.yaml declares the same stages in the same order,
+each with the command `synthloop stage NAME` (tests/test_stage_registry.py holds the two
+in step), and the flow runs them in this order. A stage module exposes
+`run_stage(params) -> dict` (its summary); a sharded one also has `SHARDING`, its
+`synthloop.sharding.StageSpec`.
+
+`stage_code(name)` is the code a stage runs: the import closure of this registry and the
+stage's module (synthloop/codegraph.py). dvc.yaml's code deps must be exactly those files,
+so changing any line a stage runs makes `dvc status` report the stage, and nothing else.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from synthloop.codegraph import import_closure, source_files
+from synthloop.config import Params
+
+STAGES: dict[str, str] = {
+    "ingest": "tasks.ingest",
+    "clean": "tasks.clean",
+    "train_evaluator": "tasks.evaluator",
+    "augment": "tasks.augment",
+    "fuse": "tasks.fuse",
+    "train": "tasks.train",
+    "generate": "tasks.generate",
+    "validate": "tasks.validate",
+}
+STAGE_ORDER: tuple[str, ...] = tuple(STAGES)
+
+
+def stage_module(name: str) -> ModuleType:
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    return importlib.import_module(STAGES[name])
+
+
+def run_stage(name: str, params: Params) -> dict:
+    """Run one stage on the params; what `synthloop stage NAME` (so DVC) and the flow run."""
+    return stage_module(name).run_stage(params)
+
+
+def is_sharded(name: str) -> bool:
+    return hasattr(stage_module(name), "SHARDING")
+
+
+def stage_code(name: str) -> list[str]:
+    """The project source files the stage runs (paths as dvc.yaml names them)."""
+    stage_module(name)  # an unknown name fails here, with the list
+    return source_files(import_closure(__name__, STAGES[name]))
