@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-# The columns every image dataset carries (DESIGN.md, "Data format").
+# The columns every image dataset carries (README, "Where every output lands").
 IMAGE_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -59,9 +59,14 @@ QUARANTINE_SCHEMA = pa.schema(
 )
 
 
-def file_hash(path: Path, digest_size: int = 16) -> str:
-    """blake2b of a file's bytes, read in 1 MiB blocks (weights files can be large)."""
-    digest = hashlib.blake2b(digest_size=digest_size)
+def file_hash(path: Path, digest_size: int = 16, algorithm: str = "blake2b") -> str:
+    """A file's hex digest, read in 1 MiB blocks (weights files can be large): blake2b for
+    our own ids, "md5" to compare with DVC's records."""
+    digest = (
+        hashlib.blake2b(digest_size=digest_size)
+        if algorithm == "blake2b"
+        else hashlib.new(algorithm)
+    )
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)

@@ -19,13 +19,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from synthloop.dataset import atomic_dir
 
 COLUMNS = ["id", "label", "split", "source", "parent_id", "height", "width", "channels"]
 _NOT_NULL = ["id", "label", "split", "height", "width", "channels"]
@@ -189,17 +188,6 @@ def _summarise(results: list, docs_index: Path) -> dict:
     }
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Swap ``src`` into place at ``dst`` (old ``dst`` removed afterwards)."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
-        dst.rename(old)
-    src.rename(dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def run_suites(
     frames: dict[str, pd.DataFrame],
     suites: dict[str, list[tuple[Any, bool]]],
@@ -216,9 +204,7 @@ def run_suites(
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     docs_dir = Path(docs_dir).resolve()
-    docs_dir.parent.mkdir(parents=True, exist_ok=True)
-    build_dir = Path(tempfile.mkdtemp(prefix=f".{docs_dir.name}.build-", dir=docs_dir.parent))
-    try:
+    with atomic_dir(docs_dir) as build_dir:  # the old Data Docs stay until the new are built
         context = gx.get_context(mode="ephemeral")  # fresh, in-memory context per call
         context.variables.progress_bars = ProgressBarsConfig(globally=False)
         site = f"{dataset}_site"
@@ -237,9 +223,6 @@ def run_suites(
             _run_suite(context, n, frames[n], suites[n], keys.get(n), dataset) for n in suites
         ]
         context.build_data_docs(site_names=[site])
-        _replace_dir(build_dir, docs_dir)
-    finally:
-        shutil.rmtree(build_dir, ignore_errors=True)
     return _summarise(results, docs_dir / "index.html")
 
 

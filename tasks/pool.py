@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 import secrets
@@ -29,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from synthloop.dataset import IMAGE_SCHEMA, atomic_file, iter_batches, shard_paths
+from synthloop.dataset import IMAGE_SCHEMA, atomic_file, file_hash, iter_batches, shard_paths
 
 POOL_SCHEMA = IMAGE_SCHEMA.append(pa.field("round", pa.int32()))
 POOL_SCHEMA = POOL_SCHEMA.append(pa.field("run", pa.string()))
@@ -215,14 +214,6 @@ def _first(table: dict[str, list], column: str) -> object:
     return values[0] if values else None
 
 
-def file_md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify_pool(pool: Path) -> int:
     """Check every live shard that has a `.dvc` record against its md5; returns shards
     checked."""
@@ -232,7 +223,7 @@ def verify_pool(pool: Path) -> int:
         shard = record.with_suffix("")
         if not shard.exists():
             raise PoolCorrupt(f"{shard}: missing (run `dvc checkout {record}` or `dvc pull`)")
-        if file_md5(shard) != out["md5"]:
+        if file_hash(shard, algorithm="md5") != out["md5"]:
             raise PoolCorrupt(
                 f"{shard}: its hash differs from the one recorded in {record.name}; the pool is "
                 "corrupt or was edited by hand. Restore it with `dvc checkout "

@@ -13,6 +13,7 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -134,6 +135,19 @@ def workspace(tmp_path: Path) -> Path:
     return build_workspace(tmp_path / "ws")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core box a second
+    thread makes every op wait for a core: such tests run several times faster on one.
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def prefect_api():
     """Prefect's real local API (a temporary server) for the whole session."""
@@ -141,3 +155,11 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that starts Prefect's API runs the real tools: it is an integration test,
+    whether or not its module says so (`pytest -m "not integration"` skips it)."""
+    for item in items:
+        if "prefect_api" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)

@@ -25,16 +25,10 @@ from tasks.evaluator import (
 from tasks.ingest import run_ingest
 from tasks.metrics import fid_kid
 
-pytestmark = pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance`")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (and noise on a busy box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance`"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -17,17 +16,9 @@ from tasks.generate import PAD, cell_size, run_generate
 from tasks.images import decode_rows, encode_rows
 from tasks.train import run_train
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CLASSES = ["a", "b", "c"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core box a second
-    thread makes every op wait for a core: these tests run several times faster on one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

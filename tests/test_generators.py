@@ -3,8 +3,6 @@ trip, determinism, DiffAugment, FLOPs."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -13,17 +11,9 @@ from tasks.generators import FAMILIES
 from tasks.generators.cgan import diff_augment, pyramid
 from tasks.generators.diffusion import Diffusion
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core box a second
-    thread makes every op wait for a core: these tests run several times faster on one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny(family: str, **overrides: object) -> TrainConfig:

@@ -12,12 +12,11 @@ import yaml
 
 from flows.loop import apply_overrides, overrides_for
 from synthloop.config import ConfigError, GateConfig
-from synthloop.dataset import IMAGE_SCHEMA, ShardWriter
+from synthloop.dataset import IMAGE_SCHEMA, ShardWriter, file_hash
 from tasks.feedback import read_requests
 from tasks.images import encode_rows
 from tasks.pool import (
     PoolCorrupt,
-    file_md5,
     legacy_name,
     pool_counts,
     pool_full,
@@ -159,7 +158,7 @@ def test_verify_pool_detects_a_changed_shard(tmp_path):
     write_rows(tmp_path / "accepted", ["a", "b"])
     pool = tmp_path / "pool"
     shard = pool / promote(tmp_path / "accepted", pool, KEY, round_no=1)["shard"]
-    record = {"outs": [{"md5": file_md5(shard), "path": shard.name}]}
+    record = {"outs": [{"md5": file_hash(shard, algorithm="md5"), "path": shard.name}]}
     shard.with_name(shard.name + ".dvc").write_text(yaml.safe_dump(record))
     assert verify_pool(pool) == 1
     shard.write_bytes(shard.read_bytes() + b"tampered")

@@ -22,16 +22,10 @@ from tasks.metrics import (
     prdc,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance`")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (and noise on a busy box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance`"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 
 def gaussian(n: int, dim: int = 8, shift: float = 0.0, scale: float = 1.0, seed: int = 0):

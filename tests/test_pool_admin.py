@@ -10,7 +10,8 @@ import yaml
 
 from flows.loop import dvc_add
 from flows.pool_admin import migrate_legacy_names
-from tasks.pool import file_md5, pool_counts, pool_ids, promote, verify_pool
+from synthloop.dataset import file_hash
+from tasks.pool import pool_counts, pool_ids, promote, verify_pool
 from tests.conftest import build_workspace, git_commit, run_tool
 from tests.test_loop_parts import write_rows
 
@@ -43,7 +44,7 @@ def test_legacy_names_retire_show_and_reset(tmp_path):
     assert renamed == {"part-r0001.parquet": legacy}
     assert not (pool / "part-r0001.parquet.dvc").exists()
     record = yaml.safe_load((pool / f"{legacy}.dvc").read_text())
-    assert record["outs"][0]["md5"] == md5 == file_md5(pool / legacy)
+    assert record["outs"][0]["md5"] == md5 == file_hash(pool / legacy, algorithm="md5")
     assert verify_pool(pool) == 2 and dvc_clean(ws)
     assert sorted(p.name for p in pool.glob("part-*.parquet")) == [legacy, new]
 

@@ -7,7 +7,6 @@ import json
 import logging
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,18 +19,10 @@ from synthloop.dataset import IMAGE_SCHEMA, ShardWriter, content_id
 from tasks.images import dataset_version, encode_rows
 from tasks.train import model_version, run_train
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 REPO = Path(__file__).resolve().parent.parent
 CLASSES = ("a", "b", "c")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core box a second
-    thread makes every op wait for a core: these tests run several times faster on one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_dataset(directory: Path, per_class: int = 12, size: int = 8, seed: int = 0) -> Path:
