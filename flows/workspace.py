@@ -11,18 +11,17 @@
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
+from filelock import FileLock, Timeout
 
 from flows.loop import run_dvc
 from synthloop.config import Params
@@ -38,60 +37,54 @@ class WorkspaceBusy(RuntimeError):
 
 
 class WorkspaceLock:
-    """An exclusive `flock` on `<workspace>/.synthloop/workspace.lock`.
+    """An exclusive lock on `<workspace>/.synthloop/workspace.lock` (`filelock`: flock on
+    POSIX, so the kernel drops it when the holder's process dies and a crashed run never
+    leaves the workspace locked).
 
-    The holder writes who it is into the file, so a refused run can say which run it waited
-    for. The kernel drops the lock when the holder's process dies, so a crashed run never
-    leaves the workspace locked. (flock is per host: a workspace shared by several machines
-    over a network file system needs the Prefect concurrency limit instead.)
+    The holder writes who it is beside the lock (`workspace.lock.holder`), so a refused run
+    can say which run it waited for. flock is per host: a workspace shared by several
+    machines over a network file system needs the Prefect concurrency limit instead.
     """
 
     def __init__(self, workspace: Path, timeout_s: float = 0.0, holder: str = "") -> None:
         self.path = workspace / LOCK_FILE
+        self.holder_file = self.path.with_name(self.path.name + ".holder")
         self.timeout_s = timeout_s
         self.holder = holder or f"pid {os.getpid()}"
-        self._fh = None
+        # Not thread-local: a flow may release from another thread than the one that took it.
+        self._lock = FileLock(self.path, thread_local=False)
 
     def acquire(self) -> WorkspaceLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+")  # noqa: SIM115 (held until release)
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    fh.seek(0)
-                    owner = fh.read().strip() or "another process"
-                    fh.close()
-                    raise WorkspaceBusy(
-                        f"workspace {self.path.parent.parent} is in use by {owner}; this run "
-                        f"stopped after waiting {self.timeout_s:g} s without changing anything "
-                        "(orchestration.lock_timeout_s sets the wait)"
-                    ) from None
-                time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
-        fh.seek(0)
-        fh.truncate()
+        try:
+            self._lock.acquire(timeout=self.timeout_s, poll_interval=0.2)
+        except Timeout:
+            owner = _read(self.holder_file) or "another process"
+            raise WorkspaceBusy(
+                f"workspace {self.path.parent.parent} is in use by {owner}; this run "
+                f"stopped after waiting {self.timeout_s:g} s without changing anything "
+                "(orchestration.lock_timeout_s sets the wait)"
+            ) from None
         since = datetime.now(UTC).isoformat(timespec="seconds")
-        fh.write(f"{self.holder} (pid {os.getpid()} on {socket.gethostname()}, since {since})")
-        fh.flush()
-        self._fh = fh
+        self.holder_file.write_text(
+            f"{self.holder} (pid {os.getpid()} on {socket.gethostname()}, since {since})"
+        )
         return self
 
     def release(self) -> None:
-        if self._fh is not None:
-            self._fh.seek(0)
-            self._fh.truncate()
-            fcntl.flock(self._fh, fcntl.LOCK_UN)
-            self._fh.close()
-            self._fh = None
+        if self._lock.is_locked:
+            self.holder_file.write_text("")
+            self._lock.release()
 
     def __enter__(self) -> WorkspaceLock:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _read(path: Path) -> str:
+    return path.read_text().strip() if path.is_file() else ""
 
 
 # ---------------------------------------------------------------------------- fingerprint

@@ -86,7 +86,7 @@ def test_a_waiting_run_gets_the_lock_when_the_first_ends(tmp_path):
     first = WorkspaceLock(tmp_path, holder="first").acquire()
     threading.Timer(0.3, first.release).start()
     with WorkspaceLock(tmp_path, timeout_s=10, holder="second") as second:
-        assert "second" in second.path.read_text()
+        assert "second" in second.holder_file.read_text()
 
 
 @pytest.fixture
