@@ -17,7 +17,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from flows.loop import DriftProbe, dvc_add, dvc_hashes, stale_stages, tool_env
+from flows.loop import dvc_add, dvc_hashes, stale_stages, tool_env
 from flows.rounds import Next, failed_gate_texts
 from flows.sharded import prepare_shards
 from synthloop.config import load_params
@@ -51,7 +51,7 @@ def _retry_if_transient(task, task_run, state) -> bool:  # noqa: ANN001 (Prefect
     retry_delay_seconds=[2, 10],
     retry_condition_fn=_retry_if_transient,
 )
-def run_stage(stage: str, workspace: str, force: bool = False) -> str:
+def run_stage(stage: str, workspace: str, force: bool = False) -> None:
     """`dvc repro` one stage; its output is streamed into the flow run's logs."""
     logger = get_run_logger()
     cmd = ["dvc", "repro", "--single-item", stage, *(["--force"] if force else [])]
@@ -76,8 +76,6 @@ def run_stage(stage: str, workspace: str, force: bool = False) -> str:
     if returncode != 0:
         transient = bool(_TRANSIENT.search(output)) and "exited with 2" not in output
         raise StageFailed(stage, returncode, "\n".join(lines[-20:]), transient)
-    skipped = "didn't change, skipping" in output or "is cached" in output
-    return "skipped" if skipped else "ran"
 
 
 def read_json(path: Path) -> dict:
@@ -131,16 +129,25 @@ def run_attempt(
     params = load_params(params_file)
     if not probe_drift:
         verify_pool_task(str(params.loop.pool))
-    drift = DriftProbe(params) if probe_drift else None
+    drift = None
+    if probe_drift:
+        from tasks.drift import DriftProbe  # torch: imported only when drift is measured
+
+        drift = DriftProbe(params)
     drift_fid: float | None = None
     stages: dict[str, str] = {}
     shards: dict[str, dict] = {}
     for stage in STAGE_ORDER:
-        if (force or stale_stages(workspace, stage)) and is_sharded(stage):
+        # DVC's own verdict (`dvc status --json`) says whether the stage must run.
+        if not (force or stale_stages(workspace, stage)):
+            stages[stage] = "skipped"
+            continue
+        if is_sharded(stage):
             # Its shards as parallel tasks first; the DVC stage then assembles them.
             shards[stage] = prepare_shards(stage, str(params_file))
-        stages[stage] = run_stage(stage, str(workspace), force)
-        if stage == "clean" and drift is not None and stages["clean"] == "ran":
+        run_stage(stage, str(workspace), force)
+        stages[stage] = "ran"
+        if stage == "clean" and drift is not None:
             drift_fid = drift.measure()
             if drift_fid is not None:
                 logger.info("drift: evaluator FID old vs new clean train = %.3f", drift_fid)

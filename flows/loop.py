@@ -1,6 +1,6 @@
 """What the flow does between DVC stages: change params for a retrain, read artifact
-hashes for the record, measure drift, version the pool. Plain functions; the flow wraps
-them in Prefect tasks."""
+hashes for the record, version the pool. Plain functions; the flow wraps them in Prefect
+tasks. (Drift, the ML part, is measured by tasks/drift.py.)"""
 
 from __future__ import annotations
 
@@ -104,37 +104,3 @@ def dvc_add(workspace: Path, path: Path) -> str:
     run_dvc(workspace, "add", "--quiet", str(path.relative_to(workspace)))
     record = yaml.safe_load(Path(f"{path}.dvc").read_text())
     return record["outs"][0]["md5"]
-
-
-class DriftProbe:
-    """Evaluator-space statistics of the clean train split, taken before new data lands,
-    so the FID between the old and the new split can be measured after clean reruns."""
-
-    def __init__(self, params: Params) -> None:
-        self.params = params
-        self.evaluator = None
-        self.before = None
-        evaluator_dir = params.validation.evaluator
-        train = params.clean.output / "train"
-        if (evaluator_dir / "weights.safetensors").is_file() and train.is_dir():
-            from tasks.evaluator import load_evaluator
-            from tasks.images import load_image_tensors
-
-            self.evaluator = load_evaluator(evaluator_dir)
-            self.before = self._features(load_image_tensors(train, self.evaluator.classes))
-
-    def _features(self, data):  # noqa: ANN001, ANN202
-        return self.evaluator.features(data.images)
-
-    def measure(self) -> float | None:
-        """FID between the split seen at start and the current one (None: no baseline)."""
-        if self.evaluator is None:
-            return None
-        from tasks.images import load_image_tensors
-        from tasks.metrics import frechet_distance
-
-        try:
-            after = load_image_tensors(self.params.clean.output / "train", self.evaluator.classes)
-        except ValueError:  # new classes: that is drift beyond measuring in the old space
-            return float("inf")
-        return float(frechet_distance(self.before, self._features(after)))
