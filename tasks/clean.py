@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from synthloop.config import CleanConfig, Params, SplitConfig
+from synthloop.config import CleanConfig, ConfigError, Params, SplitConfig
 from synthloop.dataset import (
     IMAGE_SCHEMA,
     QUARANTINE_SCHEMA,
@@ -1022,7 +1022,8 @@ def _merge(
 
         kept_meta = _kept_metadata(out_dir)
         report = _report(cfg, ingested, kept_meta, reasons, converted)
-        if validate:
+        nothing_kept = nothing_kept_message(ingested, reasons, quarantine, cfg)
+        if validate and nothing_kept is None:
             if gx_import is not None:
                 gx_import.join()
             from tasks.expectations import raise_on_critical, validate_clean_dataset
@@ -1044,6 +1045,8 @@ def _merge(
             report["expectations"] = expectations
         write_table(cfg.quarantine, quarantine, QUARANTINE_SCHEMA)
         write_json(cfg.report, report)
+        if nothing_kept is not None:
+            raise ConfigError(nothing_kept)  # the quarantine says why, row by row
         if validate:
             raise_on_critical(expectations)  # raising here keeps the previous clean data
     log.info(
@@ -1054,6 +1057,27 @@ def _merge(
         dict(sorted(reasons.items())),
     )
     return report
+
+
+def nothing_kept_message(
+    ingested: int, reasons: Counter[str], quarantine: list[dict], cfg: CleanConfig
+) -> str | None:
+    """What to tell the user when every ingested row was quarantined (None: some were kept).
+    The usual cause, an allow-list that matches none of the labels, is named as such."""
+    if ingested == 0 or sum(reasons.values()) < ingested:
+        return None
+    where = f"see {cfg.quarantine} for each row"
+    not_allowed = reasons.get("label_not_allowed", 0)
+    if not_allowed == ingested:
+        seen = sorted({str(r["label"]) for r in quarantine if r["reason"] == "label_not_allowed"})
+        shown = ", ".join(seen[:10]) + (f" (+{len(seen) - 10} more)" if len(seen) > 10 else "")
+        return (
+            f"no ingested label is in clean.labels ({', '.join(cfg.labels or [])}); "
+            f"{ingested} rows quarantined as label_not_allowed. The data's labels: {shown}. "
+            f"Set clean.labels (or clean.label_map) in params.yaml to match them; {where}."
+        )
+    counts = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
+    return f"clean kept none of the {ingested} ingested rows ({counts}); {where}."
 
 
 def _staged(folder: Path) -> list[Path]:

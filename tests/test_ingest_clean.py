@@ -237,6 +237,23 @@ def test_a_failed_critical_expectation_fails_the_stage_and_keeps_old_data(demo_r
     assert tree_digest(params.clean.output) == before
 
 
+def test_labels_that_allow_nothing_say_so_and_keep_the_old_data(demo_run):
+    from synthloop.config import ConfigError
+
+    params, _ = demo_run
+    before = tree_digest(params.clean.output)
+    none_allowed = params.clean.model_copy(update={"labels": ["cat", "dog"], "label_map": {}})
+    with pytest.raises(ConfigError) as err:
+        run_clean(none_allowed)
+    message = str(err.value)
+    assert "no ingested label is in clean.labels (cat, dog)" in message, message
+    rows = quarantine(params.clean.quarantine)
+    assert f"{len(rows)} rows quarantined as label_not_allowed" in message
+    assert set(rows.reason) == {"label_not_allowed"}
+    assert "The data's labels: 0, 1, 2" in message and "count" not in message
+    assert tree_digest(params.clean.output) == before
+
+
 def test_the_demo_is_long_tailed_as_documented(demo_run):
     from tasks.demo import digit_images, long_tail
 
