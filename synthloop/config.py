@@ -244,7 +244,7 @@ class AugmentConfig(_Model):
     target_per_class: PositiveInt | None = Field(
         None, description="real + augmented rows per class; None: the largest class's count"
     )
-    min_copies: int = Field(0, ge=0, description="augmented copies of every image at least")
+    min_copies: int = Field(1, ge=0, description="augmented copies of every image at least")
     max_copies: int = Field(4, ge=0, description="augmented copies of one image at most")
     policy: AugmentPolicy = AugmentPolicy()
     batch_size: PositiveInt = 512
@@ -297,9 +297,9 @@ class FuseConfig(_Model):
 
 class CganConfig(_Model):
     z_dim: PositiveInt = 64
-    width: PositiveInt = Field(64, description="base channel count of G and D")
-    lr_d: float = Field(2e-4, gt=0)
-    diffaug: bool = Field(True, description="differentiable augmentation for small data")
+    width: PositiveInt = Field(32, description="base channel count of G and D")
+    lr_d: float = Field(4e-4, gt=0)
+    diffaug: bool = Field(False, description="differentiable augmentation for small data")
 
 
 class DiffusionConfig(_Model):
@@ -335,9 +335,9 @@ class DistributedConfig(_Model):
 
 class TrainConfig(_Model):
     family: FamilyName = "cgan"
-    steps: PositiveInt = 600
+    steps: PositiveInt = 1500
     batch_size: PositiveInt = 64
-    lr: float = Field(2e-4, gt=0)
+    lr: float = Field(1e-4, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
     class_balance: float = Field(
         1.0,
@@ -351,8 +351,8 @@ class TrainConfig(_Model):
     bf16: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     channels_last: bool = True
     compile: bool = Field(False, description="torch.compile the networks")
-    checkpoint_every: PositiveInt = 200
-    log_every: PositiveInt = 50
+    checkpoint_every: PositiveInt = 500
+    log_every: PositiveInt = 100
     resume: bool = Field(False, description="continue from the last checkpoint if any")
     gpu_dataset_max_bytes: PositiveInt = Field(
         2 * 1024**3, description="decode the dataset onto the GPU only below this size"

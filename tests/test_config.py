@@ -67,3 +67,68 @@ def test_per_run_overrides_merge_per_stage(tmp_path, shapes_folder):
     params = load_params(path, overrides={"clean": {"image_size": 12}})
     assert params.clean.image_size == 12
     assert params.clean.channels == 3  # untouched keys keep their file values
+
+
+# Keys whose right value depends on the dataset. params.yaml sets them for the embedded
+# demo (its labels, its "seven" typo, a split sized for its short classes); the code's
+# default is the neutral choice for data it knows nothing about.
+DATASET_KEYS = {
+    "clean.labels",
+    "clean.label_map",
+    "clean.split",
+    "clean.split_tolerance",
+    "clean.min_class_count",
+}
+
+
+def _defaults_against_yaml(model: type, data: dict, prefix: str = "") -> tuple[list, list]:
+    """(keys whose code default differs from params.yaml, tunable keys params.yaml lacks).
+    Paths are left out: they wire stages together, and dvc.yaml declares them."""
+    from pydantic import BaseModel
+    from pydantic_core import PydanticUndefined
+
+    differ, missing = [], []
+    for attribute, field in model.model_fields.items():
+        name = field.alias or attribute
+        key = f"{prefix}{name}"
+        if key in DATASET_KEYS or field.annotation in (Path, Path | None):
+            continue
+        if name not in data:
+            missing.append(key)
+            continue
+        value = data[name]
+        if field.default is PydanticUndefined and field.default_factory is None:
+            continue  # required: params.yaml is the only owner
+        default = field.get_default(call_default_factory=True)
+        section = field.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            sub_differ, sub_missing = _defaults_against_yaml(section, value, f"{key}.")
+            differ += sub_differ
+            missing += sub_missing
+        elif default != value:
+            differ.append(f"{key}: code {default!r}, params.yaml {value!r}")
+    return differ, missing
+
+
+def test_params_yaml_holds_every_value_and_the_code_defaults_agree():
+    import yaml
+
+    from synthloop.config import Params
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    differ, missing = _defaults_against_yaml(Params, raw)
+    assert not differ, "\n".join(differ)
+    assert not missing, f"only in code, not in params.yaml: {missing}"
+
+
+def test_the_agreement_check_sees_a_changed_default_and_a_missing_key():
+    import yaml
+
+    from synthloop.config import Params
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["train"]["steps"] += 1
+    del raw["augment"]["shard_rows"]
+    differ, missing = _defaults_against_yaml(Params, raw)
+    assert differ == [f"train.steps: code 1500, params.yaml {1501}"]
+    assert missing == ["augment.shard_rows"]

@@ -50,7 +50,7 @@ def test_train_step_and_sample_shapes(family: str, size: int, channels: int) -> 
 @pytest.mark.parametrize(
     ("family", "options"),
     [
-        ("cgan", {}),
+        ("cgan", {"cgan": {"width": 8, "z_dim": 8, "diffaug": True}}),
         ("cgan", {"cgan": {"width": 8, "z_dim": 8, "diffaug": False}}),
         ("diffusion", {}),
         ("diffusion", {"diffusion": {"width": 8, "schedule": "edm", "sample_steps": 3}}),
