@@ -348,6 +348,7 @@ class TrainConfig(_Model):
     )
     seed: int = 0
     device: Device = "auto"
+    cpu_threads: int = Field(0, ge=0, description="torch threads on CPU; 0: synthloop/threads.py")
     bf16: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     channels_last: bool = True
     compile: bool = Field(False, description="torch.compile the networks")
@@ -401,6 +402,9 @@ class EvaluatorConfig(_Model):
     lr: float = Field(1e-3, gt=0)
     seed: int = 0
     device: Device = "auto"
+    cpu_threads: int = Field(
+        0, ge=0, description="torch threads on CPU (also validate's); 0: synthloop/threads.py"
+    )
     inception_weights: Path | None = Field(
         None, description="local torchvision inception_v3 weights; standard FID when present"
     )

@@ -17,12 +17,12 @@ and the report `cfg.report`. `load_evaluator` reads them back.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from synthloop.config import EvaluatorConfig, Params
 from synthloop.dataset import atomic_dir, remove_stale_temporaries, write_json
+from synthloop.threads import cpu_threads, intra_op_threads
 from tasks.images import (
     ImageTensors,
     dataset_version,
@@ -224,23 +225,12 @@ def accuracy(net: EvaluatorNet, data: ImageTensors, batch_size: int) -> tuple[fl
     return float(correct.mean()), per_class
 
 
-@contextlib.contextmanager
-def small_image_cpu_threads(device: torch.device, size: int) -> Iterator[None]:
-    """One intra-op thread for small images on CPU, restored afterwards.
-
-    Per-op work on 8x8 to 16x16 maps is too small to split: on the shared 2-core machine
-    the digits trained in 7 s with one thread and 42 s with two (threads spinning at
-    barriers). A fixed thread count also makes CPU runs bit-identical across machines.
-    """
-    if device.type != "cpu" or size > 16:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+def small_image_cpu_threads(
+    device: torch.device, size: int, requested: int = 0
+) -> AbstractContextManager:
+    """torch's intra-op threads for work on `size`-pixel images (synthloop/threads.py: one
+    for small images on CPU, unless `requested`), restored afterwards."""
+    return cpu_threads(device.type, intra_op_threads(requested, size))
 
 
 def train_net(
@@ -255,7 +245,7 @@ def train_net(
     caller's global RNG state is left as it was. `augment` (uint8 batch -> uint8 batch)
     transforms every training batch on the fly.
     """
-    with small_image_cpu_threads(device, splits.train.images.shape[-1]):
+    with small_image_cpu_threads(device, splits.train.images.shape[-1], cfg.cpu_threads):
         return _train(cfg, splits, device, augment)
 
 

@@ -60,6 +60,7 @@ from synthloop.dataset import (
     remove_stale_temporaries,
     write_json,
 )
+from synthloop.threads import intra_op_threads
 from tasks.generators import FAMILIES, Family
 from tasks.generators.base import derive_seed
 from tasks.images import dataset_version, load_image_tensors, resolve_device, to_float
@@ -104,9 +105,11 @@ def run_train(cfg: TrainConfig) -> dict:
     """Train `cfg.family` on `cfg.input`; write the model to `cfg.output`; return its card.
     Inside torchrun, this process is one rank of a data-parallel run."""
     rank, world, device = init_distributed(resolve_device(cfg.device), cfg.distributed.backend)
+    threads = torch.get_num_threads()  # train() sets its own for the CPU
     try:
         return train(cfg, device, rank, world)
     finally:
+        torch.set_num_threads(threads)
         if world > 1:  # also on error, so the other ranks are not left waiting
             dist.destroy_process_group()
 
@@ -135,6 +138,8 @@ def train(cfg: TrainConfig, device: torch.device, rank: int = 0, world: int = 1)
     if height != width:
         raise ValueError(f"{cfg.input}: images must be square, got {height}x{width}")
     classes = data.classes
+    if device.type == "cpu":  # one thread for small images: see synthloop/threads.py
+        torch.set_num_threads(intra_op_threads(cfg.cpu_threads, height))
     data_version = dataset_version(cfg.input)
     images, labels = place_dataset(data.images, data.labels, device, cfg.gpu_dataset_max_bytes)
 
