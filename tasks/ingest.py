@@ -84,7 +84,7 @@ def list_entries(cfg: IngestConfig) -> Iterator[Entry]:
         if isinstance(source, ImageFolderSource):
             yield from ((index, entry) for entry in list_image_folder(source))
         elif isinstance(source, ManifestSource):
-            yield from ((index, entry) for entry in list_manifest(source))
+            yield from ((index, entry) for entry in list_manifest(source, cfg.allowed_roots))
         else:
             yield index, Generated(0, _generated_count(source))
 
