@@ -19,9 +19,17 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from pydantic import ValidationError
 
     from tasks.expectations import CriticalExpectationFailed
+    from tasks.feedback import FeedbackOutsideFolder
     from tasks.sources import SourceError
 
-    return (ConfigError, SourceError, CriticalExpectationFailed, FileNotFoundError, ValidationError)
+    return (
+        ConfigError,
+        SourceError,
+        CriticalExpectationFailed,
+        FileNotFoundError,
+        ValidationError,
+        FeedbackOutsideFolder,
+    )
 
 
 def _stage(args: argparse.Namespace) -> int:
