@@ -7,6 +7,9 @@
 - The shard is written to a temporary name and renamed into place: a crash mid-promotion
   leaves the previous pool. The flow then versions it with `dvc add` (one `.dvc` file per
   shard) and checks every shard against its recorded hash before the pool is used again.
+- A process killed between the rename and `dvc add` leaves an orphan: a complete shard
+  without a `.dvc` record (`pool_orphans`). The next run adopts it
+  (`flows.pool_admin.adopt_orphans`) before it reads the pool; its rows passed the gates.
 - The pool is bounded: a class stops growing at its target (`loop.target_per_class`;
   `auto` is what fuse can mix in for that class) and the whole pool at `loop.max_pool_rows`.
 - Retired shards (`synthloop pool retire`) live in `retired/`: fuse does not read them, but
@@ -221,6 +224,23 @@ def file_md5(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def pool_orphans(pool: Path) -> list[Path]:
+    """Live shards without a `.dvc` record, and temporaries a killed promotion left."""
+    pool = Path(pool)
+    if not pool.is_dir():
+        return []
+    untracked = [p for p in _shards(pool) if not Path(f"{p}.dvc").is_file()]
+    return untracked + sorted(pool.glob(".part-*.parquet.tmp-*"))
+
+
+def is_pool_shard(path: Path) -> bool:
+    """Whether a file reads as a complete pool shard (its footer and schema)."""
+    try:
+        return pq.read_schema(path).names == POOL_SCHEMA.names
+    except (OSError, pa.ArrowInvalid):
+        return False
 
 
 def verify_pool(pool: Path) -> int:
