@@ -4,6 +4,10 @@ DVC holds the acyclic part (dvc.yaml) and decides what is stale: a stage whose d
 params are unchanged is skipped, every output is versioned. The flow adds what DVC cannot:
 rounds, retries of transient failures, promotion of accepted samples into the pool, a
 retrain policy when the gates fail, run history, logs and UI artifacts.
+
+A deployed run works only in the workspace it was served for (`flows.binding`), reads sources
+only inside `ingest.allowed_roots` and feedback only inside the feedback folder; it refuses
+anything else before it takes the workspace lock or writes anything.
 """
 
 from __future__ import annotations

@@ -61,6 +61,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    """Serve the deployments bound to this workspace. Prefect's settings come from the
+    environment as they are (PREFECT_API_URL; PREFECT_API_AUTH_STRING for a server with basic
+    authentication): nothing here reads or drops them, and the runs inherit them."""
     load_params(args.params)
     from flows.deployments import serve
 
