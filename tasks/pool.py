@@ -236,9 +236,10 @@ def pool_orphans(pool: Path) -> list[Path]:
 
 
 def is_pool_shard(path: Path) -> bool:
-    """Whether a file reads as a complete pool shard (its footer and schema)."""
+    """Whether a file reads as a complete pool shard: a Parquet footer and the image columns
+    (older shards lack the run and family columns; they are still shards)."""
     try:
-        return pq.read_schema(path).names == POOL_SCHEMA.names
+        return set(IMAGE_SCHEMA.names) <= set(pq.read_schema(path).names)
     except (OSError, pa.ArrowInvalid):
         return False
 

@@ -133,3 +133,19 @@ def test_a_source_outside_the_allowed_roots_fails_the_run_before_any_stage(
     assert (served / "params.yaml").read_text() == params_before
     assert yaml.safe_load(params_before)["ingest"]["sources"] == sources[:1]
     assert not (served / "data/ingested").exists()
+
+
+def test_a_feedback_file_linked_from_outside_fails_the_run_before_any_stage(
+    server, served, tmp_path
+):
+    secret = tmp_path / "secret.csv"
+    secret.write_text("label,extra\nellipse,1\n")
+    link = served / "data/feedback/requests.csv"
+    link.symlink_to(secret)
+    try:
+        run = wait_for_run(server, create_manual_run(server, {}))
+    finally:
+        link.unlink()
+    assert run.state.is_failed(), run.state
+    assert "requests.csv resolves to" in run.state.message, run.state.message
+    assert not (served / "data/ingested").exists()
