@@ -108,6 +108,7 @@ def build_params(workdir: Path, folder: Path, size: int, workers: int = 0, run: 
     raw = {
         "ingest": {
             "sources": [{"kind": "image_folder", "path": str(folder), "name": "bench"}],
+            "allowed_roots": [str(folder)],
             "output": f"{run}/data/ingested",
             "quarantine": f"{run}/data/quarantine/ingest.parquet",
             "report": f"{run}/reports/ingest.json",

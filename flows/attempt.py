@@ -114,6 +114,17 @@ def promote_accepted(
     return result
 
 
+@task(name="adopt-pool-orphans")
+def adopt_pool_orphans(workspace: str, pool: str) -> dict[str, str]:
+    """Version or set aside what an interrupted promotion left in the pool (logged)."""
+    from flows.pool_admin import adopt_orphans
+
+    done = adopt_orphans(Path(workspace), Path(pool))
+    for name, what in done.items():
+        get_run_logger().warning("pool: %s %s", name, what)
+    return done
+
+
 @task(name="verify-pool")
 def verify_pool_task(pool: str) -> int:
     from tasks.pool import verify_pool

@@ -4,6 +4,10 @@ DVC holds the acyclic part (dvc.yaml) and decides what is stale: a stage whose d
 params are unchanged is skipped, every output is versioned. The flow adds what DVC cannot:
 rounds, retries of transient failures, promotion of accepted samples into the pool, a
 retrain policy when the gates fail, run history, logs and UI artifacts.
+
+A deployed run works only in the workspace it was served for (`flows.binding`), reads sources
+only inside `ingest.allowed_roots` and feedback only inside the feedback folder; it refuses
+anything else before it takes the workspace lock or writes anything.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed, State
 
 from flows.attempt import (
+    adopt_pool_orphans,
     promote_within_room,
     read_json,
     run_attempt,
     verify_pool_task,
 )
+from flows.binding import running_in_deployment, served_params_file
 from flows.loop import (
     apply_overrides,
     overrides_for,
@@ -47,6 +53,7 @@ from flows.workspace import (
 )
 from synthloop.config import load_params
 from synthloop.dataset import atomic_file, write_json
+from tasks.feedback import feedback_files
 
 
 class GatesFailed(RuntimeError):
@@ -71,26 +78,33 @@ def closed_loop(
 ) -> dict | State:
     """The closed loop on one workspace (the folder of `params_path`).
 
-    A run: validate its parameters against params.yaml; take the workspace lock; stop with
+    A run: check that it may use this workspace (a deployed run only the one it was served
+    for, `flows.binding`) and that every path it reads lies inside the workspace's allowed
+    roots; validate its parameters against params.yaml; take the workspace lock; stop with
     "nothing to do" when nothing it reads changed since the last successful run; then rounds
     of the DVC stages and the gates; on success record the versions in git and push the data
-    to the DVC remote.
+    to the DVC remote. Every refusal comes before the run writes anything.
 
     Args:
-        params_path: the workspace's params.yaml (the run works in its folder)
+        params_path: the workspace's params.yaml (the run works in its folder); a deployment
+            fixes it to the workspace it serves
         run: this run's settings; empty fields keep params.yaml's values
     """
     logger = get_run_logger()
-    params_file = Path(params_path).resolve()
+    params_file = served_params_file(params_path, deployed=running_in_deployment())
     workspace = params_file.parent
     overrides = run.overrides()
-    # A bad value (a missing folder, a family that is not there) stops before any work.
+    # A bad value (a missing folder, a source outside ingest.allowed_roots, a family that is
+    # not there) stops before any work; so does a feedback file that leads outside.
     params = load_params(params_file, overrides=overrides)
+    feedback_files(params.fuse.feedback)
     run_name = _flow_run_label()
     with WorkspaceLock(workspace, params.orchestration.lock_timeout_s, holder=run_name):
         verify_pool_task(str(params.loop.pool))  # a corrupt pool fails the run before training
         if run.dry_run:
             return _dry_run(workspace, params_file, params, overrides)
+        # A promotion killed before `dvc add` left a shard DVC does not know: settle it first.
+        adopt_pool_orphans(str(workspace), str(params.loop.pool))
         if overrides and load_params(params_file) != params:
             apply_overrides(params_file, overrides)
             logger.info("run parameters written into params.yaml: %s", overrides)
@@ -142,6 +156,8 @@ def _flow_run_label() -> str:
 
 def _dry_run(workspace: Path, params_file: Path, params, overrides: dict) -> dict:  # noqa: ANN001
     """What a run would do: the stages DVC finds stale and the params it would change."""
+    from tasks.pool import pool_orphans
+
     changed = changed_inputs(params.versioning.state, _fingerprint(workspace, params_file))
     stale = stale_stages(workspace)
     plan = {
@@ -150,6 +166,8 @@ def _dry_run(workspace: Path, params_file: Path, params, overrides: dict) -> dic
         "stale_stages": stale,
         "changed_inputs": changed,
         "nothing_to_do": changed == [] and not overrides,
+        # Shards an interrupted promotion left without a DVC record: a real run settles them.
+        "pool_orphans": [p.name for p in pool_orphans(params.loop.pool)],
     }
     get_run_logger().info("dry run: %s", json.dumps(plan))
     create_markdown_artifact(

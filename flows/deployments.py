@@ -6,6 +6,14 @@
 `synthloop serve` registers both with the Prefect server in PREFECT_API_URL and runs their
 flow runs in this process's machine (no work pool needed). `prefect.yaml` declares the same
 two for `prefect deploy` onto a work pool; a test keeps the two in step.
+
+Both are bound to the workspace they are served for (`flows.binding`): `params_path` is
+frozen (read-only in the UI form, any other value refused by the server), and the serving
+process names its workspace to the runs it starts, which refuse any other.
+
+The Prefect settings of the serving process (PREFECT_API_URL, PREFECT_API_AUTH_STRING for a
+server with basic authentication) apply to the registration, to the runner's polling and to
+every flow run it starts: the runs inherit its environment.
 """
 
 from __future__ import annotations
@@ -15,7 +23,9 @@ from pathlib import Path
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.schedules import Cron
+from prefect.utilities.annotations import freeze
 
+from flows.binding import bind_served_params
 from flows.closed_loop import closed_loop
 from synthloop.config import load_params
 
@@ -32,26 +42,36 @@ DESCRIPTIONS = {
 def build_deployments(params_path: Path) -> list[RunnerDeployment]:
     params_path = params_path.resolve()
     params = load_params(params_path)
-    common = {
-        # Runs import the flow by module, whatever the runner's working directory.
-        "entrypoint_type": EntrypointType.MODULE_PATH,
-        "parameters": {"params_path": str(params_path)},
-        "concurrency_limit": ONE_AT_A_TIME,
-        "tags": TAGS,
-        "enforce_parameter_schema": True,
-    }
     nightly = closed_loop.to_deployment(
         name="nightly",
         schedules=[Cron(params.schedule.cron, timezone=params.schedule.timezone)],
         description=DESCRIPTIONS["nightly"],
-        **common,
+        **_common(params_path),
     )
-    manual = closed_loop.to_deployment(name="manual", description=DESCRIPTIONS["manual"], **common)
+    manual = closed_loop.to_deployment(
+        name="manual", description=DESCRIPTIONS["manual"], **_common(params_path)
+    )
     return [nightly, manual]
 
 
+def _common(params_path: Path) -> dict:
+    """What both deployments share (a fresh dict each: a deployment unwraps its frozen
+    parameters in place)."""
+    return {
+        # Runs import the flow by module, whatever the runner's working directory.
+        "entrypoint_type": EntrypointType.MODULE_PATH,
+        # Read-only in the UI; with the schema enforced, the server refuses another value.
+        "parameters": {"params_path": freeze(str(params_path))},
+        "concurrency_limit": ONE_AT_A_TIME,
+        "tags": TAGS,
+        "enforce_parameter_schema": True,
+    }
+
+
 def serve(params_path: Path, limit: int = 1) -> None:
-    """Register the deployments and run their flow runs until interrupted."""
+    """Register the deployments and run their flow runs until interrupted; the runs may use
+    this workspace only."""
     from prefect import serve as prefect_serve
 
-    prefect_serve(*build_deployments(params_path), limit=limit)
+    deployments = build_deployments(bind_served_params(params_path))
+    prefect_serve(*deployments, limit=limit)

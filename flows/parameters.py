@@ -3,8 +3,10 @@
 Everything is optional: a field left empty keeps params.yaml's value. Types and ranges are
 part of the JSON schema Prefect stores with a deployment, so the server rejects a bad value
 (a negative round count, an unknown family) before a run is created. What only the
-workspace can judge (does this folder exist?) is checked when the run starts, before it
-writes anything.
+workspace can judge (does this folder exist? is it inside `ingest.allowed_roots`?) is
+checked when the run starts, before it writes anything. Nothing here can move a run to
+another workspace (the deployment fixes `params_path`, flows/binding.py) or widen the roots
+a source may be read from (they are set in params.yaml only).
 """
 
 from __future__ import annotations
@@ -27,9 +29,13 @@ class SourceParameter(_Form):
         description="image_folder: one sub-folder per class; manifest: a path,label table; "
         "torchvision: a dataset under a local root; demo: the embedded digits"
     )
-    path: str | None = Field(None, description="image_folder / manifest: path in the workspace")
+    path: str | None = Field(
+        None, description="image_folder / manifest: path inside ingest.allowed_roots (data/raw)"
+    )
     dataset: str | None = Field(None, description="torchvision: class name, e.g. MNIST")
-    root: str | None = Field(None, description="torchvision: local dataset root")
+    root: str | None = Field(
+        None, description="torchvision: local dataset root inside ingest.allowed_roots"
+    )
     seed: int | None = Field(None, description="demo: seed of the injected defects")
     name: str | None = Field(None, description="a name for reports (default: from the path)")
 

@@ -1,4 +1,4 @@
-"""The pool under DVC: rename legacy shards, retire a shard, reset, show.
+"""The pool under DVC: rename legacy shards, adopt orphans, retire a shard, reset, show.
 
 `tasks/pool.py` owns the shards' contents; this module owns their DVC records (a new
 shard is versioned with `flows.loop.dvc_add`). Every change goes through DVC (`dvc add`,
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from flows.loop import run_dvc
-from tasks.pool import RETIRED, describe_pool, legacy_name
+from flows.loop import dvc_add, run_dvc
+from tasks.pool import RETIRED, describe_pool, is_pool_shard, legacy_name, pool_orphans
 
 
 def migrate_legacy_names(workspace: Path, pool: Path) -> dict[str, str]:
@@ -38,6 +38,30 @@ def migrate_legacy_names(workspace: Path, pool: Path) -> dict[str, str]:
                 shard.rename(folder / new)
             renamed[shard.name] = new
     return renamed
+
+
+def adopt_orphans(workspace: Path, pool: Path) -> dict[str, str]:
+    """Settle what a promotion killed before `dvc add` left in the pool; returns
+    {name: what was done}.
+
+    A shard at its final name is complete (it was renamed into place), and its rows passed
+    the gates: it is versioned with `dvc add` as the promotion would have done. A leftover
+    temporary is incomplete by definition: removed. A file at a shard's name that does not
+    read as a pool shard was not written by a promotion: renamed to `<name>.rejected`, so
+    fuse stops reading it and nothing is deleted.
+    """
+    done = {}
+    for path in pool_orphans(pool):
+        if path.name.startswith("."):
+            path.unlink(missing_ok=True)
+            done[path.name] = "removed: a temporary of an interrupted promotion"
+        elif is_pool_shard(path):
+            dvc_add(workspace, path)
+            done[path.name] = "adopted: written by a promotion interrupted before `dvc add`"
+        else:
+            path.rename(path.with_name(f"{path.name}.rejected"))
+            done[path.name] = f"renamed to {path.name}.rejected: not a readable pool shard"
+    return done
 
 
 def retire_shard(workspace: Path, pool: Path, name: str, reason: str) -> Path:

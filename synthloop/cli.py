@@ -19,9 +19,17 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from pydantic import ValidationError
 
     from tasks.expectations import CriticalExpectationFailed
+    from tasks.feedback import FeedbackOutsideFolder
     from tasks.sources import SourceError
 
-    return (ConfigError, SourceError, CriticalExpectationFailed, FileNotFoundError, ValidationError)
+    return (
+        ConfigError,
+        SourceError,
+        CriticalExpectationFailed,
+        FileNotFoundError,
+        ValidationError,
+        FeedbackOutsideFolder,
+    )
 
 
 def _stage(args: argparse.Namespace) -> int:
@@ -53,6 +61,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    """Serve the deployments bound to this workspace. Prefect's settings come from the
+    environment as they are (PREFECT_API_URL; PREFECT_API_AUTH_STRING for a server with basic
+    authentication): nothing here reads or drops them, and the runs inherit them."""
     load_params(args.params)
     from flows.deployments import serve
 

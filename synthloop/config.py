@@ -2,6 +2,14 @@
 
 Every model forbids unknown keys, so a typo stops the run before any work with a message
 that names the key. Relative paths resolve against the folder that holds `params.yaml`.
+
+Every path an ingest source names (`ingest.sources[i].path`, a torchvision `root`) must
+resolve, symlinks included, inside one of `ingest.allowed_roots` (default `data/raw`).
+`check_allowed_roots` enforces it inside `parse_params`, before any other check, so
+every reader of the params refuses the same way: `synthloop run`, `synthloop stage ingest`
+(what `dvc repro` runs) and the Prefect flow, which loads its params, run parameters
+included, before it takes the workspace lock or writes anything. The roots themselves are
+set in params.yaml only: a run's parameters cannot widen them.
 """
 
 from __future__ import annotations
@@ -123,8 +131,17 @@ Source = Annotated[
 ]
 
 
+DEFAULT_ALLOWED_ROOTS = (Path("data/raw"),)
+
+
 class IngestConfig(_Model):
     sources: list[Source] = Field(min_length=1)
+    allowed_roots: list[Path] = Field(
+        default_factory=lambda: list(DEFAULT_ALLOWED_ROOTS),
+        min_length=1,
+        description="folders every source path must resolve into (symlinks included); a "
+        "manifest row outside them is quarantined",
+    )
     shard_rows: PositiveInt = 8192
     output: Path = Path("data/ingested")
     quarantine: Path = Path("data/quarantine/ingest.parquet")
@@ -134,6 +151,11 @@ class IngestConfig(_Model):
     @classmethod
     def _out(cls, path: Path, info: ValidationInfo) -> Path:
         return _resolve(path, info)
+
+    @field_validator("allowed_roots")
+    @classmethod
+    def _roots(cls, roots: list[Path], info: ValidationInfo) -> list[Path]:
+        return [_resolve(root, info).resolve() for root in roots]
 
     @model_validator(mode="after")
     def _unique_names(self) -> IngestConfig:
@@ -146,6 +168,44 @@ class IngestConfig(_Model):
 
 def source_name(source: Any, index: int) -> str:
     return source.name or f"{source.kind}{index}"
+
+
+def inside(path: Path, roots: list[Path]) -> bool:
+    """Whether `path`, resolved (symlinks followed), lies in one of the resolved `roots`."""
+    real = Path(path).resolve()
+    return any(real == root or root in real.parents for root in roots)
+
+
+# The keys of a source that name a place to read from, by kind.
+_SOURCE_PATH_KEYS = {"image_folder": ("path",), "manifest": ("path",), "torchvision": ("root",)}
+
+
+def check_allowed_roots(raw: dict[str, Any], root: Path) -> None:
+    """Refuse a source path that resolves outside `ingest.allowed_roots`, naming its key.
+
+    Runs on the raw mapping, before the models check that a path exists: a refused path
+    is never looked at, so the message cannot tell anyone what lies outside the roots.
+    A malformed section is left to the models to report.
+    """
+    ingest = raw.get("ingest")
+    if not isinstance(ingest, dict) or not isinstance(ingest.get("sources", []), list):
+        return
+    given = ingest.get("allowed_roots", [str(p) for p in DEFAULT_ALLOWED_ROOTS])
+    if not isinstance(given, list) or not all(isinstance(p, str | Path) for p in given):
+        return
+    roots = [(root / Path(p).expanduser()).resolve() for p in given]
+    shown = ", ".join(str(p) for p in given)
+    for index, source in enumerate(ingest.get("sources", [])):
+        if not isinstance(source, dict):
+            continue
+        for key in _SOURCE_PATH_KEYS.get(source.get("kind"), ()):
+            value = source.get(key)
+            if isinstance(value, str | Path) and not inside(root / Path(value).expanduser(), roots):
+                raise ValueError(
+                    f"ingest.sources[{index}].{key}: {str(value)!r} is outside the allowed "
+                    f"roots ({shown}, in {root}). Put the data under one of them, or add "
+                    "its folder to ingest.allowed_roots in params.yaml."
+                )
 
 
 class SplitConfig(_Model):
@@ -594,7 +654,12 @@ def _format_error(err: ValidationError, origin: str) -> str:
 def parse_params(
     raw: dict[str, Any], root: Path, origin: str = PARAMS_FILE, check_paths: bool = True
 ) -> Params:
-    """Validate a params mapping; relative paths resolve against `root`."""
+    """Validate a params mapping; relative paths resolve against `root`. A source outside
+    `ingest.allowed_roots` is refused first."""
+    try:
+        check_allowed_roots(raw, Path(root))
+    except ValueError as err:
+        raise ConfigError(f"{origin}: invalid configuration (1 problem(s))\n  {err}") from None
     try:
         return Params.model_validate(raw, context={"root": root, "check_paths": check_paths})
     except ValidationError as err:

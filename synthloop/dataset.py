@@ -3,6 +3,12 @@
 A dataset is a directory of `part-NNNNN.parquet` shards. Writers stream rows in bounded
 batches into a temporary directory beside the target and rename it into place on success,
 so a killed process leaves the previous version intact.
+
+- A write that fails part-way (a full disk, an I/O error) removes its temporary, leaves the
+  previous version as it was, and says so: the error carries a note naming the output.
+- A process killed between moving the previous version aside and moving the new one in
+  leaves no output but `.<name>.old-<pid>`: `remove_stale_temporaries`, which every stage
+  calls before it writes, puts that previous version back.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -19,6 +26,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
 
 # The columns every image dataset carries (README, "Where every output lands").
 IMAGE_SCHEMA = pa.schema(
@@ -86,8 +95,9 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        _kept_previous(target, err)
         raise
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
     if target.exists():
@@ -106,10 +116,20 @@ def atomic_file(target: Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        _kept_previous(target, err)
         raise
     os.replace(tmp, target)
+
+
+def _kept_previous(target: Path, err: BaseException) -> None:
+    """Say, on the error itself, which output was not replaced and that the previous one
+    stands (the error may be a reader's, e.g. a missing input, so it is not re-typed)."""
+    if isinstance(err, Exception):
+        previous = "previous version left as it was" if target.exists() else "no previous version"
+        err.add_note(f"{target}: the new version was not written; {previous}")
+        log.error("%s: not written (%s: %s); %s", target, type(err).__name__, err, previous)
 
 
 def write_json(target: Path, payload: dict[str, Any]) -> None:
@@ -118,9 +138,14 @@ def write_json(target: Path, payload: dict[str, Any]) -> None:
 
 
 def remove_stale_temporaries(target: Path) -> None:
-    """Drop temporaries a killed run left beside `target`."""
+    """Drop temporaries a killed run left beside `target`; put back the previous version of
+    `target` when a run was killed between moving it aside and moving its new one in."""
     target = Path(target)
     if target.parent.is_dir():
+        moved_aside = sorted(target.parent.glob(f".{target.name}.old-*"))
+        if moved_aside and not target.exists():
+            os.replace(moved_aside[-1], target)
+            log.warning("%s: restored the previous version a killed run had moved aside", target)
         for stale in target.parent.glob(f".{target.name}.*-*"):
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)

@@ -1,5 +1,12 @@
-"""Per-class generation requests from people: rows `label, extra` in the feedback tables
-(`data/feedback/*.csv|*.parquet`, the same files that carry `id, verdict` rejections)."""
+"""People's feedback files, and the per-class generation requests in them.
+
+- `feedback_files`: the one way to list the feedback tables (`fuse.feedback`, default
+  `data/feedback/`, `*.csv|*.parquet`, hidden files left out). Every file must resolve,
+  symlinks included, inside that folder: a link that leads elsewhere is refused with
+  `FeedbackOutsideFolder`, naming the file, so neither the flow (which checks before it
+  writes anything), fuse (rejections) nor generate (requests) ever reads outside it.
+- `read_requests`: rows `label, extra` (the same files that carry `id, verdict` rejections).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,32 @@ from synthloop.config import Params
 
 log = logging.getLogger(__name__)
 
+FEEDBACK_SUFFIXES = {".csv", ".parquet"}
+
+
+class FeedbackOutsideFolder(ValueError):
+    """A feedback file that resolves outside the feedback folder (a symlink elsewhere)."""
+
+
+def feedback_files(directory: Path) -> list[Path]:
+    """The feedback tables in `directory`, sorted by name; [] when it does not exist."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    folder = directory.resolve()
+    files = []
+    for path in sorted(directory.iterdir()):
+        if path.suffix.lower() not in FEEDBACK_SUFFIXES or path.name.startswith("."):
+            continue
+        target = path.resolve()
+        if folder not in target.parents:
+            raise FeedbackOutsideFolder(
+                f"fuse.feedback: {path} resolves to {target}, outside the feedback folder "
+                f"{folder}; copy the file into the folder instead of linking it"
+            )
+        files.append(path)
+    return files
+
 
 def read_requests(
     directory: Path, classes: list[str] | None = None
@@ -21,12 +54,7 @@ def read_requests(
     skipped; the valid rows still apply."""
     extra: Counter[str] = Counter()
     problems: list[dict] = []
-    directory = Path(directory)
-    if not directory.is_dir():
-        return {}, problems
-    for path in sorted(directory.iterdir()):
-        if path.suffix.lower() not in {".csv", ".parquet"} or path.name.startswith("."):
-            continue
+    for path in feedback_files(directory):
         if path.suffix.lower() == ".csv":
             table = pd.read_csv(path, dtype=str, keep_default_na=False)
         else:

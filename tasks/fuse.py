@@ -8,7 +8,9 @@ pool, or one without shards, is empty). Then, in this order:
   feedback      rejected in `data/feedback/`, or descended (via parent_id) from a rejected row
   cap           over the source's `fuse.max_share` of its class (below)
 
-Feedback: every *.csv / *.parquet file in `fuse.feedback` (missing or empty is fine) with
+Feedback: every *.csv / *.parquet file in `fuse.feedback` (listed by
+`tasks.feedback.feedback_files`, which refuses a file that resolves outside that folder;
+a missing or empty folder is fine) with
 columns `id, verdict`; a file with only `label, extra` holds per-class requests for the
 generator and is skipped here, any other file without `id, verdict` is an error. `reject`
 removes that row from whichever source holds it, and every row whose parent_id chain leads
@@ -59,6 +61,7 @@ from synthloop.dataset import (
     shard_paths,
     write_json,
 )
+from tasks.feedback import feedback_files
 
 log = logging.getLogger(__name__)
 
@@ -184,11 +187,7 @@ def read_feedback(directory: Path) -> Feedback:
         return Feedback([], pd.DataFrame(columns=columns))
     if not directory.is_dir():
         raise ValueError(f"fuse: {directory}: fuse.feedback must be a directory of CSV/Parquet")
-    files = sorted(
-        p
-        for p in directory.iterdir()
-        if p.suffix.lower() in {".csv", ".parquet"} and not p.name.startswith(".")
-    )
+    files = feedback_files(directory)
     frames = []
     for path in files:
         try:

@@ -60,7 +60,8 @@ def read_source(source: object) -> Iterator[Record]:
     """Every record of one configured source, whatever its kind."""
     readers = {
         ImageFolderSource: read_image_folder,
-        ManifestSource: read_manifest,
+        # Read on its own, a manifest may reach its own folder only.
+        ManifestSource: lambda s: read_manifest(s, [s.path.resolve().parent]),
         TorchvisionSource: read_torchvision,
         DemoSource: read_demo,
     }
@@ -99,7 +100,7 @@ def list_entries(cfg: IngestConfig) -> Iterator[Entry]:
         if isinstance(source, ImageFolderSource):
             yield from ((index, entry) for entry in list_image_folder(source))
         elif isinstance(source, ManifestSource):
-            yield from ((index, entry) for entry in list_manifest(source))
+            yield from ((index, entry) for entry in list_manifest(source, cfg.allowed_roots))
         else:
             yield index, Generated(0, _generated_count(source))
 

@@ -7,6 +7,9 @@
 - The shard is written to a temporary name and renamed into place: a crash mid-promotion
   leaves the previous pool. The flow then versions it with `dvc add` (one `.dvc` file per
   shard) and checks every shard against its recorded hash before the pool is used again.
+- A process killed between the rename and `dvc add` leaves an orphan: a complete shard
+  without a `.dvc` record (`pool_orphans`). The next run adopts it
+  (`flows.pool_admin.adopt_orphans`) before it reads the pool; its rows passed the gates.
 - The pool is bounded: a class stops growing at its target (`loop.target_per_class`;
   `auto` is what fuse can mix in for that class) and the whole pool at `loop.max_pool_rows`.
 - Retired shards (`synthloop pool retire`) live in `retired/`: fuse does not read them, but
@@ -212,6 +215,24 @@ def _first(table: dict[str, list], column: str) -> object:
     """A shard's value of a per-shard column (None: an older shard without it)."""
     values = table.get(column)
     return values[0] if values else None
+
+
+def pool_orphans(pool: Path) -> list[Path]:
+    """Live shards without a `.dvc` record, and temporaries a killed promotion left."""
+    pool = Path(pool)
+    if not pool.is_dir():
+        return []
+    untracked = [p for p in _shards(pool) if not Path(f"{p}.dvc").is_file()]
+    return untracked + sorted(pool.glob(".part-*.parquet.tmp-*"))
+
+
+def is_pool_shard(path: Path) -> bool:
+    """Whether a file reads as a complete pool shard: a Parquet footer and the image columns
+    (older shards lack the run and family columns; they are still shards)."""
+    try:
+        return set(IMAGE_SCHEMA.names) <= set(pq.read_schema(path).names)
+    except (OSError, pa.ArrowInvalid):
+        return False
 
 
 def verify_pool(pool: Path) -> int:

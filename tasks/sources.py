@@ -1,7 +1,10 @@
 """Readers for each ingest source kind. Each yields `Item`s (raw bytes with a label) or
 `Rejected`s (a file that could not be read, with the reason); none of them decodes images.
 
-Raw inputs are only ever opened for reading.
+Raw inputs are only ever opened for reading, and only inside the allowed roots: the source
+paths themselves are checked when the params load (`synthloop.config.check_allowed_roots`);
+here an image folder follows symlinks only while they stay inside it, and a manifest row that
+resolves outside `ingest.allowed_roots` is rejected (`path_outside_allowed_roots`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 import pandas as pd
 import pyarrow.parquet as pq
 
-from synthloop.config import ImageFolderSource, ManifestSource, TorchvisionSource
+from synthloop.config import ImageFolderSource, ManifestSource, TorchvisionSource, inside
 
 
 class SourceError(ValueError):
@@ -133,13 +136,14 @@ def list_image_folder(source: ImageFolderSource) -> Iterator[Listed]:
     yield from walk(root, None)
 
 
-def read_manifest(source: ManifestSource) -> Iterator[Record]:
-    return _read_listed(list_manifest(source))
+def read_manifest(source: ManifestSource, roots: list[Path]) -> Iterator[Record]:
+    return _read_listed(list_manifest(source, roots))
 
 
-def list_manifest(source: ManifestSource) -> Iterator[Listed]:
+def list_manifest(source: ManifestSource, roots: list[Path]) -> Iterator[Listed]:
     """A table of `path,label`; relative paths resolve against the manifest's folder and may
-    not leave it (through `..` or a symlink)."""
+    not leave it (through `..` or a symlink); every path, absolute ones too, must resolve
+    inside `roots` (`ingest.allowed_roots`)."""
     manifest = source.path
     base = manifest.resolve().parent
     for row_number, path_value, label in _manifest_rows(manifest):
@@ -155,6 +159,14 @@ def list_manifest(source: ManifestSource) -> Iterator[Listed]:
         path = raw if raw.is_absolute() else base / raw
         if not raw.is_absolute() and not _inside(path.resolve(), base):
             yield Rejected(str(path), label, "path_escapes_root", f"row {row_number}: {raw}")
+            continue
+        if not inside(path, roots):
+            yield Rejected(
+                str(path),
+                label,
+                "path_outside_allowed_roots",
+                f"row {row_number}: {raw} (allowed: {', '.join(map(str, roots))})",
+            )
             continue
         if not path.exists():
             yield Rejected(str(path), label, "missing_file", f"row {row_number}")

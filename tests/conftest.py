@@ -40,10 +40,12 @@ def run_tool(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedP
 
 
 def small_params(source_path: str = "data/raw/shapes", **clean: object) -> dict:
-    """A tiny configuration of every stage: seconds per stage on a 2-core CPU."""
+    """A tiny configuration of every stage: seconds per stage on a 2-core CPU. The source's
+    parent folder is the one allowed root (`data/raw` for the default)."""
     return {
         "ingest": {
             "sources": [{"kind": "image_folder", "path": source_path}],
+            "allowed_roots": [str(Path(source_path).parent)],
             "shard_rows": 16,
         },
         "clean": {

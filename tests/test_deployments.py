@@ -4,95 +4,20 @@ overlapping runs, and the Prefect UI in headless Chromium."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
-import socket
 import subprocess
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
-from tests.conftest import REPO, build_workspace, small_params, tool_env
+from tests.conftest import REPO, build_workspace, small_params
+from tests.prefect_server import PrefectServer, serving, wait_for_run, wait_until
 
 pytestmark = pytest.mark.integration
 
 SCREENSHOTS = Path(os.environ.get("SYNTHLOOP_TEST_ARTIFACTS", REPO / "test-artifacts"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(check, timeout: float, what: str, interval: float = 0.5):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-class PrefectServer:
-    """`prefect server start` on a loopback port with its own home and database."""
-
-    def __init__(self, home: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.api = f"{self.url}/api"
-        self.env = {
-            **tool_env(),
-            "PREFECT_HOME": str(home),
-            "PREFECT_API_URL": self.api,
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_LOGGING_LEVEL": "INFO",
-        }
-        self.log = open(home / "server.log", "w")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(
-            ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=self.env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-
-        def healthy() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"prefect server exited:\n{(home / 'server.log').read_text()}")
-            try:
-                return httpx.get(f"{self.api}/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(healthy, 180, "the Prefect server")
-
-    def client(self):  # noqa: ANN201
-        from prefect.client.orchestration import PrefectClient
-
-        return PrefectClient(api=self.api)
-
-    def call(self, coro_fn):  # noqa: ANN001, ANN201
-        async def go():  # noqa: ANN202
-            async with self.client() as client:
-                return await coro_fn(client)
-
-        # In a thread of its own: the caller may be inside an event loop (Playwright's).
-        with ThreadPoolExecutor(1) as pool:
-            return pool.submit(asyncio.run, go()).result()
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -109,38 +34,8 @@ def served(server, tmp_path_factory):
     params = small_params()
     params["schedule"] = {"cron": "30 3 * * *", "timezone": "Europe/Berlin"}
     ws = build_workspace(tmp_path_factory.mktemp("served") / "ws", params, git=True)
-    log = open(ws.parent / "serve.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        ["synthloop", "serve"],
-        cwd=ws,
-        env={**server.env, "OMP_NUM_THREADS": "1"},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-
-    async def both(client):  # noqa: ANN001, ANN202
-        found = await client.read_deployments()
-        return {d.name for d in found} >= {"nightly", "manual"}
-
-    try:
-        wait_until(lambda: server.call(both), 120, "synthloop serve to register")
+    with serving(server, ws):
         yield ws
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
-
-def wait_for_run(server: PrefectServer, run_id, timeout: float = 420):  # noqa: ANN001, ANN201
-    async def read(client):  # noqa: ANN001, ANN202
-        return await client.read_flow_run(run_id)
-
-    return wait_until(
-        lambda: (r := server.call(read)).state.is_final() and r, timeout, f"flow run {run_id}", 2
-    )
 
 
 def test_nightly_deployment_has_the_cron_schedule_from_params(server, served):

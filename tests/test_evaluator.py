@@ -39,7 +39,10 @@ def trained(tmp_path_factory):
     make_image_folder(root / "raw", classes=3, per_class=40, size=16, seed=3)
     params = parse_params(
         {
-            "ingest": {"sources": [{"kind": "image_folder", "path": "raw"}]},
+            "ingest": {
+                "sources": [{"kind": "image_folder", "path": "raw"}],
+                "allowed_roots": ["raw"],
+            },
             "clean": {"image_size": 16, "channels": 3, "min_class_count": 3},
             "train_evaluator": {
                 "width": 16,

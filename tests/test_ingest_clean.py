@@ -21,6 +21,7 @@ from tests.conftest import REPO, small_params
 def configure(root: Path, sources: list[dict], **clean) -> object:
     params = small_params()
     params["ingest"]["sources"] = sources
+    params["ingest"]["allowed_roots"] = ["."]  # these tests' sources live in tmp_path itself
     params["clean"].update(clean)
     return parse_params(params, root=root)
 

@@ -66,7 +66,9 @@ def test_run_parameters_the_workspace_rejects_name_the_key(tmp_path):
     (tmp_path / "params.yaml").write_text(
         yaml.safe_dump({"ingest": {"sources": [{"kind": "demo"}]}})
     )
-    run = RunParameters.model_validate({"sources": [{"kind": "image_folder", "path": "nope"}]})
+    run = RunParameters.model_validate(
+        {"sources": [{"kind": "image_folder", "path": "data/raw/nope"}]}
+    )
     with pytest.raises(ConfigError, match=r"ingest.sources.0.image_folder.path.*does not exist"):
         load_params(tmp_path / "params.yaml", overrides=run.overrides())
 
