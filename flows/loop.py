@@ -15,6 +15,7 @@ import yaml
 from ruamel.yaml import YAML
 
 from synthloop.config import Params, load_params
+from synthloop.dataset import atomic_file
 
 # Datasets and models whose DVC hashes each round records.
 RECORDED_OUTS = (
@@ -45,10 +46,8 @@ def apply_overrides(params_file: Path, overrides: dict[str, dict[str, Any]]) -> 
     rt.preserve_quotes = True
     data = rt.load(params_file.read_text())
     _merge_into(data, overrides)
-    tmp = params_file.with_name(f".{params_file.name}.tmp")
-    with open(tmp, "w") as fh:
+    with atomic_file(params_file) as tmp, open(tmp, "w") as fh:
         rt.dump(data, fh)
-    os.replace(tmp, params_file)
     return validated
 
 

@@ -120,6 +120,8 @@ def atomic_file(target: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         _kept_previous(target, err)
         raise
+    if target.exists():  # a replaced file keeps its permissions (mkstemp makes 0600)
+        os.chmod(tmp, target.stat().st_mode & 0o7777)
     os.replace(tmp, target)
 
 

@@ -53,10 +53,6 @@ Record = Item | Rejected
 Listed = FileRef | Rejected
 
 
-def _inside(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
-
-
 def _read(path: Path | str, label: str, shown: str) -> Record:
     try:
         return Item(shown, label, read_bytes(path))
@@ -121,7 +117,7 @@ def list_image_folder(source: ImageFolderSource) -> Iterator[Listed]:
             shown = entry.path
             if entry.is_symlink():
                 target = Path(shown).resolve()
-                if not _inside(target, root):
+                if not inside(target, [root]):
                     yield Rejected(shown, label, "symlink_outside_root", f"points to {target}")
                     continue
             if entry.is_dir():
@@ -157,7 +153,7 @@ def list_manifest(source: ManifestSource, roots: list[Path]) -> Iterator[Listed]
             continue
         raw = Path(str(path_value))
         path = raw if raw.is_absolute() else base / raw
-        if not raw.is_absolute() and not _inside(path.resolve(), base):
+        if not raw.is_absolute() and not inside(path, [base]):
             yield Rejected(str(path), label, "path_escapes_root", f"row {row_number}: {raw}")
             continue
         if not inside(path, roots):
