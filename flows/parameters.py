@@ -53,7 +53,7 @@ class GateParameters(_Form):
         None, gt=0, description="synthetic FID over the real-data floor, at most"
     )
     min_utility_delta: float | None = Field(
-        None, ge=-1, le=1, description="accuracy gain over real+aug (95% lower bound), at least"
+        None, ge=-1, le=1, description="accuracy gain over the baseline (95% lower bound), at least"
     )
 
 

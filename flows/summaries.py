@@ -69,7 +69,7 @@ def loop_summary_markdown(loop: dict) -> str:
         f"**{state}**: {loop.get('message', '')}",
         "",
         "| round | attempt | gates | failed gates | accepted | promoted | "
-        "real+aug | + synthetic | gain [95% interval] | FID / floor |",
+        "baseline | + synthetic | gain [95% interval] | FID / floor |",
         "| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for r in loop["attempts"]:
@@ -81,8 +81,8 @@ def loop_summary_markdown(loop: dict) -> str:
         lines.append(
             f"| {r['round']} | {r['attempt']} | {'pass' if r['passed'] else 'FAIL'} | "
             f"{failed or '-'} | {v.get('accepted', '-')} | "
-            f"{r.get('promotion', {}).get('promoted', 0)} | {decisive.get('real+aug', '-')} | "
-            f"{decisive.get('real+aug+synthetic', '-')} | {_gain(decisive)} | "
+            f"{r.get('promotion', {}).get('promoted', 0)} | {decisive.get('baseline', '-')} | "
+            f"{decisive.get('baseline+synthetic', '-')} | {_gain(decisive)} | "
             f"{fid_ratio if fid_ratio is not None else '-'} |"
         )
     verdict = loop.get("verdict")
@@ -96,21 +96,27 @@ def loop_summary_markdown(loop: dict) -> str:
 
 def utility_table_markdown(util: dict) -> str:
     """The verdict table: per arm, overall and short-class test accuracy; then the gain of
-    real+aug+synthetic over real+aug with its 95% interval, and what it means."""
+    baseline+synthetic over the baseline with its 95% interval, and what it means."""
     short = util.get("short_classes") or []
     overall, short_fig = util.get("overall") or {}, util.get("short") or {}
     reference = util.get("reference") or {}
+    baseline = util.get("baseline", "real+aug")
+    other = "real" if baseline == "real+aug" else "real+aug"
     rows = [
         (
-            "real (no augmentation)",
-            reference.get("real", {}).get("overall"),
-            reference.get("real", {}).get("short"),
+            f"{other} (reference, not chosen on val)",
+            reference.get(other, {}).get("overall"),
+            reference.get(other, {}).get("short"),
         ),
-        ("real+aug (baseline)", overall.get("real+aug"), short_fig.get("real+aug")),
         (
-            "real+aug+synthetic",
-            overall.get("real+aug+synthetic"),
-            short_fig.get("real+aug+synthetic"),
+            f"{baseline} (baseline, chosen on val)",
+            overall.get("baseline"),
+            short_fig.get("baseline"),
+        ),
+        (
+            f"{baseline}+synthetic",
+            overall.get("baseline+synthetic"),
+            short_fig.get("baseline+synthetic"),
         ),
         (
             "synthetic only (TSTR)",
@@ -125,7 +131,7 @@ def utility_table_markdown(util: dict) -> str:
         f"{header} |",
         "| --- | ---: | ---: |",
         *(f"| {arm} | {_cell(a)} | {_cell(b)} |" for arm, a, b in rows),
-        f"| **gain over real+aug** | {_gain(overall)} | {_gain(short_fig) if short else '-'} |",
+        f"| **gain over the baseline** | {_gain(overall)} | {_gain(short_fig) if short else '-'} |",
         f"| **verdict** | {overall.get('verdict', '-')} | "
         f"{short_fig.get('verdict', '-') if short else '-'} |",
     ]
@@ -144,9 +150,10 @@ def helped_verdict(validation: dict) -> str:
         else "all classes"
     )
     return (
-        f"On {where}, the accepted synthetic data: **{decisive.get('verdict')}** against real "
-        f"data with plain augmentation: {decisive.get('real+aug')} -> "
-        f"{decisive.get('real+aug+synthetic')} test accuracy, gain {_gain(decisive)} "
+        f"On {where}, the accepted synthetic data: **{decisive.get('verdict')}** against the "
+        f"better of real data with and without plain augmentation "
+        f"({util.get('baseline', 'real+aug')}, chosen on val): {decisive.get('baseline')} -> "
+        f"{decisive.get('baseline+synthetic')} test accuracy, gain {_gain(decisive)} "
         f"over {len(util.get('seeds', []))} paired seeds."
     )
 

@@ -206,7 +206,7 @@ def utility(
     """The paired-seed utility protocol of `tasks/utility.py`, with the evaluator's
     architecture as the downstream classifier."""
 
-    def trainer(train: ImageTensors, seed: int, augment: bool) -> torch.Tensor:
+    def trainer(train: ImageTensors, seed: int, augment: bool) -> tuple[torch.Tensor, torch.Tensor]:
         # The same number of optimizer steps for every training set, so that a larger
         # set (real + synthetic) does not win merely by training longer.
         steps_per_epoch = max(1, math.ceil(len(train) / evaluator_cfg.batch_size))
@@ -215,11 +215,19 @@ def utility(
         stream = torch.Generator().manual_seed(seed)
         online = batch_augmenter(policy, stream) if augment else None
         net, _ = train_net(net_cfg, replace(splits, train=train), device, online)
-        return predict(net, splits.test, net_cfg.batch_size)
+        return predict(net, splits.val, net_cfg.batch_size), predict(
+            net, splits.test, net_cfg.batch_size
+        )
 
     seeds = [cfg.seed + s for s in range(cfg.utility_seeds)]
     return compare_arms(
-        splits.train, accepted, splits.test.labels, trainer, seeds, cfg.short_class_share
+        splits.train,
+        accepted,
+        splits.val.labels,
+        splits.test.labels,
+        trainer,
+        seeds,
+        cfg.short_class_share,
     )
 
 

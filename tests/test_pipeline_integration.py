@@ -151,8 +151,8 @@ def test_a_failed_attempt_retrains_within_its_round_then_promotes(workspace, pre
     summary = read_artifact("closed-loop-summary", run_id)
     assert "**promoted**: promoted in round 1" in summary
     assert "| 1 | 1 | FAIL |" in summary and "| 1 | 2 | pass |" in summary
-    assert "against real data with plain augmentation" in summary
-    assert "| real+aug (baseline) |" in summary and "| **verdict** |" in summary
+    assert "against the better of real data with and without plain augmentation" in summary
+    assert "(baseline, chosen on val) |" in summary and "| **verdict** |" in summary
     assert "| class | train | val | test | total |" in read_artifact("clean-report", run_id)
     assert "data:image/png;base64," in read_artifact("sample-grid", run_id)
     assert "model version" in read_artifact("training-summary", run_id)

@@ -72,18 +72,21 @@ def test_every_arm_trains_on_the_generators_real_images_and_pairs_its_seeds():
     classes = ["a", "b", "c"]
     train = images([0] * 20 + [1] * 20 + [2] * 4, 0, classes)  # c is short
     accepted = images([2] * 6, 100, classes)
+    val_labels = torch.tensor([0, 1, 2])
     test_labels = torch.tensor([0, 1, 2, 2])
     calls = []
 
-    def trainer(data: ImageTensors, seed: int, augment: bool) -> torch.Tensor:
+    def trainer(data: ImageTensors, seed: int, augment: bool):  # noqa: ANN202
         calls.append((set(data.ids), seed, augment))
         # with the synthetic rows, class c is always right; without, half of it
         pred = test_labels.clone()
         if not any(i.startswith("id1") and int(i[2:]) >= 100 for i in data.ids):
             pred[3] = 0
-        return pred
+        return val_labels.clone(), pred  # val: a tie, which keeps the augment policy
 
-    result = compare_arms(train, accepted, test_labels, trainer, [0, 1, 2], short_share=0.5)
+    result = compare_arms(
+        train, accepted, val_labels, test_labels, trainer, [0, 1, 2], short_share=0.5
+    )
     real_ids, synthetic_ids = set(train.ids), set(accepted.ids)
     for ids, _, _ in calls:
         assert ids - synthetic_ids <= real_ids  # no real image beyond the generator's
@@ -92,11 +95,37 @@ def test_every_arm_trains_on_the_generators_real_images_and_pairs_its_seeds():
     assert [c[1] for c in base] == [c[1] for c in plus] == [0, 1, 2]  # paired seeds
     assert all(c[2] for c in plus)  # the same augmentation in both main arms
     assert (real_ids, 0, False) in calls and (synthetic_ids, 0, False) in calls  # references
+    assert result["baseline"] == "real+aug" and "real" in result["reference"]
     assert result["short_classes"] == ["c"] and result["decisive"] == "short"
-    assert result["short"]["real+aug"] == 0.5 and result["short"]["real+aug+synthetic"] == 1.0
+    assert result["short"]["baseline"] == 0.5 and result["short"]["baseline+synthetic"] == 1.0
     assert result["delta"] == {"mean": 0.5, "low": 0.5, "high": 0.5, "seeds": 3}
     assert result["verdict"] == "helped" and result["overall"]["verdict"] == "helped"
     assert result["per_class"]["a"]["verdict"] == "no evidence"  # no change there
+
+
+def test_the_baseline_is_chosen_on_val_never_on_test():
+    """Augmentation that hurts on val: the baseline is plain real data, for every seed, and
+    the synthetic arm goes without augmentation too, even though test favours augmenting."""
+    classes = ["a", "b"]
+    train = images([0] * 10 + [1] * 10, 0, classes)
+    accepted = images([1] * 4, 100, classes)
+    val_labels, test_labels = torch.tensor([0, 1, 0, 1]), torch.tensor([0, 1])
+    calls = []
+
+    def trainer(data: ImageTensors, seed: int, augment: bool):  # noqa: ANN202
+        calls.append((len(data), seed, augment))
+        val = val_labels.clone()
+        if augment:
+            val[:2] = 1 - val[:2]  # augmenting costs half of val
+        test = test_labels.clone() if augment else 1 - test_labels  # ... but wins on test
+        return val, test
+
+    result = compare_arms(train, accepted, val_labels, test_labels, trainer, [0, 1], 0.5)
+    assert result["baseline"] == "real"
+    assert result["baseline_val_accuracy"] == {"real+aug": 0.5, "real": 1.0}
+    main = [c for c in calls if c[0] in (20, 24) and c[1] == 1]
+    assert main == [(20, 1, False), (24, 1, False)]  # seed 1 of both arms: no augmentation
+    assert "real+aug" in result["reference"] and result["overall"]["baseline"] == 0.0
 
 
 def test_online_augmentation_draws_per_image_and_is_seeded():
