@@ -324,17 +324,10 @@ _PAIR_GAP = 12  # px between one pair and the next on a row
 def sheet(pairs: Sequence[tuple[np.ndarray, np.ndarray]], per_row: int = 4) -> Image.Image:
     """An RGB sheet of (removed, kept) image pairs, removed on the left of each pair,
     `per_row` pairs a row, each image scaled (nearest) into a SHEET_CELL square cell.
-    No pairs: a single empty cell (a file that exists says the rule ran)."""
-    if per_row < 1:
-        raise ValueError(f"per_row must be at least 1, got {per_row}")
-    pair_w = 2 * SHEET_CELL + _GAP
-    cols = max(1, min(per_row, len(pairs)))
-    rows = max(1, -(-len(pairs) // per_row))
-    width = cols * pair_w + (cols + 1) * _PAIR_GAP
-    height = rows * SHEET_CELL + (rows + 1) * _GAP
-    out = Image.new("RGB", (width, height), (255, 255, 255))
+    No pairs: one empty row (a file that exists says the rule ran)."""
+    out = Image.new("RGB", sheet_size(len(pairs), per_row), (255, 255, 255))
     for k, (removed, kept) in enumerate(pairs):
-        x = _PAIR_GAP + (k % per_row) * (pair_w + _PAIR_GAP)
+        x = _PAIR_GAP + (k % per_row) * (2 * SHEET_CELL + _GAP + _PAIR_GAP)
         y = _GAP + (k // per_row) * (SHEET_CELL + _GAP)
         out.paste(_cell(removed), (x, y))
         out.paste(_cell(kept), (x + SHEET_CELL + _GAP, y))
@@ -343,6 +336,8 @@ def sheet(pairs: Sequence[tuple[np.ndarray, np.ndarray]], per_row: int = 4) -> I
 
 def sheet_size(n_pairs: int, per_row: int = 4) -> tuple[int, int]:
     """(width, height) of `sheet` for n_pairs pairs."""
+    if per_row < 1:
+        raise ValueError(f"per_row must be at least 1, got {per_row}")
     cols = max(1, min(per_row, n_pairs))
     rows = max(1, -(-n_pairs // per_row))
     return (

@@ -251,3 +251,16 @@ def test_near_duplicate_defaults_equal_params_yaml():
         "near_duplicate_sheet_pairs",
     ):
         assert fields[name].default == clean[name], name
+
+
+def test_clean_report_artifact_shows_the_sheet_only_with_pairs(tmp_path):
+    from flows.summaries import clean_summary_markdown
+
+    png = tmp_path / "near_duplicates.png"
+    nd.sheet([]).save(png)
+    report = {"kept": 1, "ingested": 2, "quarantined_total": 1, "per_class": {}}
+    report["quarantined"] = {"near_duplicate": 1}
+    shown = clean_summary_markdown(report | {"near_duplicate_sheet": {"pairs": 1}}, png)
+    assert str(png) in shown and "data:image/png;base64," in shown
+    empty = clean_summary_markdown(report | {"near_duplicate_sheet": {"pairs": 0}}, png)
+    assert "data:image/png" not in empty
