@@ -163,7 +163,7 @@ def pixel_hash(pixels: np.ndarray) -> int:
 
 # --- the same per-image numbers for many same-shape images at once ----------------------
 # Pass 1 computes these on chunks of rows; each equals, row by row, the per-image function
-# above (tests/test_clean_rules.py checks it), only without a Python call per image.
+# above, only without a Python call per image (thumbnails and dHashes: tasks/near_duplicates).
 
 
 def _stds(pixels: np.ndarray) -> np.ndarray:
