@@ -15,14 +15,17 @@ Contract (clean's `near_duplicate` rule; README's table of quarantine reasons):
 Why relative: a mostly white image (a handwritten character) has a mostly white 8x8
 thumbnail, so an absolute threshold on it cannot tell two people's drawings of the same
 character apart. Its strokes are its content and its pixel std measures how much of it
-there is: standardised, two drawings of one character differ by 0.15 or more (mean, in
-std units, on 16x16 thumbnails of 28x28 images), while a re-encoded, resized or
+there is: standardised, two drawings of one character typically differ by 0.15 or more
+(mean, in std units, on 16x16 thumbnails of 28x28 images), while a re-encoded, resized or
 alpha-channel copy differs by under 0.04. Standardising also makes a brightness shift
 (even one clipped at white, which scales the strokes' contrast) cost nothing; the contrast
-bound keeps an image and a washed-out version of it distinct. A few-pixel crop moves thin
-strokes about as far as another hand does: such copies mostly stay (benchmarks/
-near_duplicates.py measures all of this). Colour is not compared: hue changes at equal
-brightness are invisible to the grey thumbnails, as they are to the dHash.
+bound keeps an image and a washed-out version of it distinct. What the default (0.04)
+gives up, measured by benchmarks/near_duplicates.py: copies cropped by a few pixels mostly
+stay (on thin strokes a crop moves them about as far as another hand does; on sparse data
+a difference of ~0.12 catches more of them and still keeps distinct drawings), and on
+dense photos a small content change (a shape moved or added) can fall under 0.04, as can
+a JPEG q85 copy come near it. Colour is not compared: hue changes at equal brightness are
+invisible to the grey thumbnails, as they are to the dHash.
 
 Memory: pass 1 keeps s * s bytes per kept row (256 at the default s = 16; 64 for the
 default 8x8 demo images) in a row file that only candidates are read back from.
