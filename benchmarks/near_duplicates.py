@@ -269,8 +269,11 @@ def old_rule(cfg):
     size, which comes from the config)."""
     threshold = cfg.near_duplicate_difference
 
-    def absolute(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        mean_abs = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).mean(axis=1)
+    def absolute(
+        thumbs: np.ndarray, first: np.ndarray, second: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.asarray(thumbs, np.int16)
+        mean_abs = np.abs(rows[first] - rows[second]).mean(axis=1)
         # <= threshold exactly when mean_abs <= 3; a ratio of 1 passes any contrast bound
         return mean_abs * (threshold / OLD_DIFFERENCE), np.ones(len(mean_abs))
 
@@ -281,15 +284,15 @@ def run_clean_timed(cfg, rule: str) -> float:
     import tasks.near_duplicates as nd
     from tasks.clean import run_clean
 
-    original = nd.relative_difference
+    original = nd.pair_differences
     if rule == "old":
-        cfg, nd.relative_difference = old_rule(cfg)
+        cfg, nd.pair_differences = old_rule(cfg)
     try:
         start = time.perf_counter()
         run_clean(cfg, validate=False)
         return time.perf_counter() - start
     finally:
-        nd.relative_difference = original
+        nd.pair_differences = original
 
 
 # --- scoring -------------------------------------------------------------------------------

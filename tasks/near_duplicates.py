@@ -265,15 +265,27 @@ def relative_difference(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.nd
     contrast ratio: the larger pixel std over the smaller (>= 1), which bounds the contrast
     change the difference ignores.
     """
-    a = np.asarray(a, dtype=np.float32)
-    b = np.asarray(b, dtype=np.float32)
-    a = a - a.mean(axis=1, keepdims=True)
-    b = b - b.mean(axis=1, keepdims=True)
-    std_a = np.maximum(a.std(axis=1), MIN_SCALE)
-    std_b = np.maximum(b.std(axis=1), MIN_SCALE)
-    difference = np.abs(a / std_a[:, None] - b / std_b[:, None]).mean(axis=1)
-    ratio = np.maximum(std_a / std_b, std_b / std_a)
-    return difference.astype(np.float64), ratio.astype(np.float64)
+    m = len(a)
+    both = np.concatenate([np.asarray(a, np.uint8), np.asarray(b, np.uint8)])
+    return pair_differences(both, np.arange(m), np.arange(m, 2 * m))
+
+
+def pair_differences(
+    thumbs: np.ndarray, first: np.ndarray, second: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """`relative_difference` of rows thumbs[first] and thumbs[second]. Each row is
+    standardised once however many pairs it is in (a candidate search pairs a common
+    image with many others)."""
+    rows = np.asarray(thumbs, dtype=np.float32)
+    rows -= rows.mean(axis=1, keepdims=True)
+    std = np.maximum(np.sqrt((rows * rows).mean(axis=1)), np.float32(MIN_SCALE))
+    rows /= std[:, None]
+    delta = rows[first]
+    delta -= rows[second]
+    np.abs(delta, out=delta)
+    difference = delta.mean(axis=1, dtype=np.float64)
+    ratio = std[first] / std[second]
+    return difference, np.maximum(ratio, 1 / ratio).astype(np.float64)
 
 
 def confirmed_pairs(
@@ -296,7 +308,9 @@ def confirmed_pairs(
     confirmed = [np.empty((0, 2), dtype=np.int64)]
     for lo in range(0, len(pairs), _CONFIRM_STEP):
         part = pairs[lo : lo + _CONFIRM_STEP]
-        difference, ratio = relative_difference(thumbs[rows[part[:, 0]]], thumbs[rows[part[:, 1]]])
+        members, index = np.unique(part, return_inverse=True)
+        index = index.reshape(part.shape)
+        difference, ratio = pair_differences(thumbs[rows[members]], index[:, 0], index[:, 1])
         confirmed.append(part[(difference <= max_difference) & (ratio <= max_contrast)])
     return np.concatenate(confirmed)
 
