@@ -18,8 +18,9 @@ character apart. Its strokes are its content and its pixel std measures how much
 there is: standardised, two drawings of one character typically differ by 0.15 or more
 (mean, in std units, on 16x16 thumbnails of 28x28 images), while a re-encoded, resized or
 alpha-channel copy differs by under 0.04. Standardising also makes a brightness shift
-(even one clipped at white, which scales the strokes' contrast) cost nothing; the contrast
-bound keeps an image and a washed-out version of it distinct. What the default (0.04)
+cost nothing where no pixel clips, and on strokes on white even where the white clips (the
+strokes' contrast only scales); the contrast bound keeps an image and a washed-out version
+of it distinct. What the default (0.04)
 gives up, measured by benchmarks/near_duplicates.py: copies cropped by a few pixels mostly
 stay (on thin strokes a crop moves them about as far as another hand does; on sparse data
 a difference of ~0.12 catches more of them and still keeps distinct drawings), and on
