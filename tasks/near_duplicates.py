@@ -41,7 +41,9 @@ import numpy as np
 from PIL import Image
 
 MIN_SCALE = 1.0  # std floor (0-255): a constant thumbnail divides by this, not by 0
-_CONFIRM_STEP = 1 << 16  # candidate pairs whose thumbnails are compared at once
+# Candidate pairs compared at once: their two rows and the difference, as float32, take at
+# most 12 * s * s bytes a pair (48 MiB at s = 16, 192 MiB at s = 32) whatever the size.
+_CONFIRM_STEP = 1 << 14
 
 
 def thumbnail_side(image_size: int, size: int) -> int:
