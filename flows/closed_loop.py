@@ -335,7 +335,7 @@ def _publish(params, clean_report: dict, loop: dict) -> None:  # noqa: ANN001
     if clean_report:
         create_markdown_artifact(
             key="clean-report",
-            markdown=clean_summary_markdown(clean_report),
+            markdown=clean_summary_markdown(clean_report, params.clean.near_duplicate_sheet),
             description="clean stage",
         )
     card = read_json(params.train.output / "model_card.json")

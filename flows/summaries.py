@@ -6,8 +6,9 @@ import base64
 from pathlib import Path
 
 
-def clean_summary_markdown(report: dict) -> str:
-    """The clean report as a markdown artifact."""
+def clean_summary_markdown(report: dict, sheet: Path | None = None) -> str:
+    """The clean report as a markdown artifact; with `sheet` (clean.near_duplicate_sheet)
+    and near-duplicates on it, the sheet inline (a data URI) under its path."""
     lines = [
         "# Clean data",
         "",
@@ -32,6 +33,17 @@ def clean_summary_markdown(report: dict) -> str:
         lines += [
             f"- {'CRITICAL' if f['critical'] else 'warning'}: `{f['expectation']}` {f['kwargs']}"
             for f in expectations["failed"]
+        ]
+    pairs = report.get("near_duplicate_sheet", {}).get("pairs", 0)
+    if sheet is not None and pairs and Path(sheet).is_file():
+        encoded = base64.b64encode(Path(sheet).read_bytes()).decode()
+        lines += [
+            "",
+            f"## Near-duplicates removed ({pairs} shown)",
+            "",
+            f"Each removed image (left) beside the kept image it matched (right): `{sheet}`",
+            "",
+            f"![near-duplicates](data:image/png;base64,{encoded})",
         ]
     return "\n".join(lines)
 

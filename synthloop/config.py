@@ -246,8 +246,25 @@ class CleanConfig(_Model):
     near_duplicate_distance: int = Field(
         4, ge=0, le=16, description="max Hamming distance between 64-bit dHashes"
     )
+    near_duplicate_size: int = Field(
+        16,
+        ge=8,
+        le=32,
+        description="side of the grey thumbnails that confirm a near-duplicate (at most "
+        "image_size); each kept row costs side * side bytes of a file during clean",
+    )
     near_duplicate_difference: float = Field(
-        3.0, ge=0, le=255, description="max mean absolute difference of 8x8 grey thumbnails"
+        0.04,
+        ge=0,
+        le=1,
+        description="max mean absolute difference of two standardised thumbnails (mean "
+        "removed, divided by pixel std): 0 identical, ~0.15+ distinct drawings",
+    )
+    near_duplicate_contrast: float = Field(
+        1.25, ge=1, description="max ratio of two thumbnails' pixel stds (larger/smaller)"
+    )
+    near_duplicate_sheet_pairs: int = Field(
+        32, ge=0, le=1024, description="removed/kept pairs shown in near_duplicate_sheet"
     )
     blank_std: float = Field(
         2.0, ge=0, description="images whose pixel std (0-255 scale) is below this are blank"
@@ -264,9 +281,21 @@ class CleanConfig(_Model):
     output: Path = Path("data/clean")
     quarantine: Path = Path("data/quarantine/clean.parquet")
     report: Path = Path("reports/clean.json")
+    near_duplicate_sheet: Path = Path("reports/near_duplicates.png")
     data_docs: Path = Path("reports/great_expectations")
 
-    @field_validator("input", "output", "quarantine", "report", "data_docs")
+    @field_validator("near_duplicate_difference", mode="before")
+    @classmethod
+    def _relative_difference(cls, value: object) -> object:
+        # Before it was relative the same key took 0-255 (e.g. 3.0): say so, not just "<= 1".
+        if isinstance(value, int | float) and value > 1:
+            raise ValueError(
+                f"{value} is over 1: near_duplicate_difference is relative to the thumbnails' "
+                "pixel std now (e.g. 0.04), no longer a 0-255 pixel difference"
+            )
+        return value
+
+    @field_validator("input", "output", "quarantine", "report", "near_duplicate_sheet", "data_docs")
     @classmethod
     def _out(cls, path: Path, info: ValidationInfo) -> Path:
         return _resolve(path, info)

@@ -9,13 +9,22 @@ Rules, in the order a row meets them (its first failure is its quarantine reason
   blank               near-constant pixels (std below clean.blank_std)
   conflicting_labels  identical pixels under different labels: every copy goes
   exact_duplicate     identical pixels (after conversion) as a kept row
-  near_duplicate      dHash within clean.near_duplicate_distance bits of a kept row, and
-                      8x8 thumbnails within clean.near_duplicate_difference
+  near_duplicate      dHash within clean.near_duplicate_distance bits of a kept row (the
+                      candidates), confirmed on grey thumbnails of side
+                      min(clean.near_duplicate_size, clean.image_size), each
+                      standardised (mean removed, divided by its pixel std): mean absolute
+                      difference within clean.near_duplicate_difference, pixel stds within
+                      a ratio of clean.near_duplicate_contrast (tasks/near_duplicates.py;
+                      relative, so sparse images such as handwriting are judged on their
+                      strokes, not on their white background)
 
 Two passes keep memory bounded: pass 1 streams the ingested shards, decodes each image
 once, writes the converted PNG to a staging area and keeps only a few numbers per row;
 the duplicate and split decisions are made on those numbers; pass 2 streams the staged
-rows into `train/`, `val/` and `test/`.
+rows into `train/`, `val/` and `test/`. Pass 2 also keeps the PNGs of the first
+clean.near_duplicate_sheet_pairs near-duplicates (by removed id) and their keepers, for the
+sheet at clean.near_duplicate_sheet (reports/near_duplicates.png): each removed image
+beside the kept image it matched.
 """
 
 from __future__ import annotations
@@ -23,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import itertools
 import logging
 import multiprocessing
 import os
@@ -49,6 +57,7 @@ from synthloop.dataset import (
     IMAGE_SCHEMA,
     QUARANTINE_SCHEMA,
     atomic_dir,
+    atomic_file,
     read_columns,
     remove_stale_temporaries,
     shard_paths,
@@ -64,6 +73,7 @@ from synthloop.sharding import (
     run_inline,
     run_uncached,
 )
+from tasks import near_duplicates
 
 if TYPE_CHECKING:
     import pandas as pd  # imported where used: decode workers never need it (~0.3 s each)
@@ -89,6 +99,7 @@ class Converted:
 class Rejection:
     reason: str
     detail: str
+    keeper: int | None = None  # near_duplicate: the kept row it matched (pass-1 position)
 
 
 # --- per-image rules (pure functions) ---------------------------------------------------
@@ -158,25 +169,9 @@ def pixel_hash(pixels: np.ndarray) -> int:
     return int.from_bytes(digest.digest(), "little")
 
 
-def thumbnail(pixels: np.ndarray) -> np.ndarray:
-    """An 8x8 grey thumbnail (64 bytes): what near-duplicate checks compare."""
-    gray = pixels if pixels.ndim == 2 else pixels.mean(axis=2).astype(np.uint8)
-    if gray.shape == (8, 8):
-        return gray.ravel()
-    return np.asarray(Image.fromarray(gray).resize((8, 8), Image.Resampling.BOX)).ravel()
-
-
-def dhash(pixels: np.ndarray) -> int:
-    """64-bit difference hash: is each of 8x8 cells brighter than its right neighbour."""
-    gray = pixels if pixels.ndim == 2 else pixels.mean(axis=2).astype(np.uint8)
-    small = np.asarray(Image.fromarray(gray).resize((9, 8), Image.Resampling.BILINEAR), np.int16)
-    bits = (small[:, 1:] > small[:, :-1]).ravel()
-    return int(np.packbits(bits, bitorder="little").view("<u8")[0])
-
-
 # --- the same per-image numbers for many same-shape images at once ----------------------
 # Pass 1 computes these on chunks of rows; each equals, row by row, the per-image function
-# above (tests/test_clean_rules.py checks it), only without a Python call per image.
+# above, only without a Python call per image (thumbnails and dHashes: tasks/near_duplicates).
 
 
 def _stds(pixels: np.ndarray) -> np.ndarray:
@@ -200,62 +195,6 @@ def _std_is_exactable(shape: tuple[int, ...]) -> bool:
     return k * k * 255 * 255 < 2**62
 
 
-def _grays(pixels: np.ndarray) -> np.ndarray:
-    """(m, H, W) grey of an (m, H, W) or (m, H, W, 3) stack, as in `thumbnail`/`dhash`.
-
-    mean(axis=2) of three uint8 values is an exact float sum / 3, and astype(uint8)
-    truncates it: that is the integer sum // 3.
-    """
-    if pixels.ndim == 3:
-        return pixels
-    total = pixels[..., 0].astype(np.uint16)
-    total += pixels[..., 1]
-    total += pixels[..., 2]
-    total //= 3
-    return total.astype(np.uint8)
-
-
-def _resize_many(gray: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:
-    """Resize each (H, W) image of an (m, H, W) uint8 stack to `size` (w, h), equal to
-    `Image.fromarray(gray[i]).resize(size, resample)` for every i.
-
-    Pillow resamples in two separable passes, horizontal then vertical, rounding to uint8
-    in between, with coefficients that depend only on the sizes. So the horizontal pass is
-    run on the images stacked vertically (rows are filtered independently) and the vertical
-    pass on them side by side (columns are filtered independently).
-    """
-    m, h, w = gray.shape
-    out_w, out_h = size
-    if (w, h) == (out_w, out_h):
-        return gray.copy()
-    out = gray
-    if out_w != w:
-        tall = Image.fromarray(np.ascontiguousarray(out.reshape(m * h, w)))
-        out = _array(tall.resize((out_w, m * h), resample)).reshape(m, h, out_w)
-    if out_h != h:
-        wide = np.ascontiguousarray(out.transpose(1, 0, 2)).reshape(h, m * out_w)
-        wide = _array(Image.fromarray(wide).resize((m * out_w, out_h), resample))
-        out = wide.reshape(out_h, m, out_w).transpose(1, 0, 2)
-    return np.ascontiguousarray(out)
-
-
-def _array(image: Image.Image) -> np.ndarray:
-    width, height = image.size
-    return np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(height, width)
-
-
-def _thumbnails(gray: np.ndarray) -> np.ndarray:
-    """(m, 64) uint8: `thumbnail` of each image."""
-    return _resize_many(gray, (8, 8), Image.Resampling.BOX).reshape(len(gray), 64)
-
-
-def _dhashes(gray: np.ndarray) -> np.ndarray:
-    """(m,) uint64: `dhash` of each image."""
-    small = _resize_many(gray, (9, 8), Image.Resampling.BILINEAR).astype(np.int16)
-    bits = (small[:, :, 1:] > small[:, :, :-1]).reshape(len(gray), 64)
-    return np.packbits(bits, axis=1, bitorder="little").view("<u8").ravel()
-
-
 def _pixel_hashes(pixels: list[np.ndarray]) -> np.ndarray:
     """(m,) uint64: `pixel_hash` of each image."""
     digests = b"".join(
@@ -268,128 +207,6 @@ def _pixel_hashes(pixels: list[np.ndarray]) -> np.ndarray:
 # --- whole-dataset rules (pure functions over arrays) -----------------------------------
 
 
-def near_duplicate_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
-    """All pairs (i, j), i < j, whose 64-bit hashes differ in at most `max_distance` bits.
-
-    Multi-index hashing: split the hash into max_distance + k chunks; two hashes that close
-    agree exactly on at least k of them (pigeonhole), so only rows sharing the values of k
-    chunks are compared, and a pair only in the bucket of the first k chunks it agrees on
-    (so it is found once). k = 1 is the classic scheme; real hashes are far from uniform
-    (at 1M images one 13-bit chunk value can be shared by 2% of them, and comparisons grow
-    with the square of the dataset), where k = 2 or 3 compares 10-40x fewer pairs for 3-7x
-    the sorting (1M procedural images: 2.1 s instead of 27 s). Whichever k (1-3) looks
-    cheapest on a sample of the hashes is used: the pairs are the same.
-    Returns an (n_pairs, 2) int64 array, sorted.
-    """
-    hashes = np.asarray(hashes, dtype=np.uint64)
-    k = min((1, 2, 3), key=lambda k: _scheme_cost(hashes, max_distance, k))
-    found: list[np.ndarray] = []
-    for keys, differ in _chunk_keys(hashes, max_distance, k):
-        order = np.argsort(keys)  # not stable: the order within a bucket does not matter
-        sorted_keys = keys[order]
-        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
-        ends = np.r_[starts[1:], len(order)]
-        sizes = ends - starts
-        # Buckets of up to _SMALL_BUCKET rows: all their pairs at once, grouped by size.
-        for size in np.unique(sizes[(sizes > 1) & (sizes <= _SMALL_BUCKET)]):
-            found.extend(
-                _bucket_pairs(order, starts[sizes == size], int(size), hashes, max_distance, differ)
-            )
-        for start, end in zip(
-            starts[sizes > _SMALL_BUCKET], ends[sizes > _SMALL_BUCKET], strict=True
-        ):
-            found.append(_close_pairs(order[start:end], hashes, max_distance, differ))
-    if not found:
-        return np.empty((0, 2), dtype=np.int64)
-    pairs = np.concatenate(found)
-    return np.unique(pairs, axis=0) if len(pairs) else pairs
-
-
-_SMALL_BUCKET = 128  # larger buckets go through _close_pairs, a block at a time
-_PAIRS_PER_STEP = 1 << 20  # bounds the candidate pairs _bucket_pairs holds at once
-_COST_SAMPLE = 16384  # hashes sampled to choose the scheme
-_SORT_COST = 12  # one row sorted once costs about as much as this many pairs compared
-
-
-def _chunk_keys(
-    hashes: np.ndarray, max_distance: int, k: int
-) -> Iterator[tuple[np.ndarray, list[np.uint64]]]:
-    """Per combination of k of the max_distance + k chunks: each hash's bits in those
-    chunks, and the masks of the earlier chunks outside the combination (a pair agreeing on
-    one of those belongs to an earlier combination)."""
-    n_chunks = max_distance + k
-    bounds = np.linspace(0, 64, n_chunks + 1).astype(int)
-    masks = [((1 << (hi - lo)) - 1) << lo for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
-    for combo in itertools.combinations(range(n_chunks), k):
-        key_mask = np.uint64(sum(masks[c] for c in combo))
-        differ = [np.uint64(masks[c]) for c in range(combo[-1]) if c not in combo]
-        yield hashes & key_mask, differ
-
-
-def _scheme_cost(hashes: np.ndarray, max_distance: int, k: int) -> float:
-    """Estimated work of `near_duplicate_pairs` with k agreeing chunks: rows sorted per
-    combination, plus pairs sharing a bucket (counted on an evenly spaced sample)."""
-    n = len(hashes)
-    if k > 1 and (max_distance + k > 10 or n < 2):
-        return float("inf")  # too many combinations (or nothing to compare)
-    sample = hashes[:: max(1, n // _COST_SAMPLE)]
-    scale = (n / len(sample)) ** 2 if len(sample) else 0.0
-    combos = 0
-    pairs = 0.0
-    for keys, _ in _chunk_keys(sample, max_distance, k):
-        counts = np.unique(keys, return_counts=True)[1].astype(np.float64)
-        pairs += float((counts * (counts - 1) / 2).sum()) * scale
-        combos += 1
-    return pairs + _SORT_COST * combos * n
-
-
-def _is_pair(xor: np.ndarray, max_distance: int, differ: list[np.uint64]) -> np.ndarray:
-    """Which hash differences `xor` are close, with a set bit under every `differ` mask."""
-    ok = np.bitwise_count(xor) <= max_distance
-    for mask in differ:
-        ok &= (xor & mask) != 0
-    return ok
-
-
-def _bucket_pairs(
-    order: np.ndarray,
-    starts: np.ndarray,
-    size: int,
-    hashes: np.ndarray,
-    max_distance: int,
-    differ: list[np.uint64],
-) -> list[np.ndarray]:
-    """`_close_pairs` of every bucket `order[start : start + size]`, buckets of one size at
-    a time: the same pairs, (smaller index, larger index), without a call per bucket."""
-    first, second = np.triu_indices(size, 1)
-    out = []
-    step = max(1, _PAIRS_PER_STEP // len(first))
-    for lo in range(0, len(starts), step):
-        base = starts[lo : lo + step, None]
-        a = order[base + first].ravel()
-        b = order[base + second].ravel()
-        close = _is_pair(hashes[a] ^ hashes[b], max_distance, differ)
-        a, b = a[close], b[close]
-        out.append(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1).astype(np.int64))
-    return out
-
-
-def _close_pairs(
-    members: np.ndarray, hashes: np.ndarray, max_distance: int, differ: list[np.uint64]
-) -> np.ndarray:
-    members = np.sort(members)
-    out = [np.empty((0, 2), dtype=np.int64)]
-    block = 2048  # a large bucket's distance matrix is computed block x block at a time
-    for lo in range(0, len(members), block):
-        rows = members[lo : lo + block]
-        for start in range(lo, len(members), block):  # earlier members are smaller: no pair
-            later = members[start : start + block]
-            close = _is_pair(hashes[rows, None] ^ hashes[None, later], max_distance, differ)
-            i, j = np.nonzero(close & (rows[:, None] < later[None, :]))
-            out.append(np.stack([rows[i], later[j]], axis=1))
-    return np.concatenate(out).astype(np.int64)
-
-
 def resolve_duplicates(
     ids: np.ndarray,
     labels: np.ndarray,
@@ -398,12 +215,15 @@ def resolve_duplicates(
     thumbnails: np.ndarray,
     max_distance: int,
     max_difference: float,
+    max_contrast: float,
 ) -> tuple[np.ndarray, list[Rejection | None]]:
     """Decide which rows survive de-duplication.
 
-    Near-duplicates: dHashes within `max_distance` bits propose a pair; their 8x8 thumbnails
-    differing by at most `max_difference` (mean absolute, 0-255) confirm it. A hash alone
-    is too coarse for tiny images: distinct 8x8 digits often share a dHash.
+    Near-duplicates: dHashes within `max_distance` bits propose a pair; their thumbnails
+    within `max_difference` and `max_contrast` of each other confirm it
+    (`near_duplicates.relative_difference`: relative to their own pixel std). A hash alone
+    is too coarse: distinct 8x8 digits and distinct sparse drawings of one character often
+    share a dHash.
     Rows are ranked by id so the survivor of a group does not depend on file order.
     Returns (keep mask, a Rejection or None per row); a dropped row's detail names its keeper.
     """
@@ -434,23 +254,15 @@ def resolve_duplicates(
 
     survivors = np.flatnonzero(keep)
     survivors = survivors[np.argsort(ids[survivors], kind="stable")]
-    pairs = near_duplicate_pairs(dhashes[survivors], max_distance)
-    if len(pairs):
-        a = thumbnails[survivors[pairs[:, 0]]].astype(np.int16)
-        b = thumbnails[survivors[pairs[:, 1]]].astype(np.int16)
-        pairs = pairs[np.abs(a - b).mean(axis=1) <= max_difference]
-    if len(pairs):
-        # pairs index into `survivors`, which is id-ordered, so i < j means i ranks first.
-        pairs = pairs[np.lexsort((pairs[:, 0], pairs[:, 1]))]
-        kept_rank = np.ones(len(survivors), dtype=bool)
-        for i, j in pairs:
-            if kept_rank[i] and kept_rank[j]:
-                kept_rank[j] = False
-                row = survivors[j]
-                keep[row] = False
-                rejections[row] = Rejection(
-                    "near_duplicate", f"within {max_distance} dHash bits of {ids[survivors[i]]}"
-                )
+    # Positions in `survivors`, which is id-ordered: a pair's first row ranks first.
+    pairs = near_duplicates.confirmed_pairs(
+        dhashes, thumbnails, survivors, max_distance, max_difference, max_contrast
+    )
+    dropped, keepers = near_duplicates.drop_order(pairs, len(survivors))
+    for j, i in zip(survivors[dropped].tolist(), survivors[keepers].tolist(), strict=True):
+        keep[j] = False
+        detail = f"within {max_distance} dHash bits of {ids[i]}"
+        rejections[j] = Rejection("near_duplicate", detail, keeper=i)
     return keep, rejections
 
 
@@ -501,7 +313,7 @@ class DecodedChunk:
     channels_converted: int
     pixel_hashes: np.ndarray  # per kept row (m,) uint64
     dhashes: np.ndarray  # (m,) uint64
-    thumbnails: np.ndarray  # (m, 64) uint8
+    thumbnails: np.ndarray  # (m, s * s) uint8, s = near_duplicates.thumbnail_side
 
 
 def decode_chunk(labels: list[str | None], images: list[bytes], cfg: CleanConfig) -> DecodedChunk:
@@ -537,11 +349,12 @@ def decode_chunk(labels: list[str | None], images: list[bytes], cfg: CleanConfig
         kept.append(j)
         pngs.append(None if result.png is images[j] else result.png)
         kept_pixels.append(result.pixels)
+    side = _side(cfg)
     if kept_pixels:
-        numbers = _row_numbers(kept_pixels)
+        numbers = _row_numbers(kept_pixels, side)
     else:
         empty = np.empty(0, dtype=np.uint64)
-        numbers = (empty, empty, np.empty((0, 64), dtype=np.uint8))
+        numbers = (empty, empty, np.empty((0, side * side), dtype=np.uint8))
     return DecodedChunk(out_labels, rejected, kept, pngs, resized, channels_converted, *numbers)
 
 
@@ -559,7 +372,7 @@ class StagedBatch:
     channels_converted: int
     pixel_hashes: np.ndarray  # (m,) uint64
     dhashes: np.ndarray  # (m,) uint64
-    thumbnails: np.ndarray  # (m, 64) uint8
+    thumbnails: np.ndarray  # (m, s * s) uint8, s = near_duplicates.thumbnail_side
 
 
 def stage_batch(batch: pa.RecordBatch, staging_file: str, cfg: CleanConfig) -> StagedBatch:
@@ -625,7 +438,7 @@ def stage_batch(batch: pa.RecordBatch, staging_file: str, cfg: CleanConfig) -> S
         hashes, dhashes, thumbnails = (np.concatenate(n) for n in zip(*numbers, strict=True))
     else:
         hashes = dhashes = np.empty(0, dtype=np.uint64)
-        thumbnails = np.empty((0, 64), dtype=np.uint8)
+        thumbnails = np.empty((0, _side(cfg) ** 2), dtype=np.uint8)
     return StagedBatch(
         batch.num_rows,
         quarantined,
@@ -815,9 +628,17 @@ class _TableShards:
 SHARD_BATCHES = 8  # pass-1 batches (of BATCH_ROWS rows) per shard, at most
 COLUMNS = ["id", "label", "source", "path", "image"]
 _NUMBERS = ("split_keys", "pixel_hashes", "dhashes", "thumbnails")  # per kept row, as .npy
-_EMPTY = {name: np.empty(0, np.uint64) for name in _NUMBERS} | {
-    "thumbnails": np.empty((0, 64), np.uint8)
-}
+
+
+def _side(cfg: CleanConfig) -> int:
+    return near_duplicates.thumbnail_side(cfg.image_size, cfg.near_duplicate_size)
+
+
+def _empty(name: str, cfg: CleanConfig) -> np.ndarray:
+    """A shard's <name>.npy when it keeps no row: the dtype and width of a full one."""
+    if name == "thumbnails":
+        return np.empty((0, _side(cfg) ** 2), np.uint8)
+    return np.empty(0, np.uint64)
 
 
 def run_clean(cfg: CleanConfig, validate: bool = True) -> dict:
@@ -872,7 +693,7 @@ def run_clean_shard(cfg: CleanConfig, shard: Shard, out: Path) -> dict:
     write_table(out / "quarantine.parquet", quarantined, QUARANTINE_SCHEMA)
     for name in _NUMBERS:  # stage_batch gives each, empty or not, its dtype and width
         parts = [getattr(r, name) for r in results]
-        np.save(out / f"{name}.npy", np.concatenate(parts) if parts else _EMPTY[name])
+        np.save(out / f"{name}.npy", np.concatenate(parts) if parts else _empty(name, cfg))
     return {
         "rows": sum(r.rows for r in results),
         "kept": sum(len(r.ids) for r in results),
@@ -960,8 +781,9 @@ def _merge(
     ids: list[np.ndarray] = []  # (m,) StringDType
     labels: list[np.ndarray] = []  # (m,) object, one str object per label and shard
     numbers: dict[str, list[np.ndarray]] = {name: [] for name in _NUMBERS[:3]}  # (m,) uint64
-    # (n, 64) uint8 thumbnails go to a file: only near-duplicate candidates' are read back.
-    thumbnails = _RowFile(64)
+    # (n, s * s) uint8 thumbnails go to a file (256 B a row at s = 16): only near-duplicate
+    # candidates' are read back.
+    thumbnails = _RowFile(_side(cfg) ** 2)
     with atomic_dir(cfg.output) as out_dir, thumbnails:
         staging = out_dir / "_staging"
         staging.mkdir()
@@ -998,6 +820,7 @@ def _merge(
             thumbnails.read(),
             cfg.near_duplicate_distance,
             cfg.near_duplicate_difference,
+            cfg.near_duplicate_contrast,
         )
         splits = np.empty(len(id_array), dtype=object)
         splits[keep] = assign_splits(
@@ -1008,13 +831,17 @@ def _merge(
             _concatenate(numbers["split_keys"], np.uint64)[keep],
         )
         known = cfg.labels if cfg.labels is not None else sorted(set(label_array[keep]))
+        sheet_pairs = _sheet_pairs(id_array, dup_rejections, cfg.near_duplicate_sheet_pairs)
         del id_array, label_array  # pass 2 reads ids and labels back from the shards
 
         # Pass 2: route the staged rows, in pass-1 order, to their split. (Run beside the
         # validation in a thread it saved 0.2 s at 100,000 rows, lost time at 1,000,000 and
         # raised the peak RSS by 100 MiB there.)
         staged = (b for f in folders for p in _staged(f) for b in _file_batches(p))
-        duplicates = _route_staged(staged, out_dir, keep, splits, dup_rejections, cfg)
+        wanted = np.unique(sheet_pairs.ravel())
+        duplicates, images = _route_staged(
+            staged, out_dir, keep, splits, dup_rejections, cfg, wanted
+        )
         shutil.rmtree(staging)
         for row in duplicates:
             reasons[row["reason"]] += 1
@@ -1043,6 +870,11 @@ def _merge(
                 expectations["data_docs"], cfg.report.parent
             )
             report["expectations"] = expectations
+        _write_sheet(cfg.near_duplicate_sheet, sheet_pairs, images)
+        report["near_duplicate_sheet"] = {
+            "path": os.path.relpath(cfg.near_duplicate_sheet, cfg.report.parent),
+            "pairs": len(sheet_pairs),
+        }
         write_table(cfg.quarantine, quarantine, QUARANTINE_SCHEMA)
         write_json(cfg.report, report)
         if nothing_kept is not None:
@@ -1148,16 +980,23 @@ def _blank_flags(pixels: list[np.ndarray], cfg: CleanConfig) -> list[bool]:
     return flags.tolist()
 
 
-def _row_numbers(pixels: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(pixel hashes, dHashes, thumbnails) of kept rows, vectorised when they share a shape."""
+def _row_numbers(pixels: list[np.ndarray], side: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pixel hashes, dHashes, side x side thumbnails) of kept rows, vectorised when they
+    share a shape."""
     shape = pixels[0].shape
     if all(p.shape == shape for p in pixels):
-        gray = _grays(np.stack(pixels))
-        return _pixel_hashes(pixels), _dhashes(gray), _thumbnails(gray)
+        gray = near_duplicates.grays(np.stack(pixels))
+        return (
+            _pixel_hashes(pixels),
+            near_duplicates.dhashes(gray),
+            near_duplicates.thumbnails(gray, side),
+        )
     return (
         np.array([pixel_hash(p) for p in pixels], dtype=np.uint64),
-        np.array([dhash(p) for p in pixels], dtype=np.uint64),
-        np.array([thumbnail(p) for p in pixels], dtype=np.uint8).reshape(-1, 64),
+        np.array([near_duplicates.dhash(p) for p in pixels], dtype=np.uint64),
+        np.array([near_duplicates.thumbnail(p, side) for p in pixels], dtype=np.uint8).reshape(
+            -1, side * side
+        ),
     )
 
 
@@ -1168,14 +1007,21 @@ def _route_staged(
     splits: np.ndarray,
     rejections: list[Rejection | None],
     cfg: CleanConfig,
-) -> list[dict]:
+    wanted: np.ndarray,
+) -> tuple[list[dict], dict[int, bytes]]:
     """Pass 2: write the staged rows (in pass-1 order) to out_dir/<split>; returns the
-    quarantine rows of those not kept, in order."""
+    quarantine rows of those not kept, in order, and the converted PNG of each `wanted`
+    row (sorted pass-1 positions) by position."""
     writers = {s: _TableShards(out_dir / s, cfg.shard_rows) for s in SPLITS}
     dropped_rows: list[dict] = []
+    images: dict[int, bytes] = {}
     position = 0
     for batch in staged:
         n = batch.num_rows
+        lo, hi = np.searchsorted(wanted, [position, position + n])
+        if hi > lo:
+            column = batch.column("image")
+            images.update((int(r), column[int(r) - position].as_py()) for r in wanted[lo:hi])
         kept_here = keep[position : position + n]
         split_here = splits[position : position + n]
         for split in SPLITS:
@@ -1201,7 +1047,27 @@ def _route_staged(
         position += n
     for writer in writers.values():
         writer.close()
-    return dropped_rows
+    return dropped_rows, images
+
+
+def _sheet_pairs(ids: np.ndarray, rejections: list[Rejection | None], limit: int) -> np.ndarray:
+    """(k, 2) pass-1 positions (removed, kept) of the first `limit` near-duplicates in
+    the order of the removed rows' ids: what reports/near_duplicates.png shows."""
+    removed = [j for j, r in enumerate(rejections) if r is not None and r.keeper is not None]
+    removed.sort(key=lambda j: ids[j])
+    pairs = [(j, rejections[j].keeper) for j in removed[:limit]]
+    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
+
+
+def _write_sheet(path: Path, pairs: np.ndarray, images: dict[int, bytes]) -> None:
+    """The near-duplicate sheet (`near_duplicates.sheet`) of `pairs`, written atomically."""
+
+    def pixels(row: int) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(images[row])))
+
+    image = near_duplicates.sheet([(pixels(j), pixels(i)) for j, i in pairs.tolist()])
+    with atomic_file(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def _kept_metadata(out_dir: Path) -> pd.DataFrame:

@@ -13,14 +13,12 @@ from tasks.clean import (
     Rejection,
     assign_splits,
     convert_image,
-    dhash,
     is_blank,
     map_label,
-    near_duplicate_pairs,
     pixel_hash,
     resolve_duplicates,
-    thumbnail,
 )
+from tasks.near_duplicates import dhash, near_duplicate_pairs, thumbnail
 
 CFG = CleanConfig(
     image_size=8, channels=1, max_pixels=10_000, labels=["a", "b"], label_map={"A": "a"}
@@ -134,9 +132,10 @@ def resolve(ids, labels, images):
         np.array(labels, dtype=object),
         np.array([pixel_hash(p) for p in pixels], dtype=np.uint64),
         np.array([dhash(p) for p in pixels], dtype=np.uint64),
-        np.stack([thumbnail(p) for p in pixels]),
+        np.stack([thumbnail(p, 8) for p in pixels]),
         max_distance=4,
-        max_difference=3.0,
+        max_difference=CFG.near_duplicate_difference,
+        max_contrast=CFG.near_duplicate_contrast,
     )
 
 
@@ -188,9 +187,10 @@ def test_split_is_stratified_deterministic_and_independent_of_order():
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-def test_thumbnail_is_64_grey_bytes(channels):
+def test_thumbnail_is_side_squared_grey_bytes(channels):
     shape = (32, 24) if channels == 1 else (32, 24, 3)
-    assert thumbnail(noise(shape)).shape == (64,)
+    assert thumbnail(noise(shape), 8).shape == (64,)
+    assert thumbnail(noise(shape), 16).shape == (256,)
 
 
 def test_a_short_class_keeps_its_minimum_test_set():

@@ -1,0 +1,373 @@
+"""Near-duplicates: a cheap candidate search, a confirmation that holds on sparse images,
+and a sheet of what was removed.
+
+Contract (clean's `near_duplicate` rule; README's table of quarantine reasons):
+  candidates    64-bit dHashes (`dhash`) within clean.near_duplicate_distance bits
+                (`near_duplicate_pairs`): cheap, and coarse on purpose.
+  confirmation  on grey thumbnails of side s = min(clean.near_duplicate_size,
+                clean.image_size) (`thumbnail`), each standardised (mean removed, divided
+                by its pixel std): their mean absolute difference is at most
+                clean.near_duplicate_difference, and the larger std over the smaller at
+                most clean.near_duplicate_contrast (`relative_difference`).
+  survivor      rows ranked by id: of a confirmed pair the later one goes, unless the
+                earlier one has already gone (`drop_order`).
+
+Why relative: a mostly white image (a handwritten character) has a mostly white 8x8
+thumbnail, so an absolute threshold on it cannot tell two people's drawings of the same
+character apart. Its strokes are its content and its pixel std measures how much of it
+there is: standardised, two drawings of one character typically differ by 0.15 or more
+(mean, in std units, on 16x16 thumbnails of 28x28 images), while a re-encoded, resized or
+alpha-channel copy differs by under 0.04. Standardising also makes a brightness shift
+cost nothing where no pixel clips, and on strokes on white even where the white clips (the
+strokes' contrast only scales); the contrast bound keeps an image and a washed-out version
+of it distinct. What the default (0.04)
+gives up, measured by benchmarks/near_duplicates.py: copies cropped by a few pixels mostly
+stay (on thin strokes a crop moves them about as far as another hand does; on sparse data
+a difference of ~0.12 catches more of them and still keeps distinct drawings), and on
+dense photos a small content change (a shape moved or added) can fall under 0.04, as can
+a JPEG q85 copy come near it. Colour is not compared: hue changes at equal brightness are
+invisible to the grey thumbnails, as they are to the dHash.
+
+Memory: pass 1 keeps s * s bytes per kept row (256 at the default s = 16; 64 for the
+default 8x8 demo images) in a row file that only candidates are read back from.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+MIN_SCALE = 1.0  # std floor (0-255): a constant thumbnail divides by this, not by 0
+# Candidate pairs compared at once: their two rows and the difference, as float32, take at
+# most 12 * s * s bytes a pair (48 MiB at s = 16, 192 MiB at s = 32) whatever the size.
+_CONFIRM_STEP = 1 << 14
+
+
+def thumbnail_side(image_size: int, size: int) -> int:
+    """The confirmation thumbnail's side: clean.near_duplicate_size, never more than the
+    cleaned image (a thumbnail larger than the image would only repeat its pixels)."""
+    return min(image_size, size)
+
+
+def thumbnail(pixels: np.ndarray, side: int) -> np.ndarray:
+    """A side x side grey thumbnail, flattened (side * side bytes): what confirmation
+    compares. BOX resampling: each thumbnail pixel is the mean of the pixels it covers."""
+    gray = pixels if pixels.ndim == 2 else pixels.mean(axis=2).astype(np.uint8)
+    if gray.shape == (side, side):
+        return gray.ravel()
+    return np.asarray(Image.fromarray(gray).resize((side, side), Image.Resampling.BOX)).ravel()
+
+
+def dhash(pixels: np.ndarray) -> int:
+    """64-bit difference hash: is each of 8x8 cells brighter than its right neighbour."""
+    gray = pixels if pixels.ndim == 2 else pixels.mean(axis=2).astype(np.uint8)
+    small = np.asarray(Image.fromarray(gray).resize((9, 8), Image.Resampling.BILINEAR), np.int16)
+    bits = (small[:, 1:] > small[:, :-1]).ravel()
+    return int(np.packbits(bits, bitorder="little").view("<u8")[0])
+
+
+# --- the same per-image numbers for many same-shape images at once ----------------------
+# Pass 1 computes these on chunks of rows; each equals, row by row, the per-image function
+# above (tests/test_near_duplicates.py checks it), only without a Python call per image.
+
+
+def grays(pixels: np.ndarray) -> np.ndarray:
+    """(m, H, W) grey of an (m, H, W) or (m, H, W, 3) stack, as in `thumbnail`/`dhash`.
+
+    mean(axis=2) of three uint8 values is an exact float sum / 3, and astype(uint8)
+    truncates it: that is the integer sum // 3.
+    """
+    if pixels.ndim == 3:
+        return pixels
+    total = pixels[..., 0].astype(np.uint16)
+    total += pixels[..., 1]
+    total += pixels[..., 2]
+    total //= 3
+    return total.astype(np.uint8)
+
+
+def _resize_many(gray: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:
+    """Resize each (H, W) image of an (m, H, W) uint8 stack to `size` (w, h), equal to
+    `Image.fromarray(gray[i]).resize(size, resample)` for every i.
+
+    Pillow resamples in two separable passes, horizontal then vertical, rounding to uint8
+    in between, with coefficients that depend only on the sizes. So the horizontal pass is
+    run on the images stacked vertically (rows are filtered independently) and the vertical
+    pass on them side by side (columns are filtered independently).
+    """
+    m, h, w = gray.shape
+    out_w, out_h = size
+    if (w, h) == (out_w, out_h):
+        return gray.copy()
+    out = gray
+    if out_w != w:
+        tall = Image.fromarray(np.ascontiguousarray(out.reshape(m * h, w)))
+        out = _array(tall.resize((out_w, m * h), resample)).reshape(m, h, out_w)
+    if out_h != h:
+        wide = np.ascontiguousarray(out.transpose(1, 0, 2)).reshape(h, m * out_w)
+        wide = _array(Image.fromarray(wide).resize((m * out_w, out_h), resample))
+        out = wide.reshape(out_h, m, out_w).transpose(1, 0, 2)
+    return np.ascontiguousarray(out)
+
+
+def _array(image: Image.Image) -> np.ndarray:
+    width, height = image.size
+    return np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(height, width)
+
+
+def thumbnails(gray: np.ndarray, side: int) -> np.ndarray:
+    """(m, side * side) uint8: `thumbnail` of each image."""
+    small = _resize_many(gray, (side, side), Image.Resampling.BOX)
+    return small.reshape(len(gray), side * side)
+
+
+def dhashes(gray: np.ndarray) -> np.ndarray:
+    """(m,) uint64: `dhash` of each image."""
+    small = _resize_many(gray, (9, 8), Image.Resampling.BILINEAR).astype(np.int16)
+    bits = (small[:, :, 1:] > small[:, :, :-1]).reshape(len(gray), 64)
+    return np.packbits(bits, axis=1, bitorder="little").view("<u8").ravel()
+
+
+# --- candidates: dHashes within a few bits -----------------------------------------------
+
+
+def near_duplicate_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
+    """All pairs (i, j), i < j, whose 64-bit hashes differ in at most `max_distance` bits.
+
+    Multi-index hashing: split the hash into max_distance + k chunks; two hashes that close
+    agree exactly on at least k of them (pigeonhole), so only rows sharing the values of k
+    chunks are compared, and a pair only in the bucket of the first k chunks it agrees on
+    (so it is found once). k = 1 is the classic scheme; real hashes are far from uniform
+    (at 1M images one 13-bit chunk value can be shared by 2% of them, and comparisons grow
+    with the square of the dataset), where k = 2 or 3 compares 10-40x fewer pairs for 3-7x
+    the sorting (1M procedural images: 2.1 s instead of 27 s). Whichever k (1-3) looks
+    cheapest on a sample of the hashes is used: the pairs are the same.
+    Returns an (n_pairs, 2) int64 array, sorted.
+    """
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    k = min((1, 2, 3), key=lambda k: _scheme_cost(hashes, max_distance, k))
+    found: list[np.ndarray] = []
+    for keys, differ in _chunk_keys(hashes, max_distance, k):
+        order = np.argsort(keys)  # not stable: the order within a bucket does not matter
+        sorted_keys = keys[order]
+        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+        ends = np.r_[starts[1:], len(order)]
+        sizes = ends - starts
+        # Buckets of up to _SMALL_BUCKET rows: all their pairs at once, grouped by size.
+        for size in np.unique(sizes[(sizes > 1) & (sizes <= _SMALL_BUCKET)]):
+            found.extend(
+                _bucket_pairs(order, starts[sizes == size], int(size), hashes, max_distance, differ)
+            )
+        for start, end in zip(
+            starts[sizes > _SMALL_BUCKET], ends[sizes > _SMALL_BUCKET], strict=True
+        ):
+            found.append(_close_pairs(order[start:end], hashes, max_distance, differ))
+    if not found:
+        return np.empty((0, 2), dtype=np.int64)
+    pairs = np.concatenate(found)
+    return np.unique(pairs, axis=0) if len(pairs) else pairs
+
+
+_SMALL_BUCKET = 128  # larger buckets go through _close_pairs, a block at a time
+_PAIRS_PER_STEP = 1 << 20  # bounds the candidate pairs _bucket_pairs holds at once
+_COST_SAMPLE = 16384  # hashes sampled to choose the scheme
+_SORT_COST = 12  # one row sorted once costs about as much as this many pairs compared
+
+
+def _chunk_keys(
+    hashes: np.ndarray, max_distance: int, k: int
+) -> Iterator[tuple[np.ndarray, list[np.uint64]]]:
+    """Per combination of k of the max_distance + k chunks: each hash's bits in those
+    chunks, and the masks of the earlier chunks outside the combination (a pair agreeing on
+    one of those belongs to an earlier combination)."""
+    n_chunks = max_distance + k
+    bounds = np.linspace(0, 64, n_chunks + 1).astype(int)
+    masks = [((1 << (hi - lo)) - 1) << lo for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    for combo in itertools.combinations(range(n_chunks), k):
+        key_mask = np.uint64(sum(masks[c] for c in combo))
+        differ = [np.uint64(masks[c]) for c in range(combo[-1]) if c not in combo]
+        yield hashes & key_mask, differ
+
+
+def _scheme_cost(hashes: np.ndarray, max_distance: int, k: int) -> float:
+    """Estimated work of `near_duplicate_pairs` with k agreeing chunks: rows sorted per
+    combination, plus pairs sharing a bucket (counted on an evenly spaced sample)."""
+    n = len(hashes)
+    if k > 1 and (max_distance + k > 10 or n < 2):
+        return float("inf")  # too many combinations (or nothing to compare)
+    sample = hashes[:: max(1, n // _COST_SAMPLE)]
+    scale = (n / len(sample)) ** 2 if len(sample) else 0.0
+    combos = 0
+    pairs = 0.0
+    for keys, _ in _chunk_keys(sample, max_distance, k):
+        counts = np.unique(keys, return_counts=True)[1].astype(np.float64)
+        pairs += float((counts * (counts - 1) / 2).sum()) * scale
+        combos += 1
+    return pairs + _SORT_COST * combos * n
+
+
+def _is_pair(xor: np.ndarray, max_distance: int, differ: list[np.uint64]) -> np.ndarray:
+    """Which hash differences `xor` are close, with a set bit under every `differ` mask."""
+    ok = np.bitwise_count(xor) <= max_distance
+    for mask in differ:
+        ok &= (xor & mask) != 0
+    return ok
+
+
+def _bucket_pairs(
+    order: np.ndarray,
+    starts: np.ndarray,
+    size: int,
+    hashes: np.ndarray,
+    max_distance: int,
+    differ: list[np.uint64],
+) -> list[np.ndarray]:
+    """`_close_pairs` of every bucket `order[start : start + size]`, buckets of one size at
+    a time: the same pairs, (smaller index, larger index), without a call per bucket."""
+    first, second = np.triu_indices(size, 1)
+    out = []
+    step = max(1, _PAIRS_PER_STEP // len(first))
+    for lo in range(0, len(starts), step):
+        base = starts[lo : lo + step, None]
+        a = order[base + first].ravel()
+        b = order[base + second].ravel()
+        close = _is_pair(hashes[a] ^ hashes[b], max_distance, differ)
+        a, b = a[close], b[close]
+        out.append(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1).astype(np.int64))
+    return out
+
+
+def _close_pairs(
+    members: np.ndarray, hashes: np.ndarray, max_distance: int, differ: list[np.uint64]
+) -> np.ndarray:
+    members = np.sort(members)
+    out = [np.empty((0, 2), dtype=np.int64)]
+    block = 2048  # a large bucket's distance matrix is computed block x block at a time
+    for lo in range(0, len(members), block):
+        rows = members[lo : lo + block]
+        for start in range(lo, len(members), block):  # earlier members are smaller: no pair
+            later = members[start : start + block]
+            close = _is_pair(hashes[rows, None] ^ hashes[None, later], max_distance, differ)
+            i, j = np.nonzero(close & (rows[:, None] < later[None, :]))
+            out.append(np.stack([rows[i], later[j]], axis=1))
+    return np.concatenate(out).astype(np.int64)
+
+
+# --- confirmation and survivors ----------------------------------------------------------
+
+
+def relative_difference(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row pair of (m, k) thumbnails: (difference, contrast ratio), both float64 (m,).
+
+    difference: the mean absolute difference of the rows once each is standardised (its
+    mean removed, divided by its pixel std floored at MIN_SCALE): 0 for identical rows and
+    for a brightness or contrast change, ~0.15 and up for two drawings of one character.
+    contrast ratio: the larger pixel std over the smaller (>= 1), which bounds the contrast
+    change the difference ignores.
+    """
+    m = len(a)
+    both = np.concatenate([np.asarray(a, np.uint8), np.asarray(b, np.uint8)])
+    return pair_differences(both, np.arange(m), np.arange(m, 2 * m))
+
+
+def pair_differences(
+    thumbs: np.ndarray, first: np.ndarray, second: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """`relative_difference` of rows thumbs[first] and thumbs[second]. Each row is
+    standardised once however many pairs it is in (a candidate search pairs a common
+    image with many others)."""
+    rows = np.asarray(thumbs, dtype=np.float32)
+    rows -= rows.mean(axis=1, keepdims=True)
+    std = np.maximum(np.sqrt((rows * rows).mean(axis=1)), np.float32(MIN_SCALE))
+    rows /= std[:, None]
+    delta = rows[first]
+    delta -= rows[second]
+    np.abs(delta, out=delta)
+    difference = delta.mean(axis=1, dtype=np.float64)
+    ratio = std[first] / std[second]
+    return difference, np.maximum(ratio, 1 / ratio).astype(np.float64)
+
+
+def confirmed_pairs(
+    hashes: np.ndarray,
+    thumbs: np.ndarray,
+    rows: np.ndarray,
+    max_distance: int,
+    max_difference: float,
+    max_contrast: float,
+) -> np.ndarray:
+    """Pairs (i, j), i < j, of positions in `rows` whose dHashes are within `max_distance`
+    bits and whose thumbnails are within `max_difference` and `max_contrast` of each other
+    (`relative_difference`).
+
+    `hashes` and `thumbs` are per row of the dataset; `rows` picks and orders the rows
+    compared. `thumbs` may be a memory map: only candidates' rows are read, a block of
+    pairs at a time.
+    """
+    pairs = near_duplicate_pairs(hashes[rows], max_distance)
+    confirmed = [np.empty((0, 2), dtype=np.int64)]
+    for lo in range(0, len(pairs), _CONFIRM_STEP):
+        part = pairs[lo : lo + _CONFIRM_STEP]
+        members, index = np.unique(part, return_inverse=True)
+        index = index.reshape(part.shape)
+        difference, ratio = pair_differences(thumbs[rows[members]], index[:, 0], index[:, 1])
+        confirmed.append(part[(difference <= max_difference) & (ratio <= max_contrast)])
+    return np.concatenate(confirmed)
+
+
+def drop_order(pairs: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which of n ranked positions go, given confirmed pairs (i, j), i < j: the later one
+    of each pair, unless the earlier one has gone already (so a chain a~b~c keeps a and c
+    when b goes for a). Returns (dropped, keeper) positions, by dropped position."""
+    pairs = pairs[np.lexsort((pairs[:, 0], pairs[:, 1]))]
+    kept = np.ones(n, dtype=bool)
+    dropped: list[int] = []
+    keepers: list[int] = []
+    for i, j in pairs.tolist():
+        if kept[i] and kept[j]:
+            kept[j] = False
+            dropped.append(j)
+            keepers.append(i)
+    return np.array(dropped, dtype=np.int64), np.array(keepers, dtype=np.int64)
+
+
+# --- the sheet: each removed image beside the kept one it matched -------------------------
+
+SHEET_CELL = 64  # px per image on the sheet: small images are scaled up to be seen
+_GAP = 4  # px between images and between pairs
+_PAIR_GAP = 12  # px between one pair and the next on a row
+
+
+def sheet(pairs: Sequence[tuple[np.ndarray, np.ndarray]], per_row: int = 4) -> Image.Image:
+    """An RGB sheet of (removed, kept) image pairs, removed on the left of each pair,
+    `per_row` pairs a row, each image scaled (nearest) into a SHEET_CELL square cell.
+    No pairs: one empty row (a file that exists says the rule ran)."""
+    out = Image.new("RGB", sheet_size(len(pairs), per_row), (255, 255, 255))
+    for k, (removed, kept) in enumerate(pairs):
+        x = _PAIR_GAP + (k % per_row) * (2 * SHEET_CELL + _GAP + _PAIR_GAP)
+        y = _GAP + (k // per_row) * (SHEET_CELL + _GAP)
+        out.paste(_cell(removed), (x, y))
+        out.paste(_cell(kept), (x + SHEET_CELL + _GAP, y))
+    return out
+
+
+def sheet_size(n_pairs: int, per_row: int = 4) -> tuple[int, int]:
+    """(width, height) of `sheet` for n_pairs pairs."""
+    if per_row < 1:
+        raise ValueError(f"per_row must be at least 1, got {per_row}")
+    cols = max(1, min(per_row, n_pairs))
+    rows = max(1, -(-n_pairs // per_row))
+    return (
+        cols * (2 * SHEET_CELL + _GAP) + (cols + 1) * _PAIR_GAP,
+        rows * SHEET_CELL + (rows + 1) * _GAP,
+    )
+
+
+def _cell(pixels: np.ndarray) -> Image.Image:
+    image = Image.fromarray(np.asarray(pixels, dtype=np.uint8)).convert("RGB")
+    scale = SHEET_CELL / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.NEAREST)

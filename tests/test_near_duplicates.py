@@ -1,0 +1,266 @@
+"""Near-duplicates: sparse look-alikes are kept, copies are caught (grey and RGB), the batch
+numbers equal the per-image ones, and the sheet shows the pairs that were removed."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image, ImageDraw, features
+
+from synthloop.config import CleanConfig, ConfigError, parse_params
+from synthloop.dataset import read_columns
+from tasks import near_duplicates as nd
+from tasks.clean import (
+    Rejection,
+    _sheet_pairs,
+    convert_image,
+    decode_chunk,
+    resolve_duplicates,
+    run_clean,
+)
+from tasks.ingest import run_ingest
+from tests.conftest import REPO, small_params
+
+SPARSE = CleanConfig(image_size=28, channels=1, labels=None)
+DENSE = CleanConfig(image_size=32, channels=3, labels=None)
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **options: object) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
+def character_drawings(count: int, seed: int = 0, side: int = 105) -> list[Image.Image]:
+    """`count` people's drawings of one character: the same three strokes, each point
+    jittered by ~3% of the side, thin dark ink on white (the issue's handwriting)."""
+    rng = np.random.default_rng(seed)
+    strokes = [rng.uniform(0.2, 0.8, size=(4, 2)) * side for _ in range(3)]
+    drawings = []
+    for _ in range(count):
+        image = Image.new("L", (side, side), 255)
+        pen = ImageDraw.Draw(image)
+        width = int(rng.integers(2, 4))
+        for stroke in strokes:
+            points = stroke + rng.normal(0, 0.03 * side, size=stroke.shape)
+            pen.line([tuple(p) for p in points.tolist()], fill=0, width=width, joint="curve")
+        drawings.append(image)
+    return drawings
+
+
+def photos(count: int, seed: int = 0, side: int = 64) -> list[Image.Image]:
+    """Dense RGB images: a smooth colour field, fine noise and an ellipse. (Pure pixel
+    noise, as in synthloop.procedural, moves the dHash itself under JPEG.)"""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        field = Image.fromarray(rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8))
+        base = np.asarray(field.resize((side, side), Image.Resampling.BICUBIC), np.float32)
+        noisy = np.clip(base + rng.normal(0, 8, size=base.shape), 0, 255).astype(np.uint8)
+        image = Image.fromarray(noisy)
+        x, y = rng.uniform(0.3, 0.7, size=2) * side
+        r = rng.uniform(0.1, 0.2) * side
+        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        ImageDraw.Draw(image).ellipse((x - r, y - r, x + r, y + r), fill=colour)
+        out.append(image)
+    return out
+
+
+def copies(image: Image.Image) -> dict[str, bytes]:
+    """Copies that clean must catch: re-encoded, resized, with an alpha channel."""
+    alpha = "LA" if image.mode == "L" else "RGBA"
+    made = {
+        "jpeg": encode(image, "JPEG", quality=85),
+        "resized": encode(image.resize((image.width * 3 // 2,) * 2, Image.Resampling.BICUBIC)),
+        "alpha": encode(image.convert(alpha)),
+    }
+    if features.check("webp"):
+        made["webp"] = encode(image, "WEBP", quality=90)
+    return made
+
+
+def dedupe(ids: list[str], images: list[bytes], cfg: CleanConfig):
+    """clean's per-image pass and duplicate rules on in-memory images."""
+    chunk = decode_chunk(["x"] * len(images), images, cfg)
+    assert chunk.kept == list(range(len(images))), chunk.rejected
+    return resolve_duplicates(
+        np.array(ids, dtype=object),
+        np.array(["x"] * len(ids), dtype=object),
+        chunk.pixel_hashes,
+        chunk.dhashes,
+        chunk.thumbnails,
+        cfg.near_duplicate_distance,
+        cfg.near_duplicate_difference,
+        cfg.near_duplicate_contrast,
+    )
+
+
+def test_distinct_drawings_of_one_character_are_all_kept():
+    drawings = character_drawings(24)
+    images = [encode(d) for d in drawings]
+    chunk = decode_chunk(["x"] * len(images), images, SPARSE)
+    # The dHash alone pairs some of them up: the confirmation is what keeps them.
+    assert len(nd.near_duplicate_pairs(chunk.dhashes, SPARSE.near_duplicate_distance))
+    keep, why = dedupe([f"d{i:02d}" for i in range(len(images))], images, SPARSE)
+    assert keep.all(), [w for w in why if w]
+
+
+@pytest.mark.parametrize(
+    ("cfg", "originals"),
+    [(SPARSE, character_drawings(4, seed=1)), (DENSE, photos(4, seed=2))],
+    ids=["grey", "rgb"],
+)
+def test_reencoded_resized_and_alpha_copies_are_caught(cfg, originals):
+    ids, images, of = [], [], {}  # of: copy id -> its original's id
+    for k, original in enumerate(originals):
+        ids.append(f"a{k}")
+        images.append(encode(original))
+        for name, data in copies(original).items():
+            ids.append(f"b{k}-{name}")  # ids rank after their original's: the copy goes
+            images.append(data)
+            of[ids[-1]] = f"a{k}"
+    keep, why = dedupe(ids, images, cfg)
+    for i, row in enumerate(ids):
+        if row in of:
+            assert not keep[i], row
+            assert why[i].reason in ("near_duplicate", "exact_duplicate"), (row, why[i])
+            assert why[i].detail.endswith(of[row]), (row, why[i].detail)
+        else:
+            assert keep[i], (row, why[i])
+
+
+def test_batch_numbers_equal_the_per_image_ones():
+    rng = np.random.default_rng(0)
+    for shape in ((7, 28, 28), (5, 32, 32, 3)):
+        stack = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        gray = nd.grays(stack)
+        for side in (8, 16, 28):
+            expected = np.stack([nd.thumbnail(p, side) for p in stack])
+            np.testing.assert_array_equal(nd.thumbnails(gray, side), expected)
+        assert nd.dhashes(gray).tolist() == [nd.dhash(p) for p in stack]
+
+
+def test_brightness_is_ignored_and_contrast_is_bounded():
+    image = nd.thumbnail(np.asarray(character_drawings(1)[0].resize((28, 28))), 16)[None]
+    darker = np.clip(image.astype(np.int16) - 20, 0, 255).astype(np.uint8)
+    faint = (image // 3 + 170).astype(np.uint8)
+    difference, ratio = nd.relative_difference(image, darker)
+    assert difference[0] < 0.01 and ratio[0] < 1.25
+    difference, ratio = nd.relative_difference(image, faint)
+    assert ratio[0] > 2.5  # the same strokes at a third of the contrast: not a copy
+
+
+def test_drop_order_keeps_the_first_of_a_chain():
+    dropped, keepers = nd.drop_order(np.array([[0, 1], [1, 2], [3, 4]]), 5)
+    assert dropped.tolist() == [1, 4] and keepers.tolist() == [0, 3]
+
+
+def test_sheet_pairs_are_the_first_removed_ids_with_their_keepers():
+    ids = np.array(["e", "a", "d", "c", "b"], dtype=object)
+    rejections = [
+        Rejection("near_duplicate", "", keeper=1),
+        None,
+        Rejection("exact_duplicate", "same pixels as a"),
+        Rejection("near_duplicate", "", keeper=4),
+        None,
+    ]
+    assert _sheet_pairs(ids, rejections, 5).tolist() == [[3, 4], [0, 1]]
+    assert _sheet_pairs(ids, rejections, 1).tolist() == [[3, 4]]
+    assert _sheet_pairs(ids, rejections, 0).shape == (0, 2)
+
+
+def test_sheet_puts_each_removed_image_left_of_its_keeper():
+    a = np.zeros((8, 8), np.uint8)
+    b = np.full((8, 8, 3), 200, np.uint8)
+    sheet = nd.sheet([(a, b)] * 5, per_row=4)
+    assert sheet.size == nd.sheet_size(5, per_row=4)
+    pixels = np.asarray(sheet)
+    x, y = nd._PAIR_GAP, nd._GAP
+    assert (pixels[y : y + nd.SHEET_CELL, x : x + nd.SHEET_CELL] == 0).all()
+    x += nd.SHEET_CELL + nd._GAP
+    assert (pixels[y : y + nd.SHEET_CELL, x : x + nd.SHEET_CELL] == 200).all()
+    assert nd.sheet([]).size == nd.sheet_size(0)
+
+
+def test_clean_writes_the_sheet_of_what_it_removed(tmp_path):
+    folder = tmp_path / "raw" / "shapes"
+    for k, image in enumerate(photos(6, seed=3)):
+        cls = folder / "ab"[k % 2]
+        cls.mkdir(parents=True, exist_ok=True)
+        (cls / f"{k:02d}.png").write_bytes(encode(image))
+        if k < 3:  # three JPEG copies, ids after their originals'
+            (cls / f"{k:02d}z.jpg").write_bytes(encode(image, "JPEG", quality=90))
+    raw = small_params("raw/shapes", image_size=32, labels=None, min_class_count=1)
+    raw["clean"]["near_duplicate_sheet_pairs"] = 2
+    params = parse_params(raw, root=tmp_path)
+    run_ingest(params.ingest)
+    report = run_clean(params.clean, validate=False)
+
+    rows = pq.read_table(params.clean.quarantine).to_pylist()
+    removed = sorted((r for r in rows if r["reason"] == "near_duplicate"), key=lambda r: r["id"])
+    assert sorted(Path(r["path"]).name for r in removed) == ["00z.jpg", "01z.jpg", "02z.jpg"]
+    assert report["quarantined"]["near_duplicate"] == 3
+    assert report["near_duplicate_sheet"]["pairs"] == 2
+    sheet = Image.open(params.clean.near_duplicate_sheet)
+    assert sheet.size == nd.sheet_size(2)
+    # Left: the first removed row (by id) as clean converted it; right: the row it matched.
+    pixels = np.asarray(sheet.convert("RGB"))
+    x, y, cell = nd._PAIR_GAP, nd._GAP, nd.SHEET_CELL
+
+    def cell_at(x: int) -> np.ndarray:
+        return pixels[y : y + cell, x : x + cell]
+
+    data = Path(removed[0]["path"]).read_bytes()
+    np.testing.assert_array_equal(
+        cell_at(x), np.asarray(nd._cell(convert_image(data, params.clean).pixels))
+    )
+    keeper = removed[0]["detail"].rsplit(" ", 1)[-1]
+    kept = read_columns(params.clean.output / "train", ["id", "path"]).to_pylist()
+    kept += read_columns(params.clean.output / "val", ["id", "path"]).to_pylist()
+    kept += read_columns(params.clean.output / "test", ["id", "path"]).to_pylist()
+    original = Path(removed[0]["path"]).with_name(Path(removed[0]["path"]).stem[:2] + ".png")
+    assert Path(next(r["path"] for r in kept if r["id"] == keeper)) == original
+    data = original.read_bytes()
+    np.testing.assert_array_equal(
+        cell_at(x + cell + nd._GAP),
+        np.asarray(nd._cell(convert_image(data, params.clean).pixels)),
+    )
+
+
+def test_an_absolute_difference_from_before_is_refused_by_name(tmp_path):
+    raw = small_params(near_duplicate_difference=3.0)
+    with pytest.raises(ConfigError) as err:
+        parse_params(raw, root=tmp_path, check_paths=False)
+    assert "clean.near_duplicate_difference" in str(err.value)
+    assert "relative" in str(err.value)
+
+
+def test_near_duplicate_defaults_equal_params_yaml():
+    clean = yaml.safe_load((REPO / "params.yaml").read_text())["clean"]
+    fields = CleanConfig.model_fields
+    for name in (
+        "near_duplicate_distance",
+        "near_duplicate_size",
+        "near_duplicate_difference",
+        "near_duplicate_contrast",
+        "near_duplicate_sheet_pairs",
+    ):
+        assert fields[name].default == clean[name], name
+
+
+def test_clean_report_artifact_shows_the_sheet_only_with_pairs(tmp_path):
+    from flows.summaries import clean_summary_markdown
+
+    png = tmp_path / "near_duplicates.png"
+    nd.sheet([]).save(png)
+    report = {"kept": 1, "ingested": 2, "quarantined_total": 1, "per_class": {}}
+    report["quarantined"] = {"near_duplicate": 1}
+    shown = clean_summary_markdown(report | {"near_duplicate_sheet": {"pairs": 1}}, png)
+    assert str(png) in shown and "data:image/png;base64," in shown
+    empty = clean_summary_markdown(report | {"near_duplicate_sheet": {"pairs": 0}}, png)
+    assert "data:image/png" not in empty
