@@ -67,3 +67,33 @@ def test_per_run_overrides_merge_per_stage(tmp_path, shapes_folder):
     params = load_params(path, overrides={"clean": {"image_size": 12}})
     assert params.clean.image_size == 12
     assert params.clean.channels == 3  # untouched keys keep their file values
+
+
+def test_validate_defaults_are_the_params_yaml_values():
+    """A default lives in params.yaml; the model's default must not tell another story."""
+    from synthloop.config import GateConfig, ValidateConfig
+
+    section = yaml.safe_load((REPO / "params.yaml").read_text())["validate"]
+    for name, value in section.pop("gates").items():
+        assert GateConfig.model_fields[name].default == value, name
+    for name, value in section.items():
+        assert ValidateConfig.model_fields[name].default == value, name
+
+
+def test_the_run_form_gates_are_derived_from_the_config_gates():
+    from flows.parameters import GateParameters
+    from synthloop.config import GateConfig
+
+    assert list(GateParameters.model_fields) == list(GateConfig.model_fields)
+    form = GateParameters.model_json_schema()
+    config = GateConfig.model_json_schema()["properties"]
+    assert form["additionalProperties"] is False
+    bounds = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+    for name, field in form["properties"].items():
+        assert field["default"] is None and {"type": "null"} in field["anyOf"], name
+        number = next(t for t in field["anyOf"] if t != {"type": "null"})
+        assert {k: number.get(k) for k in bounds} == {k: config[name].get(k) for k in bounds}
+        assert field["description"] == config[name]["description"], name
+    assert GateParameters().model_dump(exclude_none=True) == {}
+    with pytest.raises(ValueError):
+        GateParameters(max_membership_auc=0.4)  # the config's bound
