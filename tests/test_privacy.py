@@ -227,3 +227,18 @@ def test_memorised_rows_are_rejected_as_memorised(world):
     assert reasons[0] == "near_copy"
     assert reasons[1:30] == ["memorised"] * 29
     assert reasons[30:] == [None] * 30 and accepted[30:].all() and not accepted[:30].any()
+
+
+def test_the_summary_table_shows_every_figure_with_its_sizes(world):
+    from flows.summaries import loop_summary_markdown, privacy_table_markdown
+
+    privacy = figures(world, "copying")[1]
+    table = privacy_table_markdown(privacy)
+    assert "180 synthetic, 180 train, 180 hold-out" in table
+    assert "90 members (train) against 90 non-members" in table
+    mem = privacy["memorisation"]["pixels"]["ratio"]
+    auc_ = privacy["membership"]["distance"]
+    assert f"| {mem:.4f} |" in table
+    assert f"{auc_['auc']:.3f} [{auc_['low']:.3f}, {auc_['high']:.3f}]" in table
+    loop = {"attempts": [], "privacy": privacy}
+    assert table in loop_summary_markdown(loop)
