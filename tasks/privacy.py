@@ -108,6 +108,7 @@ def dcr_share(
     be drawn moves the share as much as the synthetic rows do (on 60 images per class,
     +-0.1 between draws of the same distribution). A class without train or hold-out rows is
     left out. Returns share, low, high, synthetic (rows counted), per_class (share, subsample).
+    Holds one class's synthetic x subsample distances at a time (the bootstrap reuses them).
     """
     tr, ho = balanced_subsample(sets.train_labels, sets.holdout_labels, num_classes, generator)
     counts = torch.zeros(bootstrap, dtype=torch.float64)
@@ -127,7 +128,7 @@ def dcr_share(
         total += len(syn_c)
         counts += _bootstrap_counts(d_train, d_hold, bootstrap, generator)
     if not total:
-        return {"share": None, "low": None, "high": None, "synthetic": 0, "per_class": {}}
+        return {"share": None, "low": None, "high": None, "synthetic": 0, "per_class": per_class}
     share = closer_sum / total
     replicates = counts / total
     q_low, q_high = torch.quantile(replicates, torch.tensor([0.025, 0.975], dtype=counts.dtype))

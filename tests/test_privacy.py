@@ -124,6 +124,16 @@ def test_dcr_leaves_out_a_class_without_hold_out():
     found = dcr_share(sets, 2, 50, torch.Generator().manual_seed(0))
     assert found["share"] == found["low"] == found["high"] == 1.0
     assert found["synthetic"] == 1 and found["per_class"] == [(1.0, 2), (None, 0)]
+    empty = PrivacySets(
+        sets.train,
+        sets.train_labels,
+        sets.holdout[:0],
+        sets.holdout_labels[:0],
+        sets.synthetic,
+        sets.synthetic_labels,
+    )
+    nothing = dcr_share(empty, 2, 50, torch.Generator().manual_seed(0))
+    assert nothing["share"] is None and nothing["per_class"] == [(None, 0), (None, 0)]
 
 
 # --- membership inference ----------------------------------------------------------------------
