@@ -154,25 +154,53 @@ def _bootstrap_counts(
     d_train: Tensor, d_hold: Tensor, bootstrap: int, generator: torch.Generator
 ) -> Tensor:
     """(bootstrap,) sums of the closer-to-train flags, rows and both column sets resampled;
-    in chunks of replicates that keep the gathered distances near 2**24 numbers."""
-    rows, m = d_train.shape
-    step = max(1, 2**24 // max(rows * m, 1))
+    in chunks of replicates that keep the gathered flags near 2**24 numbers."""
+    rows = len(d_train)
+    train, hold = _SortedRows(d_train), _SortedRows(d_hold)
+    step = max(1, 2**24 // max(rows * _SortedRows.TOP, 1))
     out = []
     for lo in range(0, bootstrap, step):
         b = min(step, bootstrap - lo)
-        # Columns first, for every row (index_select: one contiguous gather), then rows.
-        near_train = _resampled_min(d_train, b, generator)
-        near_hold = _resampled_min(d_hold, b, generator)
+        # Columns first, for every row, then rows.
+        near_train = train.resampled_min(b, generator)
+        near_hold = hold.resampled_min(b, generator)
         r = torch.randint(rows, (b, rows), generator=generator)
         out.append(_closer(near_train.gather(1, r), near_hold.gather(1, r)).sum(1))
     return torch.cat(out)
 
 
-def _resampled_min(d: Tensor, replicates: int, generator: torch.Generator) -> Tensor:
-    """(replicates, rows): each row's minimum over a with-replacement draw of the columns."""
-    rows, m = d.shape
-    cols = torch.randint(m, (replicates * m,), generator=generator)
-    return d.index_select(1, cols).view(rows, replicates, m).amin(2).T
+class _SortedRows:
+    """Each row's distances in ascending order, for minima over resampled columns.
+
+    A with-replacement draw of m columns holds a given column with probability about 0.63,
+    so a row's minimum over the draw is almost always among its TOP nearest columns (all
+    TOP missing: 0.37**16, about 1e-7): looking there first makes a replicate O(rows * TOP)
+    instead of O(rows * m). The rare row without a drawn column there is computed in full,
+    so the result is exact.
+    """
+
+    TOP = 16
+
+    def __init__(self, d: Tensor) -> None:
+        self.d = d
+        k = min(self.TOP, d.shape[1])
+        self.values, self.order = d.topk(k, dim=1, largest=False)  # ascending
+
+    def resampled_min(self, replicates: int, generator: torch.Generator) -> Tensor:
+        """(replicates, rows): each row's minimum over a with-replacement draw of columns."""
+        rows, m = self.d.shape
+        cols = torch.randint(m, (replicates, m), generator=generator)
+        if m <= 4 * self.TOP:  # few columns: one contiguous gather is faster
+            return self.d.index_select(1, cols.flatten()).view(rows, replicates, m).amin(2).T
+        drawn = torch.zeros(replicates, m, dtype=torch.bool).scatter_(1, cols, True)
+        near = drawn[:, self.order]  # (replicates, rows, k): is the j-th nearest drawn?
+        first = near.byte().argmax(2, keepdim=True)  # the first drawn one (argmax: first max)
+        out = self.values.expand(replicates, -1, -1).gather(2, first)[..., 0]
+        missed = torch.nonzero(~near.any(2))
+        if len(missed):
+            b, r = missed[:, 0], missed[:, 1]
+            out[b, r] = self.d[r].masked_fill(~drawn[b], math.inf).amin(1)
+        return out
 
 
 # --- membership inference --------------------------------------------------------------------

@@ -136,6 +136,18 @@ def test_dcr_leaves_out_a_class_without_hold_out():
     assert nothing["share"] is None and nothing["per_class"] == [(None, 0), (None, 0)]
 
 
+@pytest.mark.parametrize("top", [16, 2])  # 2: many rows miss and take the full path
+def test_bootstrap_minima_over_resampled_columns_are_exact(monkeypatch, top):
+    from tasks.privacy import _SortedRows
+
+    monkeypatch.setattr(_SortedRows, "TOP", top)
+    d = torch.rand(40, 100, generator=torch.Generator().manual_seed(0))
+    fast = _SortedRows(d).resampled_min(50, torch.Generator().manual_seed(1))
+    cols = torch.randint(100, (50, 100), generator=torch.Generator().manual_seed(1))
+    full = torch.stack([d[:, c].amin(1) for c in cols])
+    assert torch.equal(fast, full)
+
+
 # --- membership inference ----------------------------------------------------------------------
 
 
