@@ -22,8 +22,7 @@ image.
 The gates decide whether the loop may promote the accepted rows; this stage only reports.
 
 Sharded (synthloop/sharding.py): the evaluator features of the real train, val and test
-splits
-and of the synthetic images are computed in shards of whole batches, each saved as
+splits and of the synthetic images are computed in shards of whole batches, each saved as
 `features.npy` in the shard cache (the flow can compute them beforehand as parallel tasks);
 the merge concatenates them and computes everything else from them, as one process.
 """
