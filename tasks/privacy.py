@@ -451,6 +451,7 @@ def _max_figure(a: float | None, b: float | None) -> float | None:
 
 
 def membership_auc_high(figures: dict) -> float | None:
-    """The gate's value: the upper 95% bound of the stronger attack's AUC."""
-    membership = figures["membership"]
-    return membership[membership["worst"]]["high"]
+    """The gate's value: the upper 95% bound of the stronger attack's AUC (None: not
+    measured)."""
+    membership = figures.get("membership") or {}
+    return (membership.get(membership.get("worst", "")) or {}).get("high")

@@ -119,6 +119,7 @@ def acceptance(
 def evaluate_gates(gates: GateConfig, figures: dict) -> dict:
     """Each gate's threshold, value and verdict, and `passed` overall."""
     floor = max(figures["fid_real_floor"], 1e-6)
+    privacy = figures.get("privacy") or {}
     checks = {
         "class_consistency": (figures["class_consistency"], ">=", gates.min_class_consistency),
         "near_copy_rate": (figures["near_copy_rate"], "<=", gates.max_near_copy_rate),
@@ -130,17 +131,14 @@ def evaluate_gates(gates: GateConfig, figures: dict) -> dict:
             gates.min_utility_delta,
         ),
         "expectations": (float(figures["expectations_critical_ok"]), ">=", 1.0),
+        # Not measured (None) fails, as for every gate.
         "memorisation_ratio": (
-            figures["privacy"]["memorisation"]["ratio"],
+            privacy.get("memorisation", {}).get("ratio"),
             "<=",
             gates.max_memorisation_ratio,
         ),
         # The stronger attack's upper bound: a small hold-out cannot pass on luck.
-        "membership_auc": (
-            membership_auc_high(figures["privacy"]),
-            "<=",
-            gates.max_membership_auc,
-        ),
+        "membership_auc": (membership_auc_high(privacy), "<=", gates.max_membership_auc),
     }
     out: dict = {}
     for name, (value, op, threshold) in checks.items():
