@@ -15,6 +15,9 @@ own. Inputs are random and seeded (no dataset, no trained model needed):
   near_copy     tasks.metrics.near_copy_rate: N synthetic vs R train 8x8 grey images
                 (64-d pixel space), threshold from R/5 test images
   consistency   tasks.metrics.class_consistency on N x 10 probabilities
+  privacy       tasks.privacy.privacy_figures: memorisation, DCR and both membership attacks,
+                N synthetic vs R train and R/5 hold-out images and features, 10 classes,
+                1000 bootstrap resamples
 
 Prints the median seconds over --repeats per metric and size, and per size the peak RSS
 (VmHWM) after the imports and after each metric in turn.
@@ -41,7 +44,7 @@ if str(PROJECT) not in sys.path:
 FEATURE_DIM = 128
 IMAGE = (1, 8, 8)  # 64 pixels: the demo digits' shape
 CLASSES = 10
-METRICS = ("features", "fid_kid", "frechet", "prdc", "near_copy", "consistency")
+METRICS = ("features", "fid_kid", "frechet", "prdc", "near_copy", "consistency", "privacy")
 RESULT_PREFIX = "BENCH-RESULT "
 
 
@@ -80,8 +83,10 @@ def run_size(synthetic: int, real: int, repeats: int, device_name: str) -> dict:
         fid_kid_features,
         frechet_distance,
         near_copy_rate,
+        pixel_space,
         prdc,
     )
+    from tasks.privacy import PrivacySets, privacy_figures
 
     device = resolve_device(device_name)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
@@ -100,6 +105,19 @@ def run_size(synthetic: int, real: int, repeats: int, device_name: str) -> dict:
         torch.manual_seed(0)
         net = EvaluatorNet(IMAGE[0], IMAGE[1], CLASSES, 32, FEATURE_DIM).to(device).eval()
     extractor = FeatureExtractor(net, IMAGE[0], IMAGE[1])
+    test_feats = torch.randn(real // 5, FEATURE_DIM, generator=gen).to(device)
+    train_labels = torch.randint(0, CLASSES, (real,), generator=gen).to(device)
+    test_labels = torch.randint(0, CLASSES, (real // 5,), generator=gen).to(device)
+    pixels = PrivacySets(
+        pixel_space(train_px),
+        train_labels,
+        pixel_space(test_px),
+        test_labels,
+        pixel_space(fake_px),
+        intended,
+    )
+    features = PrivacySets(real_feats, train_labels, test_feats, test_labels, fake_feats, intended)
+    classes = [str(c) for c in range(CLASSES)]
 
     calls: dict[str, Callable[[], object]] = {
         "features": lambda: extract_features(fake_px, extractor, batch_size=1024),
@@ -108,6 +126,7 @@ def run_size(synthetic: int, real: int, repeats: int, device_name: str) -> dict:
         "prdc": lambda: prdc(real_feats, fake_feats, k=5),
         "near_copy": lambda: near_copy_rate(fake_px, train_px, test_px),
         "consistency": lambda: class_consistency(probs, intended),
+        "privacy": lambda: privacy_figures(pixels, features, classes, 1 / 3, 1000, 8, seed=0),
     }
     seconds, peak_after = {}, {}
     for name, fn in calls.items():

@@ -195,6 +195,7 @@ _RECORDED_FIGURES = (
     "fid_real_floor",
     "class_consistency",
     "near_copy_rate",
+    "privacy",
     "utility",
     "gates",
 )

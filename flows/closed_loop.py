@@ -295,6 +295,8 @@ def _rounds(workspace: Path, params_file: Path, force: bool, key: str) -> dict:
         "pool": describe_pool(loop_cfg.pool),
         # The verdict table of the last promoted attempt (of the last attempt: none promoted).
         "utility": (promoted or records)[-1]["validation"].get("utility"),
+        # The privacy figures of that same attempt.
+        "privacy": (promoted or records)[-1]["validation"].get("privacy"),
     }
     write_json(loop_cfg.report, loop)
     _publish(params, clean_report, loop)

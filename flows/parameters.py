@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic.fields import FieldInfo
 
-from synthloop.config import FamilyName
+from synthloop.config import FamilyName, GateConfig
 
 
 class _Form(BaseModel):
@@ -40,21 +41,23 @@ class SourceParameter(_Form):
     name: str | None = Field(None, description="a name for reports (default: from the path)")
 
 
-class GateParameters(_Form):
-    """Quality gates for this run; empty keeps params.yaml's `validate.gates`."""
+def _optional_fields(model: type[BaseModel]) -> dict[str, Any]:
+    """Each field of `model` as an optional form field: the same type, bounds and
+    description, default None (keep params.yaml's value)."""
+    fields: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        field = FieldInfo.merge_field_infos(info, default=None)
+        fields[name] = (info.annotation | None, field)
+    return fields
 
-    min_class_consistency: float | None = Field(
-        None, ge=0, le=1, description="evaluator agrees with the intended class, at least"
-    )
-    max_near_copy_rate: float | None = Field(
-        None, ge=0, le=1, description="share of samples that nearly copy a real image, at most"
-    )
-    max_fid_ratio: float | None = Field(
-        None, gt=0, description="synthetic FID over the real-data floor, at most"
-    )
-    min_utility_delta: float | None = Field(
-        None, ge=-1, le=1, description="accuracy gain over the baseline (95% lower bound), at least"
-    )
+
+GateParameters = create_model(
+    "GateParameters",
+    __base__=_Form,
+    __doc__="Quality gates for this run; empty keeps params.yaml's `validate.gates`.",
+    __module__=__name__,
+    **_optional_fields(GateConfig),
+)
 
 
 class RunParameters(_Form):

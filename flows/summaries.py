@@ -103,7 +103,57 @@ def loop_summary_markdown(loop: dict) -> str:
     util = loop.get("utility")
     if util:
         lines += ["", utility_table_markdown(util)]
+    privacy = loop.get("privacy")
+    if privacy:
+        lines += ["", privacy_table_markdown(privacy)]
     return "\n".join(lines)
+
+
+def privacy_table_markdown(privacy: dict) -> str:
+    """The privacy figures (tasks/privacy.py) with their sizes and safe ranges."""
+    sizes = privacy.get("sizes") or {}
+    mem = privacy.get("memorisation") or {}
+    dcr = privacy.get("dcr") or {}
+    mia = privacy.get("membership") or {}
+    lines = [
+        f"Privacy: {sizes.get('synthetic', '-')} synthetic, {sizes.get('train', '-')} train, "
+        f"{sizes.get('holdout', '-')} hold-out (val + test) images",
+        "",
+        "| figure | pixels | evaluator features | safe |",
+        "| --- | ---: | ---: | --- |",
+        f"| memorised (d1/d2 < {_cell(mem.get('threshold'))}) | "
+        f"{_cell((mem.get('pixels') or {}).get('ratio'))} | "
+        f"{_cell((mem.get('features') or {}).get('ratio'))} | about 0 |",
+        f"| DCR: closer to train than to hold-out [95%] | {_share(dcr.get('pixels'))} | "
+        f"{_share(dcr.get('features'))} | about 0.5 |",
+    ]
+    dist, dens = mia.get("distance") or {}, mia.get("density") or {}
+    lines.append(
+        "| membership AUC [95%]: distance attack (pixels), density attack (features) | "
+        f"{_interval(dist.get('auc'), dist.get('low'), dist.get('high'))} | "
+        f"{_interval(dens.get('auc'), dens.get('low'), dens.get('high'))} | about 0.5 |"
+    )
+    lines.append(
+        f"\nMembership: {mia.get('members', '-')} members (train) against "
+        f"{mia.get('nonmembers', '-')} non-members (hold-out); the density attack's reference "
+        f"is {mia.get('reference', '-')} other hold-out images."
+    )
+    return "\n".join(lines)
+
+
+def _share(figure: dict | None) -> str:
+    figure = figure or {}
+    return _interval(figure.get("share"), figure.get("low"), figure.get("high"))
+
+
+def _interval(value: float | None, low: float | None, high: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f} [{_cell3(low)}, {_cell3(high)}]"
+
+
+def _cell3(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def utility_table_markdown(util: dict) -> str:

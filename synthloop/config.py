@@ -513,17 +513,39 @@ class EvaluatorConfig(_Model):
 
 
 class GateConfig(_Model):
-    """Quality gates: the loop promotes synthetic data only when every gate passes."""
+    """Quality gates: the loop promotes synthetic data only when every gate passes.
 
-    min_class_consistency: float = Field(0.7, ge=0, le=1)
-    max_near_copy_rate: float = Field(0.1, ge=0, le=1)
+    The run form (flows/parameters.py) derives its gate fields from these: a new gate is one
+    field here (with its bounds and description) and its check in `evaluate_gates`."""
+
+    min_class_consistency: float = Field(
+        0.7, ge=0, le=1, description="evaluator agrees with the intended class, at least"
+    )
+    max_near_copy_rate: float = Field(
+        0.1, ge=0, le=1, description="share of samples that nearly copy a real image, at most"
+    )
     max_fid_ratio: float = Field(
         10.0, gt=0, description="synthetic FID over the real train-vs-test floor, at most"
     )
     min_utility_delta: float = Field(
         0.0,
-        description="lower bound of the 95% interval of the accuracy gain of real+aug+synthetic "
-        "over real+aug (short classes when there are any), at least",
+        ge=-1,
+        le=1,
+        description="lower bound of the 95% interval of the accuracy gain of baseline+synthetic "
+        "over the baseline (short classes when there are any), at least",
+    )
+    max_memorisation_ratio: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="share of samples whose nearest training image is much closer than the "
+        "second nearest (pixels or evaluator features, the larger), at most",
+    )
+    max_membership_auc: float = Field(
+        0.65,
+        ge=0.5,
+        le=1,
+        description="membership-inference AUC of the stronger attack (upper 95% bound), at most",
     )
 
 
@@ -545,6 +567,19 @@ class ValidateConfig(_Model):
         le=1,
         description="a class with fewer real train images than this share of the largest "
         "class is short: the utility gate reads the short classes when there are any",
+    )
+    memorisation_distance_ratio: float = Field(
+        0.3333,
+        gt=0,
+        lt=1,
+        description="a sample is memorised when its nearest training image is closer than "
+        "this share of the distance to the second nearest",
+    )
+    privacy_bootstrap: int = Field(
+        1000, ge=100, description="bootstrap resamples of the privacy figures' 95% intervals"
+    )
+    density_dims: PositiveInt = Field(
+        8, description="principal axes of the evaluator features for the density attack"
     )
     batch_size: PositiveInt = 256
     shard_rows: PositiveInt = Field(

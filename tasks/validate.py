@@ -7,18 +7,22 @@ real clean data only, `tasks/evaluator.py`):
   (the noise floor: how far two real samples of the same data already are);
 - class consistency: the evaluator's accuracy on the labels the generator was asked for;
 - privacy: each synthetic image's distance to its nearest real training image, and the
-  share closer than real test images usually get (`near_copy_rate`);
+  share closer than real test images usually get (`near_copy_rate`); the memorisation
+  ratio, the distance to closest record against the real hold-out (val and test, which the
+  generator never saw) and two membership-inference attacks (`tasks/privacy.py`);
 - utility (`tasks/utility.py`): a downstream classifier trained on the real train split
   with the augment policy on the fly, alone vs plus the accepted synthetic rows, over paired
   seeds, scored on the real test split: the mean gain with a 95% interval, overall, per
   class and on the short classes;
 - a Great Expectations suite on the synthetic rows.
 Per sample, an image is accepted when the evaluator gives its intended class at least
-`min_confidence`, it is not a near copy, and it is not a duplicate of an accepted image.
+`min_confidence`, it is not a near copy, it is not memorised (its nearest training image
+much closer than the second nearest, in pixels) and it is not a duplicate of an accepted
+image.
 The gates decide whether the loop may promote the accepted rows; this stage only reports.
 
-Sharded (synthloop/sharding.py): the evaluator features of the real train and test splits
-and of the synthetic images are computed in shards of whole batches, each saved as
+Sharded (synthloop/sharding.py): the evaluator features of the real train, val and test
+splits and of the synthetic images are computed in shards of whole batches, each saved as
 `features.npy` in the shard cache (the flow can compute them beforehand as parallel tasks);
 the merge concatenates them and computes everything else from them, as one process.
 """
@@ -84,12 +88,14 @@ from tasks.metrics import (
     fid_kid_features,
     frechet_distance,
     near_copy_rate,
+    pixel_space,
     prdc,
 )
 from tasks.metrics import (
     round_figure as _round,
 )
 from tasks.online_augment import batch_augmenter
+from tasks.privacy import PrivacySets, membership_auc_high, privacy_figures
 from tasks.utility import compare_arms
 
 log = logging.getLogger(__name__)
@@ -103,8 +109,10 @@ def acceptance(
     intended_confidence: np.ndarray,
     near_copy: np.ndarray,
     min_confidence: float,
+    memorised: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[str | None]]:
-    """(accepted mask, rejection reason per row) in row order; the first copy of an id wins."""
+    """(accepted mask, rejection reason per row) in row order; the first copy of an id wins.
+    The first failed check names the reason: low_confidence, near_copy, memorised, duplicate."""
     accepted = np.zeros(len(ids), dtype=bool)
     reasons: list[str | None] = [None] * len(ids)
     seen: set[str] = set()
@@ -113,6 +121,8 @@ def acceptance(
             reasons[i] = "low_confidence"
         elif near_copy[i]:
             reasons[i] = "near_copy"
+        elif memorised is not None and memorised[i]:
+            reasons[i] = "memorised"
         elif row_id in seen:
             reasons[i] = "duplicate"
         else:
@@ -124,6 +134,7 @@ def acceptance(
 def evaluate_gates(gates: GateConfig, figures: dict) -> dict:
     """Each gate's threshold, value and verdict, and `passed` overall."""
     floor = max(figures["fid_real_floor"], 1e-6)
+    privacy = figures.get("privacy") or {}
     checks = {
         "class_consistency": (figures["class_consistency"], ">=", gates.min_class_consistency),
         "near_copy_rate": (figures["near_copy_rate"], "<=", gates.max_near_copy_rate),
@@ -135,6 +146,14 @@ def evaluate_gates(gates: GateConfig, figures: dict) -> dict:
             gates.min_utility_delta,
         ),
         "expectations": (float(figures["expectations_critical_ok"]), ">=", 1.0),
+        # Not measured (None) fails, as for every gate.
+        "memorisation_ratio": (
+            privacy.get("memorisation", {}).get("ratio"),
+            "<=",
+            gates.max_memorisation_ratio,
+        ),
+        # The stronger attack's upper bound: a small hold-out cannot pass on luck.
+        "membership_auc": (membership_auc_high(privacy), "<=", gates.max_membership_auc),
     }
     out: dict = {}
     for name, (value, op, threshold) in checks.items():
@@ -231,6 +250,43 @@ def utility(
     )
 
 
+def privacy(
+    cfg: ValidateConfig,
+    splits: Splits,
+    synthetic: ImageTensors,
+    features: dict[str, torch.Tensor],
+    classes: list[str],
+) -> tuple[torch.Tensor, dict]:
+    """`tasks/privacy.py` on pixels and evaluator features: hold-out = val + test, the real
+    images the generator never saw. Returns the per-row memorised flag and the figures."""
+    holdout_labels = torch.cat([splits.val.labels, splits.test.labels])
+    pixels = PrivacySets(
+        pixel_space(splits.train.images),
+        splits.train.labels,
+        pixel_space(torch.cat([splits.val.images, splits.test.images])),
+        holdout_labels,
+        pixel_space(synthetic.images),
+        synthetic.labels,
+    )
+    feats = PrivacySets(
+        features["train"],
+        splits.train.labels,
+        torch.cat([features["val"], features["test"]]),
+        holdout_labels,
+        features["synthetic"],
+        synthetic.labels,
+    )
+    return privacy_figures(
+        pixels,
+        feats,
+        classes,
+        cfg.memorisation_distance_ratio,
+        cfg.privacy_bootstrap,
+        cfg.density_dims,
+        cfg.seed,
+    )
+
+
 # --- the stage -----------------------------------------------------------------------------
 
 
@@ -287,8 +343,11 @@ def _validate(
     )
     synthetic = load_image_tensors(cfg.synthetic, classes=classes)
 
-    train_f, test_f, syn_f = (features[split] for split in SPLITS)
-    _check_rows({"train": splits.train, "test": splits.test, "synthetic": synthetic}, features)
+    train_f, test_f, syn_f = (features[split] for split in ("train", "test", "synthetic"))
+    _check_rows(
+        {"train": splits.train, "val": splits.val, "test": splits.test, "synthetic": synthetic},
+        features,
+    )
     figures = fidelity(
         train_f, test_f, syn_f, splits.train.labels, synthetic.labels, classes, cfg.k, cfg.seed
     )
@@ -300,7 +359,10 @@ def _validate(
         synthetic.images, splits.train.images, splits.test.images, cfg.near_copy_percentile
     )
     near_copy = (nearest < copy_threshold).cpu().numpy()
-    accepted_mask, reasons = acceptance(synthetic.ids, intended, near_copy, cfg.min_confidence)
+    memorised, figures["privacy"] = privacy(cfg, splits, synthetic, features, classes)
+    accepted_mask, reasons = acceptance(
+        synthetic.ids, intended, near_copy, cfg.min_confidence, memorised.numpy()
+    )
     accepted = subset(synthetic, torch.from_numpy(np.flatnonzero(accepted_mask)))
 
     figures["class_consistency"] = _round(consistency)
@@ -337,13 +399,16 @@ def _validate(
     failed = [name for name, g in gates.items() if name != "passed" and not g["passed"]]
     log.info(
         "validate: %d synthetic -> %d accepted; fid %.3g (floor %.3g), consistency %.3f, "
-        "near-copy %.3f, utility (%s) %+.4f [%s, %s]: %s; gates %s",
+        "near-copy %.3f, memorised %s, membership AUC high %s, "
+        "utility (%s) %+.4f [%s, %s]: %s; gates %s",
         len(synthetic),
         report["accepted"],
         figures["fid"] or math.nan,
         figures["fid_real_floor"] or math.nan,
         consistency,
         copy_rate,
+        figures["privacy"]["memorisation"]["ratio"],
+        membership_auc_high(figures["privacy"]),
         figures["utility"]["decisive"],
         figures["utility"]["delta"]["mean"] or 0.0,
         figures["utility"]["delta"]["low"],
@@ -411,7 +476,7 @@ def _check_rows(data: dict[str, ImageTensors], features: dict[str, torch.Tensor]
 
 # --- plan -> shard -> merge (synthloop/sharding.py) ------------------------------------------
 
-SPLITS = ("train", "test", "synthetic")  # the feature sets, in shard order
+SPLITS = ("train", "val", "test", "synthetic")  # the feature sets, in shard order
 FEATURES = "features.npy"  # a shard's (rows, feature_dim) float32 features
 
 
@@ -434,7 +499,12 @@ def shard_size(shard_rows: int, batch_size: int) -> int:
 
 
 def split_dirs(cfg: ValidateConfig) -> dict[str, Path]:
-    return {"train": cfg.clean / "train", "test": cfg.clean / "test", "synthetic": cfg.synthetic}
+    return {
+        "train": cfg.clean / "train",
+        "val": cfg.clean / "val",
+        "test": cfg.clean / "test",
+        "synthetic": cfg.synthetic,
+    }
 
 
 def files_identity(paths: list[Path]) -> list[tuple[str, int, int]]:
@@ -454,7 +524,7 @@ def plan_validate(job: ValidateJob) -> list[Shard]:
     for split, directory in split_dirs(cfg).items():
         files = shard_paths(directory)
         rows = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
-        if rows == 0:
+        if rows == 0 and split != "val":  # val only adds to the privacy hold-out
             raise ValueError(f"{directory}: the dataset is empty")
         identity = digest(evaluator, torch.__version__, files_identity(files))
         work += [
@@ -508,7 +578,13 @@ def load_features(folders: list[Path]) -> dict[str, torch.Tensor]:
     for folder in folders:
         split = (cached_result(folder) or {})["split"]
         arrays[split].append(np.load(folder / FEATURES, mmap_mode="r"))
-    return {split: torch.from_numpy(np.concatenate(parts)) for split, parts in arrays.items()}
+    dim = next(part.shape[1] for parts in arrays.values() for part in parts)
+    return {
+        split: torch.from_numpy(
+            np.concatenate(parts) if parts else np.empty((0, dim), dtype=np.float32)
+        )
+        for split, parts in arrays.items()
+    }
 
 
 def merge_validate(job: ValidateJob, folders: list[Path]) -> dict:

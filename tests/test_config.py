@@ -132,3 +132,22 @@ def test_the_agreement_check_sees_a_changed_default_and_a_missing_key():
     differ, missing = _defaults_against_yaml(Params, raw)
     assert differ == [f"train.steps: code 1500, params.yaml {1501}"]
     assert missing == ["augment.shard_rows"]
+
+
+def test_the_run_form_gates_are_derived_from_the_config_gates():
+    from flows.parameters import GateParameters
+    from synthloop.config import GateConfig
+
+    assert list(GateParameters.model_fields) == list(GateConfig.model_fields)
+    form = GateParameters.model_json_schema()
+    config = GateConfig.model_json_schema()["properties"]
+    assert form["additionalProperties"] is False
+    bounds = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+    for name, field in form["properties"].items():
+        assert field["default"] is None and {"type": "null"} in field["anyOf"], name
+        number = next(t for t in field["anyOf"] if t != {"type": "null"})
+        assert {k: number.get(k) for k in bounds} == {k: config[name].get(k) for k in bounds}
+        assert field["description"] == config[name]["description"], name
+    assert GateParameters().model_dump(exclude_none=True) == {}
+    with pytest.raises(ValueError):
+        GateParameters(max_membership_auc=0.4)  # the config's bound

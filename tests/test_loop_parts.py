@@ -69,8 +69,17 @@ def figures(**over):
         "fid_real_floor": 1.0,
         "utility": {"delta": {"mean": 0.02, "low": 0.01, "high": 0.03}},
         "expectations_critical_ok": True,
+        "privacy": privacy(),
     }
     return base | over
+
+
+def privacy(memorised: float = 0.0, auc_high: float = 0.55) -> dict:
+    attack = {"auc": 0.5, "low": 0.45, "high": auc_high}
+    return {
+        "memorisation": {"ratio": memorised},
+        "membership": {"distance": attack, "density": attack, "worst": "distance"},
+    }
 
 
 def test_gates_pass_and_each_can_fail():
@@ -83,6 +92,9 @@ def test_gates_pass_and_each_can_fail():
         # the lower bound decides: a positive mean whose interval reaches below 0 fails
         "utility_lower_bound": {"utility": {"delta": {"mean": 0.02, "low": -0.01, "high": 0.05}}},
         "expectations": {"expectations_critical_ok": False},
+        "memorisation_ratio": {"privacy": privacy(memorised=0.5)},
+        # the upper bound decides: an interval that reaches above the line fails
+        "membership_auc": {"privacy": privacy(auc_high=0.7)},
     }.items():
         result = evaluate_gates(gates, figures(**over))
         assert not result["passed"] and not result[name]["passed"], name

@@ -97,7 +97,7 @@ def test_five_nights_in_one_workspace(tmp_path, prefect_api):
     set_params(
         ws,
         lambda p: (
-            p["validate"]["gates"].update(min_utility_delta=-1e9),
+            p["validate"]["gates"].update(min_utility_delta=-1.0),
             p["generate"].update(seed=5),
         ),
     )

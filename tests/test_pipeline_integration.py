@@ -93,7 +93,7 @@ def test_a_failed_attempt_retrains_within_its_round_then_promotes(workspace, pre
                 max_rounds=1,
                 max_retrains=1,
                 retrain=[
-                    {"train": {"steps": 18}, "validate": {"gates": {"min_utility_delta": -1e9}}}
+                    {"train": {"steps": 18}, "validate": {"gates": {"min_utility_delta": -1.0}}}
                 ],
             ),
         ),

@@ -286,7 +286,7 @@ def test_validate_from_prepared_features_equals_the_inline_run(
 
     _, inline_report, inline_accepted = validate_base
     summary = prepare_shards("validate", str(vws / "params.yaml"))
-    assert summary == {"stage": "validate", "shards": 6, "computed": 6, "reused": 0}
+    assert summary == {"stage": "validate", "shards": 7, "computed": 7, "reused": 0}
 
     # The shards' features are the unsharded extraction's, bit for bit.
     features = load_features([cache_dir(vws, "validate") / key for key in keys(vws, "validate")])
@@ -311,13 +311,13 @@ def test_validate_keys_change_with_evaluator_weights_and_data(vws):
     from safetensors.torch import load_file, save_file
 
     before = keys(vws, "validate")
-    assert len(set(before)) == 6 and keys(vws, "validate") == before
+    assert len(set(before)) == 7 and keys(vws, "validate") == before
 
     # A touched synthetic file: only the synthetic shards (the last two) get new keys.
     part = sorted((vws / "data/synthetic").glob("part-*.parquet"))[0]
     os.utime(part, ns=(part.stat().st_atime_ns, part.stat().st_mtime_ns + 10**9))
     touched = keys(vws, "validate")
-    assert [a != b for a, b in zip(before, touched, strict=True)] == [False] * 4 + [True] * 2
+    assert [a != b for a, b in zip(before, touched, strict=True)] == [False] * 5 + [True] * 2
 
     weights = vws / "models/evaluator/weights.safetensors"
     state = load_file(weights)
@@ -332,7 +332,7 @@ def test_a_missing_validate_shard_is_computed_inline(vws, validate_base, prefect
     from flows.sharded import prepare_shards
 
     prepare_shards("validate", str(vws / "params.yaml"))
-    missing = keys(vws, "validate")[4]  # the first synthetic shard
+    missing = keys(vws, "validate")[5]  # the first synthetic shard
     shutil.rmtree(cache_dir(vws, "validate") / missing)
 
     decoded: list[tuple[int, int]] = []
