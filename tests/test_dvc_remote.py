@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.conftest import BIN, build_workspace, git_commit, run_tool
-from tests.test_deployments import free_port, wait_until
+from tests.prefect_server import free_port, wait_until
 
 pytestmark = pytest.mark.integration
 
