@@ -23,7 +23,7 @@ from prefect.futures import wait
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from synthloop.config import OrchestrationConfig, load_params
-from synthloop.sharding import Shard, StageSpec, cache_dir, compute_shard
+from synthloop.sharding import Shard, StageSpec, cache_dir, compute_shard, shard_key
 from tasks.stages import STAGES, is_sharded, stage_module
 
 __all__ = ["prepare_shards", "shard_stage", "task_runner"]
@@ -58,9 +58,9 @@ def task_runner(orchestration: OrchestrationConfig) -> TaskRunner:
 # No Prefect cache and no retries: the shard cache is content-addressed already, and a
 # shard that fails here is computed again (and fails loudly) when the stage itself runs.
 @task(name="shard", task_run_name="{stage}-shard-{index}", cache_policy=NO_CACHE)
-def run_shard(stage: str, index: int, shard: Shard, config: Any, root: str) -> dict:
-    """One shard into the cache under `root`; a small summary back."""
-    folder, _, reused = compute_shard(stage_spec(stage), config, shard, Path(root))
+def run_shard(stage: str, index: int, shard: Shard, config: Any, root: str, key: str) -> dict:
+    """One shard into the cache under `root` at `key`; a small summary back."""
+    folder, _, reused = compute_shard(stage_spec(stage), config, shard, Path(root), key)
     return {"index": index, "folder": str(folder), "reused": reused}
 
 
@@ -73,7 +73,12 @@ def shard_stage(stage: str, params_path: str) -> dict:
     config = spec.config(load_params(params_file))
     shards = spec.plan(config)
     root = str(cache_dir(params_file.parent, stage))
-    futures = [run_shard.submit(stage, shard.index, shard, config, root) for shard in shards]
+    # Keys here, in the flow's thread: they read the code's sources once, not on every worker.
+    keys = [shard_key(spec, config, shard) for shard in shards]
+    futures = [
+        run_shard.submit(stage, shard.index, shard, config, root, key)
+        for shard, key in zip(shards, keys, strict=True)
+    ]
     wait(futures)
     failed = [f for f in futures if f.state.is_failed()]
     for future in failed:

@@ -18,6 +18,7 @@ effects. Modules named only by a string (importlib) are not followed: name them 
 from __future__ import annotations
 
 import ast
+import threading
 from functools import cache
 from pathlib import Path
 
@@ -61,6 +62,16 @@ def direct_imports(name: str) -> frozenset[str]:
 
 @cache  # keyed on the file's stat: an edited file is read again, even in a long-lived process
 def _imports(name: str, path: Path, _mtime_ns: int, _size: int) -> frozenset[str]:
+    with _PARSING:  # shard keys are computed on task-runner threads
+        return _parse_imports(name, path)
+
+
+# CPython 3.11's parser is not safe to enter from two threads at once ("AST constructor
+# recursion depth mismatch"); parsing is rare (cached per file), so one lock costs nothing.
+_PARSING = threading.Lock()
+
+
+def _parse_imports(name: str, path: Path) -> frozenset[str]:
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):

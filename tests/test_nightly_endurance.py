@@ -87,7 +87,7 @@ def test_five_nights_in_one_workspace(tmp_path, prefect_api):
     set_params(
         ws,
         lambda p: (
-            p["validate"]["gates"].update(min_utility_delta=2.0),
+            p["validate"]["gates"].update(min_utility_delta=1.0),
             p["loop"].update(max_rounds=2, max_retrains=1, retrain=[{"train": {"steps": 14}}]),
         ),
     )
