@@ -466,6 +466,12 @@ class GenerateConfig(_Model):
     per_class_extra: dict[str, int] = Field(
         default_factory=dict, description="extra images for some classes (label -> count)"
     )
+    error_quota: float = Field(
+        1.0,
+        ge=0,
+        description="the class with the largest evaluator val error gets this many times "
+        "per_class extra, the others in proportion to their error (0: off)",
+    )
     batch_size: PositiveInt = 256
     seed: int = 0
     device: Device = "auto"

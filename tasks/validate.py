@@ -96,7 +96,7 @@ from tasks.metrics import (
 )
 from tasks.online_augment import batch_augmenter
 from tasks.privacy import PrivacySets, membership_auc_high, privacy_figures
-from tasks.utility import compare_arms
+from tasks.utility import Trainer, compare_arms
 
 log = logging.getLogger(__name__)
 
@@ -214,22 +214,21 @@ def fidelity(
     return figures
 
 
-def utility(
-    cfg: ValidateConfig,
+def utility_trainer(
     splits: Splits,
-    accepted: ImageTensors,
-    device: torch.device,
+    steps: int,
     evaluator_cfg: EvaluatorConfig,
     policy: AugmentPolicy,
-) -> dict:
-    """The paired-seed utility protocol of `tasks/utility.py`, with the evaluator's
-    architecture as the downstream classifier."""
+    device: torch.device,
+) -> Trainer:
+    """The downstream classifier of every utility arm: the evaluator's architecture trained
+    for about `steps` optimizer steps whatever the size of its training set (so a larger set,
+    real + synthetic, does not win merely by training longer), best epoch on splits.val;
+    seed s gives the same initial weights and augmentation stream to every arm."""
 
     def trainer(train: ImageTensors, seed: int, augment: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        # The same number of optimizer steps for every training set, so that a larger
-        # set (real + synthetic) does not win merely by training longer.
         steps_per_epoch = max(1, math.ceil(len(train) / evaluator_cfg.batch_size))
-        epochs = max(1, math.ceil(cfg.utility_steps / steps_per_epoch))
+        epochs = max(1, math.ceil(steps / steps_per_epoch))
         net_cfg = evaluator_cfg.model_copy(update={"epochs": epochs, "seed": seed})
         stream = torch.Generator().manual_seed(seed)
         online = batch_augmenter(policy, stream) if augment else None
@@ -238,6 +237,19 @@ def utility(
             net, splits.test, net_cfg.batch_size
         )
 
+    return trainer
+
+
+def utility(
+    cfg: ValidateConfig,
+    splits: Splits,
+    accepted: ImageTensors,
+    device: torch.device,
+    evaluator_cfg: EvaluatorConfig,
+    policy: AugmentPolicy,
+) -> dict:
+    """The paired-seed utility protocol of `tasks/utility.py` with `utility_trainer`."""
+    trainer = utility_trainer(splits, cfg.utility_steps, evaluator_cfg, policy, device)
     seeds = [cfg.seed + s for s in range(cfg.utility_seeds)]
     return compare_arms(
         splits.train,

@@ -2,6 +2,7 @@
 retrain overrides."""
 
 import hashlib
+import json
 from datetime import UTC, datetime
 
 import numpy as np
@@ -11,9 +12,9 @@ import torch
 import yaml
 
 from flows.loop import apply_overrides, overrides_for
-from synthloop.config import ConfigError, GateConfig
+from synthloop.config import ConfigError, GateConfig, load_params
 from synthloop.dataset import IMAGE_SCHEMA, ShardWriter, file_hash
-from tasks.feedback import read_requests
+from tasks.feedback import error_extra, read_requests, requested_extra
 from tasks.images import encode_rows
 from tasks.pool import (
     PoolCorrupt,
@@ -185,6 +186,33 @@ def test_feedback_requests_add_up_and_report_bad_rows(tmp_path):
     assert extra == {"3": 15}
     assert [(p["row"], p["reason"].split()[0]) for p in problems] == [(3, "unknown"), (4, "extra")]
     assert read_requests(tmp_path / "missing") == ({}, [])
+
+
+def test_error_quotas_follow_the_val_errors():
+    accuracy = {"0": 1.0, "3": 0.8, "5": 0.9, "8": 0.6, "9": float("nan")}
+    # The worst class (8, error 0.4) gets quota x per_class; the others in proportion.
+    assert error_extra(100, 1.0, accuracy) == {"3": 50, "5": 25, "8": 100}
+    assert error_extra(100, 0.5, accuracy) == {"3": 25, "5": 12, "8": 50}
+    assert error_extra(100, 0.0, accuracy) == {}
+    assert error_extra(100, 1.0, {"0": 1.0, "1": 1.0}) == {}  # no errors: nothing extra
+
+
+def test_requested_extra_adds_config_requests_and_error_quotas(tmp_path):
+    (tmp_path / "params.yaml").write_text(
+        "ingest: {sources: [{kind: demo}]}\n"
+        "generate: {per_class: 10, per_class_extra: {'1': 2}, error_quota: 1.0}\n"
+        "fuse: {feedback: fb}\n"
+        "train_evaluator: {report: ev.json}\n"
+    )
+    (tmp_path / "fb").mkdir()
+    (tmp_path / "fb" / "asks.csv").write_text("label,extra\n1,3\n")
+    params = load_params(tmp_path / "params.yaml")
+    with pytest.raises(FileNotFoundError, match="ev.json.*train_evaluator.*error_quota: 0"):
+        requested_extra(params, ["0", "1"])
+    report = {"per_class_accuracy": {"val": {"0": 0.5, "1": 0.75, "2": 0.0}}}
+    (tmp_path / "ev.json").write_text(json.dumps(report))
+    # Class "2" is not a class of the model: its error neither counts nor sets the scale.
+    assert requested_extra(params, ["0", "1"]) == {"0": 10, "1": 2 + 3 + 5}
 
 
 def test_retrain_overrides_keep_comments_and_are_validated(tmp_path):
