@@ -7,7 +7,8 @@ has only n labelled images per class?
 For each dataset, each n and each seed (the unit of replication):
   1. draw n train and n val images per class from the pool (seeded); the test set is fixed
      for the dataset (drawn once, disjoint from every pool, balanced, large);
-  2. the user's yardstick: the evaluator CNN trained on those n + n images alone;
+  2. the user's yardstick: the evaluator CNN trained on those n + n images alone, for
+     `validate.utility_steps` steps;
   3. the generator (`train.family` from params.yaml, its settings, `--steps`) trained on the
      n train images per class alone: nothing it learns comes from images the arms lack;
   4. `--per-class` samples per class; *selected* keeps those the yardstick gives at least
@@ -33,6 +34,7 @@ Figures only: nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 import time
@@ -168,7 +170,14 @@ def replicate(params, data: ImageTensors, test: ImageTensors, rows, seed, args) 
         return tensors(data.images[r].numpy(), data.labels[r].numpy(), data.classes, tag)
 
     splits = Splits(train=pick(train_rows, "train"), val=pick(val_rows, "val"), test=test)
-    evaluator_cfg = params.train_evaluator.model_copy(update={"seed": seed, "device": "cpu"})
+    # The yardstick trains validate.utility_steps steps like every arm's classifier, not
+    # train_evaluator.epochs over n images: 15 epochs of 50 images are 15 steps, too few
+    # to be confident of anything.
+    per_epoch = math.ceil(len(train_rows) / params.train_evaluator.batch_size)
+    epochs = math.ceil(params.validation.utility_steps / per_epoch)
+    evaluator_cfg = params.train_evaluator.model_copy(
+        update={"seed": seed, "device": "cpu", "epochs": epochs}
+    )
     yardstick, _ = train_net(evaluator_cfg, splits, torch.device("cpu"))
     with tempfile.TemporaryDirectory() as work:
         images, labels, train_seconds = synthesize(
