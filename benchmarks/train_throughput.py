@@ -97,6 +97,7 @@ except ImportError:  # pragma: no cover - the same two functions, for a bare tor
 # Peak dense bf16 tensor-core FLOP/s by device name (first match wins; SXM unless named).
 PEAK_BF16 = (
     ("H200", 989e12),
+    ("H200", 989e12),  # the H100 SXM's tensor cores, more and faster memory
     ("H100 PCIe", 756e12),
     ("H100", 989e12),  # SXM; H100 NVL is ~835e12: use --peak-tflops
     ("A100", 312e12),
@@ -249,14 +250,9 @@ class Runner:
 
 
 def train_config(args: argparse.Namespace, family: str, cfg: Config, fast: bool, **kw) -> dict:
-    width = cfg.width[family]
-    settings = {
-        "family": family,
-        "batch_size": cfg.batch,
-        "device": args.device,
-        "cgan": {"width": width},
-        "diffusion": {"width": width},
-    }
+    settings: dict = {"family": family, "batch_size": cfg.batch, "device": args.device}
+    if family in cfg.width:  # other families keep their configured size
+        settings[family] = {"width": cfg.width[family]}
     if not fast:  # the plain way; the fast path keeps TrainConfig's defaults
         settings.update(bf16=False, channels_last=False, compile=False)
     else:
@@ -345,7 +341,7 @@ def bench_config(
         "family": family_name,
         "config": cfg.name,
         "image": f"{cfg.size}x{cfg.size}x{cfg.channels}",
-        "width": cfg.width[family_name],
+        "width": cfg.width.get(family_name),
         "batch": cfg.batch,
         "params": params,
         "flops_per_image": flops,
