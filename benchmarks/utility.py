@@ -196,7 +196,7 @@ def replicate(params, data: ImageTensors, test: ImageTensors, rows, seed, args) 
     )
     trainer = utility_trainer(
         splits, params.validation.utility_steps, params.train_evaluator, params.augment.policy,
-        torch.device("cpu"),
+        torch.device("cpu"), params.validation.utility_balanced,
     )  # fmt: skip
     sets = {
         "real": (splits.train, False),

@@ -567,6 +567,11 @@ class ValidateConfig(_Model):
     utility_seeds: int = Field(
         5, ge=2, description="paired seeds of the utility arms (2 at least: an interval needs 2)"
     )
+    utility_balanced: bool = Field(
+        True,
+        description="every utility arm draws each class equally often: the remedy any user "
+        "has for a long tail, so synthetic data is not credited with rebalancing",
+    )
     short_class_share: float = Field(
         0.5,
         gt=0,

@@ -233,20 +233,32 @@ def small_image_cpu_threads(
     return cpu_threads(device.type, intra_op_threads(requested, size))
 
 
+def epoch_order(labels: Tensor, balanced: bool, generator: torch.Generator) -> Tensor:
+    """One epoch's row order: a permutation, or (balanced) len(labels) rows drawn with
+    replacement with weights 1/class count, so every class is drawn equally often."""
+    n = len(labels)
+    if not balanced:
+        return torch.randperm(n, generator=generator)
+    weights = 1.0 / torch.bincount(labels)[labels].double()
+    return torch.multinomial(weights, n, replacement=True, generator=generator)
+
+
 def train_net(
     cfg: EvaluatorConfig,
     splits: Splits,
     device: torch.device,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    balanced: bool = False,
 ) -> tuple[EvaluatorNet, dict]:
     """Train on splits.train; keep the weights of the epoch with the best val accuracy.
 
     Seeded from cfg.seed through a forked RNG, so a run is reproducible on CPU and the
     caller's global RNG state is left as it was. `augment` (uint8 batch -> uint8 batch)
-    transforms every training batch on the fly.
+    transforms every training batch on the fly. `balanced` draws every class equally often
+    (rows with replacement, weights 1/class count), the usual remedy for a long tail.
     """
     with small_image_cpu_threads(device, splits.train.images.shape[-1], cfg.cpu_threads):
-        return _train(cfg, splits, device, augment)
+        return _train(cfg, splits, device, augment, balanced)
 
 
 def _train(
@@ -254,6 +266,7 @@ def _train(
     splits: Splits,
     device: torch.device,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    balanced: bool = False,
 ) -> tuple[EvaluatorNet, dict]:
     _, channels, size, _ = splits.train.images.shape
     with torch.random.fork_rng(devices=[]):
@@ -270,7 +283,7 @@ def _train(
     best_acc, best_epoch, best_state, history = -1.0, 0, None, []
     for epoch in range(1, cfg.epochs + 1):
         net.train()
-        order = torch.randperm(n, generator=generator).to(device)
+        order = epoch_order(splits.train.labels, balanced, generator).to(device)
         total = 0.0
         for step in range(steps_per_epoch):
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]

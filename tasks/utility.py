@@ -2,7 +2,9 @@
 the user already has?
 
 Every arm trains on the real images the generator trained on (the clean train split) and is
-scored on the real test split, with the same number of optimizer steps whatever its size.
+scored on the real test split, with the same number of optimizer steps whatever its size and,
+with `validate.utility_balanced`, every class drawn equally often: a user with a long tail
+rebalances for free, so synthetic rows must beat that, not an imbalanced classifier.
 
 The *baseline* is the better of what the user already has, chosen as the user would choose
 it, on the val split (overall accuracy, seed 0; a tie means no augmentation; the test split
@@ -148,7 +150,8 @@ def compare_arms(
     overall = summary("overall")
     decisive = summary("short") if short_idx else overall
     return {
-        "protocol": "paired seeds; every arm trains on the clean train split; the baseline is "
+        "protocol": "paired seeds; every arm trains on the clean train split (class-balanced "
+        "draws with validate.utility_balanced); the baseline is "
         "real or real+aug (the augment policy on the fly), whichever scores higher on val; "
         "scored on the real test split",
         "baseline": ARMS[augment],

@@ -220,11 +220,13 @@ def utility_trainer(
     evaluator_cfg: EvaluatorConfig,
     policy: AugmentPolicy,
     device: torch.device,
+    balanced: bool = False,
 ) -> Trainer:
     """The downstream classifier of every utility arm: the evaluator's architecture trained
     for about `steps` optimizer steps whatever the size of its training set (so a larger set,
     real + synthetic, does not win merely by training longer), best epoch on splits.val;
-    seed s gives the same initial weights and augmentation stream to every arm."""
+    seed s gives the same initial weights and augmentation stream to every arm; `balanced`
+    draws every class equally often in every arm."""
 
     def trainer(train: ImageTensors, seed: int, augment: bool) -> tuple[torch.Tensor, torch.Tensor]:
         steps_per_epoch = max(1, math.ceil(len(train) / evaluator_cfg.batch_size))
@@ -232,7 +234,7 @@ def utility_trainer(
         net_cfg = evaluator_cfg.model_copy(update={"epochs": epochs, "seed": seed})
         stream = torch.Generator().manual_seed(seed)
         online = batch_augmenter(policy, stream) if augment else None
-        net, _ = train_net(net_cfg, replace(splits, train=train), device, online)
+        net, _ = train_net(net_cfg, replace(splits, train=train), device, online, balanced)
         return predict(net, splits.val, net_cfg.batch_size), predict(
             net, splits.test, net_cfg.batch_size
         )
@@ -249,7 +251,9 @@ def utility(
     policy: AugmentPolicy,
 ) -> dict:
     """The paired-seed utility protocol of `tasks/utility.py` with `utility_trainer`."""
-    trainer = utility_trainer(splits, cfg.utility_steps, evaluator_cfg, policy, device)
+    trainer = utility_trainer(
+        splits, cfg.utility_steps, evaluator_cfg, policy, device, cfg.utility_balanced
+    )
     seeds = [cfg.seed + s for s in range(cfg.utility_seeds)]
     return compare_arms(
         splits.train,

@@ -143,3 +143,17 @@ def test_online_augmentation_draws_per_image_and_is_seeded():
     b = batch_augmenter(policy, torch.Generator().manual_seed(3))(x)
     assert torch.equal(a, b) and a.dtype == torch.uint8
     assert len({bytes(img.flatten().tolist()) for img in a}) > 8  # each image its own draw
+
+
+def test_balanced_epochs_draw_every_class_equally_often():
+    from tasks.evaluator import epoch_order
+
+    labels = torch.tensor([0] * 900 + [1] * 90 + [2] * 10)
+    order = epoch_order(labels, True, torch.Generator().manual_seed(0))
+    assert len(order) == len(labels)
+    shares = torch.bincount(labels[order], minlength=3).double() / len(order)
+    assert torch.allclose(shares, torch.full((3,), 1 / 3, dtype=torch.float64), atol=0.05)
+    plain = epoch_order(labels, False, torch.Generator().manual_seed(0))
+    assert sorted(plain.tolist()) == list(range(len(labels)))  # a permutation: each row once
+    again = epoch_order(labels, True, torch.Generator().manual_seed(0))
+    assert torch.equal(order, again)  # seeded
