@@ -401,7 +401,7 @@ class DiffusionConfig(_Model):
 
 
 class VaeConfig(_Model):
-    latent_dim: PositiveInt = 16
+    latent_dim: PositiveInt = 32
     width: PositiveInt = Field(32, description="base channel count of encoder and decoder")
     beta: float = Field(1.0, ge=0, description="the KL term's weight in the ELBO")
     kl_warmup: int = Field(500, ge=0, description="steps over which the KL weight rises to beta")
