@@ -1,6 +1,6 @@
 """Training and sampling throughput of the generator families: fast path against a baseline.
 
-    python benchmarks/train_throughput.py [--device auto|cpu|cuda] [--families cgan,diffusion]
+    python benchmarks/train_throughput.py [--device auto|cpu|cuda] [--families cgan,diffusion,vae]
         [--configs small,large] [--steps 20] [--warmup 5] [--repeats 3] [--batch-size N]
         [--sample-batch N] [--compile] [--quick] [--threads N] [--workers N] [--images N]
         [--peak-tflops T] [--ablate] [--json PATH]
@@ -36,10 +36,10 @@ instead of the DataLoader).
 Configs (the dataset is procedural: synthloop.procedural.make_image_folder written into
 IMAGE_SCHEMA Parquet shards in a temporary directory, so this runs anywhere offline):
 
-  GPU (default)   small: 16x16 RGB, width 32 (cgan and diffusion), batch 256
-                  large: 32x32 RGB, width 128 (cgan) / 128 (diffusion), batch 256
+  GPU (default)   small: 16x16 RGB, width 32 (every family), batch 256
+                  large: 32x32 RGB, width 128 (every family), batch 256
   --quick (CPU)   small: 16x16 RGB, width 16, batch 32
-                  large: 32x32 RGB, width 32 (cgan) / 32 (diffusion), batch 32
+                  large: 32x32 RGB, width 32 (every family), batch 32
 
 GPU figures (MFU, bf16, fused Adam, TF32, compile) need a CUDA device; on CPU bf16 is off by
 design (Family.autocast) and MFU is not reported. Figures only: nothing is asserted.
@@ -118,12 +118,12 @@ class Config:
 
 
 GPU_CONFIGS = (
-    Config("small", 16, 3, {"cgan": 32, "diffusion": 32}, 256),
-    Config("large", 32, 3, {"cgan": 128, "diffusion": 128}, 256),
+    Config("small", 16, 3, {"cgan": 32, "diffusion": 32, "vae": 32}, 256),
+    Config("large", 32, 3, {"cgan": 128, "diffusion": 128, "vae": 128}, 256),
 )
 QUICK_CONFIGS = (
-    Config("small", 16, 3, {"cgan": 16, "diffusion": 16}, 32),
-    Config("large", 32, 3, {"cgan": 32, "diffusion": 32}, 32),
+    Config("small", 16, 3, {"cgan": 16, "diffusion": 16, "vae": 16}, 32),
+    Config("large", 32, 3, {"cgan": 32, "diffusion": 32, "vae": 32}, 32),
 )
 
 

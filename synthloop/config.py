@@ -304,7 +304,7 @@ class CleanConfig(_Model):
 Device = Literal["auto", "cpu", "cuda"]
 # The generator families (tasks/generators FAMILIES implements each; a test holds the two
 # equal). The run form, the CLI and TrainConfig take their choices from here.
-FamilyName = Literal["cgan", "diffusion"]
+FamilyName = Literal["cgan", "diffusion", "vae"]
 FAMILY_NAMES: tuple[str, ...] = get_args(FamilyName)
 
 
@@ -400,6 +400,16 @@ class DiffusionConfig(_Model):
     p_uncond: float = Field(0.1, ge=0, lt=1, description="label dropout while training")
 
 
+class VaeConfig(_Model):
+    latent_dim: PositiveInt = 32
+    width: PositiveInt = Field(32, description="base channel count of encoder and decoder")
+    beta: float = Field(1.0, ge=0, description="the KL term's weight in the ELBO")
+    kl_warmup: int = Field(500, ge=0, description="steps over which the KL weight rises to beta")
+    temperature: float = Field(1.0, ge=0, description="sampling: scales the prior's std")
+    likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
+    lr: float = Field(1e-3, gt=0, description="the VAE's Adam lr (train.lr is the others')")
+
+
 class DistributedConfig(_Model):
     """Data-parallel training under torchrun (DDP); one process per device."""
 
@@ -449,6 +459,7 @@ class TrainConfig(_Model):
     )
     cgan: CganConfig = CganConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
+    vae: VaeConfig = VaeConfig()
     distributed: DistributedConfig = DistributedConfig()
     input: Path = Path("data/fused")
     output: Path = Path("models/generator")

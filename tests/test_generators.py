@@ -10,6 +10,7 @@ from synthloop.config import TrainConfig
 from tasks.generators import FAMILIES
 from tasks.generators.cgan import diff_augment, pyramid
 from tasks.generators.diffusion import Diffusion
+from tasks.generators.vae import kl_weight
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -22,6 +23,7 @@ def tiny(family: str, **overrides: object) -> TrainConfig:
         "device": "cpu",
         "cgan": {"width": 8, "z_dim": 8},
         "diffusion": {"width": 8, "timesteps": 50, "sample_steps": 3},
+        "vae": {"width": 8, "latent_dim": 4},
     }
     return TrainConfig.model_validate(values | overrides)
 
@@ -35,7 +37,7 @@ def test_pyramid_reaches_every_supported_size() -> None:
     assert [pyramid(s) for s in (8, 16, 28, 32, 64)] == [(4, 1), (4, 2), (7, 2), (4, 3), (4, 4)]
 
 
-@pytest.mark.parametrize("family", ["cgan", "diffusion"])
+@pytest.mark.parametrize("family", ["cgan", "diffusion", "vae"])
 @pytest.mark.parametrize(("size", "channels"), [(8, 1), (16, 3), (28, 1), (32, 3), (64, 1)])
 def test_train_step_and_sample_shapes(family: str, size: int, channels: int) -> None:
     torch.manual_seed(0)
@@ -55,6 +57,8 @@ def test_train_step_and_sample_shapes(family: str, size: int, channels: int) -> 
         ("diffusion", {}),
         ("diffusion", {"diffusion": {"width": 8, "schedule": "edm", "sample_steps": 3}}),
         ("diffusion", {"diffusion": {"width": 8, "timesteps": 50, "guidance": 1.0}}),
+        ("vae", {}),
+        ("vae", {"vae": {"width": 8, "latent_dim": 4, "likelihood": "gaussian"}}),
     ],
 )
 def test_labels_condition_the_samples(family: str, options: dict) -> None:
@@ -78,7 +82,7 @@ def test_eps_prediction_trains_and_samples() -> None:
     assert images.shape == (2, 1, 8, 8) and images.abs().max() <= 1
 
 
-@pytest.mark.parametrize("family", ["cgan", "diffusion"])
+@pytest.mark.parametrize("family", ["cgan", "diffusion", "vae"])
 def test_export_round_trip_samples_the_same(family: str) -> None:
     cfg = tiny(family)
     torch.manual_seed(0)
@@ -92,7 +96,7 @@ def test_export_round_trip_samples_the_same(family: str) -> None:
     torch.testing.assert_close(rebuilt.sample(labels, torch.Generator().manual_seed(3)), expected)
 
 
-@pytest.mark.parametrize("family", ["cgan", "diffusion"])
+@pytest.mark.parametrize("family", ["cgan", "diffusion", "vae"])
 def test_same_seed_same_steps(family: str) -> None:
     def losses() -> list[float]:
         torch.manual_seed(0)
@@ -121,3 +125,79 @@ def test_diff_augment_is_seeded_differentiable_and_shape_preserving() -> None:
     assert torch.equal(out, diff_augment(x, torch.Generator().manual_seed(0)))
     out.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+# --- vae ---------------------------------------------------------------------------------
+
+
+def test_kl_weight_warms_up_linearly_to_beta() -> None:
+    assert [kl_weight(s, 2.0, 4) for s in (1, 2, 3, 4, 5, 100)] == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0]
+    assert kl_weight(1, 0.7, 0) == 0.7  # no warm-up: beta from the first step
+
+
+def test_vae_step_weights_kl_by_the_schedule() -> None:
+    torch.manual_seed(0)
+    model = FAMILIES["vae"](
+        tiny("vae", vae={"width": 8, "latent_dim": 4, "beta": 0.5, "kl_warmup": 3}), 3, 1, 8, CPU
+    )
+    for step in range(1, 6):
+        losses = model.train_step(*batch(6, 1, 8, step))
+        assert losses["kl"] > 0
+        weight = (losses["loss"] - losses["recon"]) / losses["kl"]
+        assert weight.item() == pytest.approx(0.5 * min(step / 3, 1.0), rel=1e-4)
+
+
+def test_vae_temperature_zero_decodes_the_prior_mean() -> None:
+    torch.manual_seed(0)
+    cfg = tiny("vae", vae={"width": 8, "latent_dim": 4, "temperature": 0.0})
+    model = FAMILIES["vae"](cfg, 3, 1, 8, CPU)
+    for seed in range(3):
+        model.train_step(*batch(6, 1, 8, seed))
+    labels = torch.tensor([0, 1, 2, 2])
+    cold = model.sample(labels, torch.Generator().manual_seed(1))
+    assert torch.equal(cold, model.sample(labels, torch.Generator().manual_seed(2)))
+    with torch.no_grad():
+        mean = torch.sigmoid(model.decoder_ema(torch.zeros(4, 4), labels)) * 2 - 1
+    torch.testing.assert_close(cold, mean)
+    model.cfg = tiny("vae", vae={"width": 8, "latent_dim": 4, "temperature": 1.0})
+    warm = [model.sample(labels, torch.Generator().manual_seed(s)) for s in (1, 2)]
+    assert not torch.allclose(*warm)  # at temperature 1 the seed matters
+
+
+def test_vae_exports_only_the_ema_decoder() -> None:
+    torch.manual_seed(0)
+    model = FAMILIES["vae"](tiny("vae"), 3, 1, 8, CPU)
+    model.train_step(*batch(6, 1, 8))
+    exported = model.export_state()
+    assert exported.keys() == model.decoder.state_dict().keys()
+    assert all(torch.equal(exported[k], v) for k, v in model.decoder_ema.state_dict().items())
+
+
+def bars(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """8x8 images in [-1, 1]: class 0 a horizontal bar, class 1 a vertical bar, at a random
+    position, on a dark noisy background."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 8, 8, generator=g) * 0.2 - 1
+    y = torch.arange(n) % 2
+    k = torch.randint(1, 7, (n,), generator=g)
+    for i in range(n):
+        if y[i] == 0:
+            x[i, 0, k[i], :] = 1
+        else:
+            x[i, 0, :, k[i]] = 1
+    return x, y
+
+
+def test_vae_learns_what_each_label_looks_like() -> None:
+    """After a short training on bars, a class-0 sample is brighter along a row than along
+    any column, a class-1 sample the other way round."""
+    torch.manual_seed(0)
+    vae = {"width": 8, "latent_dim": 4, "kl_warmup": 50, "temperature": 0.8, "lr": 3e-3}
+    cfg = tiny("vae", vae=vae)
+    model = FAMILIES["vae"](cfg, 2, 1, 8, CPU)
+    for step in range(200):
+        model.train_step(*bars(32, step))
+    images = model.sample(torch.tensor([0] * 8 + [1] * 8), torch.Generator().manual_seed(0))
+    rows = images.mean(dim=3).amax(dim=(1, 2))  # the brightest row's mean, per image
+    cols = images.mean(dim=2).amax(dim=(1, 2))
+    assert (rows[:8] > cols[:8]).all() and (cols[8:] > rows[8:]).all()

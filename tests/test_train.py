@@ -65,6 +65,7 @@ def tiny_cfg(root: Path, data: Path, name: str = "run", **overrides: object) -> 
         "checkpoint_every": 6,
         "cgan": {"width": 8, "z_dim": 8},
         "diffusion": {"width": 8, "timesteps": 50, "sample_steps": 3},
+        "vae": {"width": 8, "latent_dim": 4},
         "input": data,
         "output": root / name / "models/generator",
         "checkpoints": root / name / "checkpoints",
@@ -111,7 +112,7 @@ def test_writes_model_card_config_weights_and_reports(tmp_path: Path, data: Path
     assert not list(cfg.output.parent.glob(".generator.*"))  # no temporaries left behind
 
 
-@pytest.mark.parametrize("family", ["cgan", "diffusion"])
+@pytest.mark.parametrize("family", ["cgan", "diffusion", "vae"])
 def test_resume_reaches_the_uninterrupted_weights(
     tmp_path: Path, data: Path, family: str, caplog: pytest.LogCaptureFixture
 ) -> None:

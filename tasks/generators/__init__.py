@@ -12,7 +12,8 @@ from __future__ import annotations
 from tasks.generators.base import Family
 from tasks.generators.cgan import CGAN
 from tasks.generators.diffusion import Diffusion
+from tasks.generators.vae import VAE
 
-FAMILIES: dict[str, type[Family]] = {"cgan": CGAN, "diffusion": Diffusion}
+FAMILIES: dict[str, type[Family]] = {"cgan": CGAN, "diffusion": Diffusion, "vae": VAE}
 
 __all__ = ["FAMILIES", "Family"]
