@@ -9,6 +9,8 @@ import pytest
 import yaml
 
 from flows.attempt import STAGE_ORDER as ALL_STAGES
+from synthloop.config import GenerateConfig
+from tasks.feedback import error_extra
 from tests.conftest import run_tool
 
 pytestmark = pytest.mark.integration
@@ -29,14 +31,14 @@ def test_dvc_repro_builds_every_stage_then_skips(workspace):
     assert report["expectations"]["success"]
     assert (workspace / "models/generator/weights.safetensors").is_file()
     assert (workspace / "reports/samples.png").is_file()
+    # per_class of each class, plus the error quotas from the evaluator's val errors.
+    evaluator = json.loads((workspace / "reports/evaluator.json").read_text())
+    quota = error_extra(8, GenerateConfig().error_quota, evaluator["per_class_accuracy"]["val"])
+    expected = {c: 8 + quota.get(c, 0) for c in ("ellipse", "rectangle", "triangle")}
     synthetic = pd.read_parquet(workspace / "data/synthetic")
-    assert synthetic.groupby("label").size().to_dict() == {
-        "ellipse": 8,
-        "rectangle": 8,
-        "triangle": 8,
-    }
+    assert synthetic.groupby("label").size().to_dict() == expected
     validation = json.loads((workspace / "reports/validation.json").read_text())
-    assert validation["synthetic"] == 24 and "gates" in validation
+    assert validation["synthetic"] == sum(expected.values()) and "gates" in validation
 
     second = run_tool("dvc", "repro", cwd=workspace)
     assert "Running stage" not in second.stdout
