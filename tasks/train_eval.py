@@ -18,16 +18,27 @@ The class mix is uniform (the generator is asked for every class equally), while
 split keeps the data's long tail: that offset is the same at every evaluation, so it does
 not move the choice of the best step. Nothing here touches the training random streams:
 sampling draws from its own generator, the KID subsets from a forked RNG.
+
+`evaluate` is what the training loop calls at an evaluation step: score (rank 0), update the
+`Evaluations` (early stopping, a CPU copy of the best export weights; checkpointed with the
+run) and, under DDP, broadcast the stop decision. `write_curve` writes eval.csv.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
+import math
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from synthloop.dataset import file_hash
+from synthloop.dataset import atomic_file, file_hash
+from tasks.early_stopping import EarlyStopping
 from tasks.evaluator import CONFIG, WEIGHTS, load_evaluator
 from tasks.generators.base import Family, derive_seed
 from tasks.images import dataset_version, load_image_tensors, to_uint8
@@ -104,3 +115,73 @@ class FixedBatchScorer:
         features = self.evaluator.features(self.samples(family))
         _, kid, _ = fid_kid_features(self.val_features, features, seed=self.seed)
         return kid
+
+
+def write_curve(path: Path, curve: list[tuple[int, float]]) -> None:
+    """step,kid per evaluation (a header alone without evaluation), for `dvc plots show`."""
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["step", METRIC])
+        writer.writerows([step, f"{score:.8g}"] for step, score in curve)
+
+
+def figure(value: float | None) -> float | None:
+    """A score for the card: 8 significant digits (as eval.csv has it; a KID can be 1e-6);
+    None for a missing or non-finite one (JSON has no NaN)."""
+    if value is None or not math.isfinite(value):
+        return None
+    return float(f"{value:.8g}")
+
+
+@dataclass
+class Evaluations:
+    """The evaluations so far: the early-stopping bookkeeping, the best export weights (a
+    CPU copy; rank 0 alone scores, so only it holds them) and the seconds spent. Part of
+    every checkpoint."""
+
+    stopping: EarlyStopping
+    best_weights: dict[str, torch.Tensor] | None = None
+    seconds: float = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "stopping": self.stopping.state_dict(),
+            "best_weights": self.best_weights,
+            "seconds": self.seconds,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stopping.load_state_dict(state["stopping"])
+        self.best_weights = state["best_weights"]
+        self.seconds = float(state["seconds"])
+
+
+def evaluate(
+    step: int,
+    family: Family,
+    scorer: FixedBatchScorer | None,
+    evals: Evaluations,
+    device: torch.device,
+    world: int,
+) -> bool:
+    """Score the EMA weights (rank 0, which holds the scorer) and keep a copy when they are
+    the best so far. Returns the stop decision, the same on every rank: rank 0 broadcasts
+    it, one small tensor per evaluation (the other ranks wait for it meanwhile)."""
+    stop = False
+    if scorer is not None:
+        began = time.perf_counter()
+        score = scorer.score(family)
+        decision = evals.stopping.update(step, score)
+        if decision.improved:  # clone: on the CPU export_state shares the live EMA storage
+            evals.best_weights = {k: v.clone() for k, v in family.export_state().items()}
+        evals.seconds += time.perf_counter() - began
+        log.info(
+            "eval step %d: %s %.6g%s", step, METRIC, score, "  (best)" if decision.improved else ""
+        )
+        stop = decision.stop
+    if world > 1:
+        flag = torch.tensor([int(stop)], device=device)  # nccl needs it on the GPU
+        dist.broadcast(flag, src=0)
+        stop = bool(flag.item())
+        evals.stopping.stopped |= stop  # the other ranks' cards say so too
+    return stop
