@@ -454,6 +454,17 @@ class TrainConfig(_Model):
     checkpoint_every: PositiveInt = 500
     log_every: PositiveInt = 100
     resume: bool = Field(False, description="continue from the last checkpoint if any")
+    eval_every: int = Field(
+        250,
+        ge=0,
+        description="steps between evaluations of the EMA weights (KID of a fixed batch "
+        "against the real val split); the best is the output. 0: no evaluation, the last "
+        "weights are the output",
+    )
+    patience: int = Field(
+        3, ge=0, description="evaluations without improvement before stopping; 0: never stop"
+    )
+    eval_per_class: PositiveInt = Field(20, description="samples per class of the fixed batch")
     gpu_dataset_max_bytes: PositiveInt = Field(
         2 * 1024**3, description="decode the dataset onto the GPU only below this size"
     )
@@ -465,8 +476,10 @@ class TrainConfig(_Model):
     output: Path = Path("models/generator")
     checkpoints: Path = Path("models/checkpoints/train")
     reports: Path = Path("reports/train")
+    evaluator: Path = Path("models/evaluator")
+    val_data: Path = Path("data/clean/val")
 
-    @field_validator("input", "output", "checkpoints", "reports")
+    @field_validator("input", "output", "checkpoints", "reports", "evaluator", "val_data")
     @classmethod
     def _out(cls, path: Path, info: ValidationInfo) -> Path:
         return _resolve(path, info)

@@ -81,12 +81,15 @@ def fid_kid_features(
         return math.nan, math.nan, math.nan
     dim = real_feats.shape[1]
     subset = min(kid_subset_size, len(real_feats), len(fake_feats))
+    # The figures are of the tensors given: inside a process group (train's rank 0 scores
+    # alone under DDP) torchmetrics would otherwise gather every rank's state and hang.
+    local = {"sync_on_compute": False}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
         kid = KernelInceptionDistance(
-            feature=IdentityFeatures(dim), subsets=kid_subsets, subset_size=subset
+            feature=IdentityFeatures(dim), subsets=kid_subsets, subset_size=subset, **local
         )
-    fid = FrechetInceptionDistance(feature=IdentityFeatures(dim))
+    fid = FrechetInceptionDistance(feature=IdentityFeatures(dim), **local)
     device = real_feats.device
     fid, kid = fid.to(device), kid.to(device)
     for feats, real in ((real_feats, True), (fake_feats, False)):

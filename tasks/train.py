@@ -7,8 +7,17 @@ to the family's `train_step` (tasks/generators/). The fast path is visible: TF32
 autotune here; bf16 autocast, channels_last, fused Adam and torch.compile (train.compile)
 inside the families; losses stay on the device and are fetched once per log interval.
 
+Best checkpoint and early stopping: every train.eval_every steps and at the last step, the
+EMA (export) weights sample a fixed, seeded batch that is scored by KID against the real val
+split in the evaluator's feature space (tasks/train_eval.py: the code validate uses). The
+best-scoring weights (a CPU copy) are the output, not the last ones; after train.patience
+evaluations without improvement training stops (tasks/early_stopping.py decides). The card
+records best_step, best_score, the metric and the curve; eval.csv holds the curve. With
+train.eval_every 0 nothing is evaluated and the last weights are the output.
+
 Resumable: every checkpoint_every steps `checkpoints/last.pt` holds the networks, their EMA
-copies, the optimizers, every random generator's state and the losses so far, with a
+copies, the optimizers, every random generator's state, the losses and the evaluations so
+far (curve, best weights, patience counter), with a
 fingerprint of the settings and data that made it. `train.resume: true` continues from it
 and ends with the weights an uninterrupted run would have (bit-for-bit on CPU); a
 checkpoint of other settings or other data is refused. The checkpoints are working state,
@@ -22,16 +31,20 @@ all drawn from the same seeded stream: train.batch_size is per process, so the g
 is batch_size x world_size (lr is not rescaled). Each rank draws its own noise (rank 0 keeps
 the single-process stream); BatchNorm statistics stay per rank, DDP hands rank 0's to the
 others at every forward. The EMA is updated from identical weights on every rank; rank 0
-alone logs and writes checkpoints, reports and the model, whose card records world_size.
+alone logs, evaluates and writes checkpoints, reports and the model, whose card records
+world_size. After each evaluation rank 0 broadcasts its stop decision, so every rank stops
+at the same step.
 Logged losses are averaged over the ranks. A checkpoint holds every rank's noise stream, so
 a resume (each rank loads rank 0's checkpoint) needs the same world size.
 
 Outputs (train.output, replaced atomically as a whole):
-  weights.safetensors  the EMA generator: all that generate needs
+  weights.safetensors  the EMA generator at the best evaluation: all that generate needs
   config.json          the TrainConfig that made it, plus classes, channels, size
   model_card.json      family, steps, data version, per-class counts, losses, speed, sizes,
+                       best_step, best_score, eval_metric, stopped_early, eval_curve,
                        model_version (a hash of weights.safetensors)
-Reports (train.reports): losses.csv (one row per step, for `dvc plots`), summary.json.
+Reports (train.reports): losses.csv (one row per step) and eval.csv (step, kid per
+evaluation), both for `dvc plots`; summary.json.
 """
 
 from __future__ import annotations
@@ -61,9 +74,20 @@ from synthloop.dataset import (
     write_json,
 )
 from synthloop.threads import intra_op_threads
+from tasks.early_stopping import EarlyStopping
 from tasks.generators import FAMILIES, Family
 from tasks.generators.base import derive_seed
 from tasks.images import dataset_version, load_image_tensors, resolve_device, to_float
+from tasks.train_eval import (
+    METRIC,
+    Evaluations,
+    FixedBatchScorer,
+    check_inputs,
+    evaluate,
+    figure,
+    inputs_version,
+    write_curve,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +96,14 @@ WEIGHTS = "weights.safetensors"
 # The settings a checkpoint can only be resumed with; steps, logging and paths may change
 # between runs. The active family's own section (train.cgan or train.diffusion), the data
 # version and the kind of device are added.
-FINGERPRINT_KEYS = ("family", "batch_size", "lr", "ema_decay", "seed", "class_balance")
+FINGERPRINT_KEYS = (
+    "family", "batch_size", "lr", "ema_decay", "seed", "class_balance",
+    "eval_every", "patience", "eval_per_class",  # they choose the output and the last step
+)  # fmt: skip
 SUMMARY_KEYS = (  # reports/train/summary.json: the model card's numbers, for `dvc metrics`
     "family", "model_version", "steps", "final_losses", "images_per_second", "train_seconds",
     "wall_seconds", "resumed_from_step", "device", "world_size",
+    "best_step", "best_score", "stopped_early",
 )  # fmt: skip
 
 
@@ -141,6 +169,9 @@ def train(cfg: TrainConfig, device: torch.device, rank: int = 0, world: int = 1)
     if device.type == "cpu":  # one thread for small images: see synthloop/threads.py
         torch.set_num_threads(intra_op_threads(cfg.cpu_threads, height))
     data_version = dataset_version(cfg.input)
+    evaluating = cfg.eval_every > 0
+    if evaluating:  # before any work: a missing evaluator is a clear error on every rank
+        check_inputs(cfg.evaluator, cfg.val_data)
     images, labels = place_dataset(data.images, data.labels, device, cfg.gpu_dataset_max_bytes)
 
     # --- model, random streams, and the checkpoint to resume from ------------------------
@@ -151,13 +182,22 @@ def train(cfg: TrainConfig, device: torch.device, rank: int = 0, world: int = 1)
     # Batch indices are drawn where the dataset lives: no host->device copy, no sync. Every
     # rank holds the same stream, draws the same global batch and keeps its own slice.
     batches = torch.Generator(images.device).manual_seed(derive_seed(cfg.seed, "batches"))
-    fingerprint = make_fingerprint(cfg, data_version, device, images.device, world)
+    scorer = None
+    if evaluating and main:  # the val features are computed once, here
+        scorer = FixedBatchScorer(
+            cfg.evaluator, cfg.val_data, len(classes), cfg.eval_per_class, cfg.seed, device,
+            cfg.batch_size,
+        )  # fmt: skip
+        scorer.check_images(channels, height)
+    eval_version = inputs_version(cfg.evaluator, cfg.val_data) if evaluating else None
+    fingerprint = make_fingerprint(cfg, data_version, device, images.device, world, eval_version)
     ckpt_path = cfg.checkpoints / CHECKPOINT
     rows: list[dict[str, float]] = []  # one per step: {"step": s, loss name: value, ...}
+    evals = Evaluations(EarlyStopping(cfg.patience))
     start, train_seconds = 0, 0.0
     if cfg.resume and ckpt_path.exists():  # every rank loads rank 0's checkpoint
         start, train_seconds, rows = load_checkpoint(
-            ckpt_path, fingerprint, family, batches, cfg, rank
+            ckpt_path, fingerprint, family, batches, cfg, rank, evals
         )
         log.info("resumed from step %d (%s)", start, ckpt_path)
     elif cfg.resume:
@@ -178,7 +218,10 @@ def train(cfg: TrainConfig, device: torch.device, rank: int = 0, world: int = 1)
     row_weights = class_balance_weights(labels, cfg.class_balance)
     window: list[dict[str, torch.Tensor]] = []  # losses since the last log, still on device
     loop_start, window_start = time.perf_counter(), time.perf_counter()
-    for step in range(start + 1, cfg.steps + 1):
+    end = start if evals.stopping.stopped else cfg.steps  # a resumed run that had stopped
+    steps_done = start
+    for step in range(start + 1, end + 1):
+        steps_done = step
         idx = draw_batch(row_weights, n, global_batch, batches, images.device)
         idx = idx[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]  # this rank's slice
         x, y = get_batch(images, labels, idx, device)
@@ -186,6 +229,12 @@ def train(cfg: TrainConfig, device: torch.device, rank: int = 0, world: int = 1)
         bar.update(1)
 
         last = step == cfg.steps
+        stop = False
+        if evaluating and (step % cfg.eval_every == 0 or last):
+            began = time.perf_counter()
+            stop = evaluate(step, family, scorer, evals, device, world)
+            window_start += time.perf_counter() - began  # img/s counts training alone
+            last = last or stop
         if step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or last:
             new_rows = fetch_losses(window, first_step=step - len(window) + 1, world=world)
             rows += new_rows
@@ -201,20 +250,31 @@ def train(cfg: TrainConfig, device: torch.device, rank: int = 0, world: int = 1)
             rank_rngs = gather_rank_rngs(family, world)  # a collective: every rank joins
             if main:
                 save_checkpoint(
-                    ckpt_path, family, batches, fingerprint, step, seconds, rows, rank_rngs
-                )
+                    ckpt_path, family, batches, fingerprint, step, seconds, rows, rank_rngs,
+                    evals,
+                )  # fmt: skip
+        if stop:
+            best = evals.stopping
+            log.info(
+                "early stop at step %d: no %s improvement in %d evaluations (best %s at "
+                "step %s)", step, METRIC, cfg.patience, best.best_score, best.best_step,
+            )  # fmt: skip
+            break
     bar.close()
     train_seconds += time.perf_counter() - loop_start
+    stopping = evals.stopping
     if main:
         write_losses(cfg.reports / "losses.csv", rows)
+        write_curve(cfg.reports / "eval.csv", stopping.curve)
 
     # --- outputs -------------------------------------------------------------------------
-    steps_run = max(cfg.steps - start, 0)
+    steps_run = steps_done - start
     final = mean_losses(rows[-cfg.log_every :])
+    loop_seconds = max(train_seconds - evals.seconds, 1e-9)  # training alone
     card = {
         "family": cfg.family,
         "model_version": None,  # filled in once the weights are written
-        "steps": cfg.steps,
+        "steps": steps_done,  # below train.steps after an early stop
         "batch_size": cfg.batch_size,
         "world_size": world,
         "resumed_from_step": start if cfg.resume and start else None,
@@ -226,7 +286,13 @@ def train(cfg: TrainConfig, device: torch.device, rank: int = 0, world: int = 1)
         ),
         "image": {"channels": channels, "height": height, "width": width},
         "final_losses": final,
-        "images_per_second": round(cfg.steps * global_batch / max(train_seconds, 1e-9), 1),
+        "best_step": stopping.best_step,  # the step of the output weights (None: the last)
+        "best_score": figure(stopping.best_score),
+        "eval_metric": METRIC if evaluating else None,
+        "stopped_early": stopping.stopped,
+        "eval_curve": [{"step": s, METRIC: figure(v)} for s, v in stopping.curve],
+        "eval_seconds": round(evals.seconds, 2),
+        "images_per_second": round(steps_done * global_batch / loop_seconds, 1),
         "train_seconds": round(train_seconds, 2),
         "wall_seconds": round(time.perf_counter() - started, 2),
         "device": device_name(device),
@@ -234,13 +300,20 @@ def train(cfg: TrainConfig, device: torch.device, rank: int = 0, world: int = 1)
         "flops_per_image": family.flops_per_image(),
     }
     if main:
-        card["model_version"] = write_model(cfg, family, classes, channels, height, card)
+        weights = evals.best_weights
+        if weights is None:
+            if evaluating:
+                log.warning("no finite %s at any evaluation: the last weights are output", METRIC)
+            weights = family.export_state()
+        card["model_version"] = write_model(cfg, weights, classes, channels, height, card)
         write_json(cfg.reports / "summary.json", {k: card[k] for k in SUMMARY_KEYS})
     if world > 1:
         dist.barrier()  # every rank returns once the model is written
     log.info(
-        "train: %s, %d steps (%d this run) in %.1fs, %.0f img/s, %s -> %s (version %s)",
-        cfg.family, cfg.steps, steps_run, train_seconds, card["images_per_second"], fmt(final),
+        "train: %s, %d steps (%d this run) in %.1fs (%.1fs evaluating), %.0f img/s, %s, best "
+        "%s %s at step %s -> %s (version %s)",
+        cfg.family, steps_done, steps_run, train_seconds, evals.seconds,
+        card["images_per_second"], fmt(final), METRIC, card["best_score"], stopping.best_step,
         cfg.output, card["model_version"],
     )  # fmt: skip
     return card
@@ -322,6 +395,7 @@ def make_fingerprint(
     device: torch.device,
     data_device: torch.device,
     world: int = 1,
+    eval_version: str | None = None,
 ) -> dict[str, str]:
     values: dict[str, Any] = {f"train.{k}": getattr(cfg, k) for k in FINGERPRINT_KEYS}
     values[f"train.{cfg.family}"] = getattr(cfg, cfg.family).model_dump(mode="json")
@@ -330,6 +404,8 @@ def make_fingerprint(
     values["device"] = f"{device.type}, dataset on {data_device.type}"
     if world > 1:  # the batch slices and the per-rank noise streams depend on it
         values["world size"] = world
+    if eval_version is not None:  # the scores, so the best step, depend on them
+        values["evaluation"] = eval_version
     return {k: json.dumps(v, sort_keys=True) for k, v in values.items()}
 
 
@@ -342,6 +418,7 @@ def save_checkpoint(
     train_seconds: float,
     rows: list[dict],
     rank_rngs: list[torch.Tensor] | None = None,
+    evals: Evaluations | None = None,
 ) -> None:
     """Everything a bit-exact resume needs, written to a temporary file and renamed."""
     state = {
@@ -356,6 +433,7 @@ def save_checkpoint(
         },
         "train_seconds": train_seconds,
         "losses": rows,
+        "evaluations": evals.state_dict() if evals is not None else None,
     }
     with atomic_file(path) as tmp:
         torch.save(state, tmp)
@@ -368,8 +446,10 @@ def load_checkpoint(
     batches: torch.Generator,
     cfg: TrainConfig,
     rank: int = 0,
+    evals: Evaluations | None = None,
 ) -> tuple[int, float, list[dict]]:
-    """Restore `family` and the random streams; returns (step, train seconds, loss rows)."""
+    """Restore `family`, the random streams and `evals`; returns (step, train seconds, loss
+    rows)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     saved = state["fingerprint"]
     keys = [*fingerprint, *(k for k in saved if k not in fingerprint)]  # e.g. world size
@@ -396,6 +476,8 @@ def load_checkpoint(
     batches.set_state(state["rng"]["batches"])
     if state["rng"].get("ranks"):
         family.rng.set_state(state["rng"]["ranks"][rank])
+    if evals is not None and state.get("evaluations") is not None:
+        evals.load_state_dict(state["evaluations"])
     return state["step"], state["train_seconds"], state["losses"]
 
 
@@ -470,11 +552,17 @@ def model_version(weights: Path) -> str:
 
 
 def write_model(
-    cfg: TrainConfig, family: Family, classes: list[str], channels: int, size: int, card: dict
+    cfg: TrainConfig,
+    weights: dict[str, torch.Tensor],
+    classes: list[str],
+    channels: int,
+    size: int,
+    card: dict,
 ) -> str:
-    """weights.safetensors, config.json and model_card.json, replacing the output as one."""
+    """weights.safetensors (the family's export weights), config.json and model_card.json,
+    replacing the output as one."""
     with atomic_dir(cfg.output) as out:
-        save_file(family.export_state(), out / WEIGHTS, metadata={"family": cfg.family})
+        save_file(weights, out / WEIGHTS, metadata={"family": cfg.family})
         version = model_version(out / WEIGHTS)
         write_json(
             out / "config.json",

@@ -15,7 +15,7 @@ import torch
 import yaml
 from conftest import small_params
 from safetensors.torch import load_file
-from test_train import make_dataset
+from test_train import make_dataset, make_yardstick
 
 from synthloop.config import PARAMS_ENV, DistributedConfig, TrainConfig, parse_params
 from tasks import train
@@ -110,8 +110,10 @@ def run_stage(params: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def ddp_params(tmp_path: Path) -> Path:
-    """A params file whose train stage runs 2 CPU processes (gloo) on a tiny fused set."""
+    """A params file whose train stage runs 2 CPU processes (gloo) on a tiny fused set, and
+    the evaluator and val split its evaluations read (rank 0 scores, every rank stops)."""
     make_dataset(tmp_path / "data/fused")
+    make_yardstick(tmp_path)
     raw = small_params()
     raw["ingest"]["sources"] = [{"kind": "demo"}]  # unused here; needs no folder
     raw["train"] = {
@@ -119,6 +121,8 @@ def ddp_params(tmp_path: Path) -> Path:
         "batch_size": 8,
         "checkpoint_every": 4,  # one checkpoint, at the last step
         "log_every": 2,
+        "eval_every": 2,
+        "eval_per_class": 4,
         "device": "cpu",
         "cgan": {"z_dim": 8, "width": 8},
         "distributed": {"nproc_per_node": 2, "backend": "gloo"},
@@ -153,6 +157,8 @@ def test_train_stage_runs_two_ddp_processes(ddp_params: Path) -> None:
     assert [row["step"] for row in ckpt["losses"]] == [1, 2, 3, 4]
     assert all(math.isfinite(v) for row in ckpt["losses"] for v in row.values())
     assert (root / "reports/train/losses.csv").is_file()
+    assert [point["step"] for point in card["eval_curve"]] == [2, 4]
+    assert card["best_step"] in (2, 4) and card["stopped_early"] is False
 
 
 # Each torchrun rank runs this: three trainings in one launch (processes are what costs
@@ -166,8 +172,10 @@ import torch
 from synthloop.config import load_params
 from tasks import train
 from tasks.generators import FAMILIES
+from tasks.train_eval import FixedBatchScorer
 
 built = []
+scored = []
 
 
 class Recorded(FAMILIES["cgan"]):
@@ -181,6 +189,11 @@ base, root = load_params(sys.argv[1]).train, Path(sys.argv[2])
 rank, world, device = train.init_distributed(torch.device("cpu"), "gloo")
 
 
+def scripted(self, family):  # best at step 2, no better at 3: patience 1 stops there
+    scored.append(family.steps)
+    return {1: 2.0, 2: 1.0, 3: 1.5}[family.steps]
+
+
 def run(name, **update):
     out = root / name
     paths = {"output": out / "model", "checkpoints": out / "ckpt", "reports": out / "reports"}
@@ -189,12 +202,16 @@ def run(name, **update):
     family = built[0]  # later ones are FLOP probes
     state = {k: dict(m.named_parameters()) for k, m in family.modules.items()}
     state["optimizers"] = {k: o.state_dict()["state"] for k, o in family.optimizers.items()}
+    state["steps"] = family.steps
     torch.save(state, out / f"rank{rank}.pt")
 
 
 run("whole", steps=6)
 run("parts", steps=4)
 run("parts", steps=6, resume=True)
+FixedBatchScorer.score = scripted  # only rank 0 calls it: the others learn of the stop
+run("stop", steps=6, eval_every=1, patience=1)
+torch.save(scored, root / f"scored{rank}.pt")
 torch.distributed.destroy_process_group()
 """
 
@@ -211,7 +228,7 @@ def test_ddp_ranks_stay_in_step_and_resume_exactly(ddp_params: Path, tmp_path: P
         return [torch.load(tmp_path / name / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
     whole, parts = ranks("whole"), ranks("parts")
-    assert set(whole[0]) == {"G", "D", "G_ema", "optimizers"} and whole[0]["G"]
+    assert set(whole[0]) == {"G", "D", "G_ema", "optimizers", "steps"} and whole[0]["G"]
     assert int(whole[0]["optimizers"]["G"][0]["step"]) == 6
     # gradients are averaged: the same weights and optimizer moments on every rank
     torch.testing.assert_close(whole[1], whole[0], rtol=0, atol=0)
@@ -222,3 +239,16 @@ def test_ddp_ranks_stay_in_step_and_resume_exactly(ddp_params: Path, tmp_path: P
     assert (card["resumed_from_step"], card["world_size"]) == (4, 2)
     expected = (tmp_path / "whole/model/weights.safetensors").read_bytes()
     assert (tmp_path / "parts/model/weights.safetensors").read_bytes() == expected
+    whole_card = json.loads((tmp_path / "whole/model/model_card.json").read_text())
+    assert [p["step"] for p in whole_card["eval_curve"]] == [2, 4, 6]
+    for key in ("best_step", "eval_curve", "model_version"):
+        assert card[key] == whole_card[key], key
+
+    # rank 0 alone scored; its stop at step 3 reached rank 1, which stopped there too
+    scored = [torch.load(tmp_path / f"scored{r}.pt", weights_only=True) for r in (0, 1)]
+    assert scored == [[1, 2, 3], []]
+    stopped = ranks("stop")
+    assert [s["steps"] for s in stopped] == [3, 3]
+    torch.testing.assert_close(stopped[1], stopped[0], rtol=0, atol=0)
+    stop_card = json.loads((tmp_path / "stop/model/model_card.json").read_text())
+    assert (stop_card["steps"], stop_card["best_step"], stop_card["stopped_early"]) == (3, 2, True)

@@ -45,6 +45,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         batch_size=8,
         device="cpu",
         cgan={"width": 8, "z_dim": 8},
+        eval_every=0,  # generate reads the weights, however they were chosen
         input=root / "fused",
         output=root / "models/generator",
         checkpoints=root / "checkpoints",

@@ -14,10 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from synthloop.config import TrainConfig
+from synthloop.config import EvaluatorConfig, TrainConfig
 from synthloop.dataset import IMAGE_SCHEMA, ShardWriter, content_id
+from tasks.evaluator import run_train_evaluator
 from tasks.images import dataset_version, encode_rows
 from tasks.train import model_version, run_train
+from tasks.train_eval import FixedBatchScorer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -55,6 +57,19 @@ def make_dataset(directory: Path, per_class: int = 12, size: int = 8, seed: int 
     return directory
 
 
+def make_yardstick(root: Path) -> None:
+    """What train's evaluation reads, where the defaults put them under `root`: a real
+    split in data/clean/{train,val,test} and a tiny evaluator trained on it (models/evaluator)."""
+    clean = root / "data/clean"
+    for seed, split in enumerate(("train", "val", "test"), start=10):
+        make_dataset(clean / split, per_class=12 if split == "train" else 6, seed=seed)
+    cfg = EvaluatorConfig(
+        width=4, feature_dim=8, epochs=2, batch_size=16, device="cpu", input=clean,
+        output=root / "models/evaluator", report=root / "reports/evaluator.json",
+    )  # fmt: skip
+    run_train_evaluator(cfg)
+
+
 def tiny_cfg(root: Path, data: Path, name: str = "run", **overrides: object) -> TrainConfig:
     values: dict = {
         "family": "cgan",
@@ -63,6 +78,10 @@ def tiny_cfg(root: Path, data: Path, name: str = "run", **overrides: object) -> 
         "device": "cpu",
         "log_every": 5,
         "checkpoint_every": 6,
+        "eval_every": 3,  # divides checkpoint_every: a stop at a checkpoint is a real kill
+        "eval_per_class": 4,
+        "evaluator": root / "models/evaluator",
+        "val_data": root / "data/clean/val",
         "cgan": {"width": 8, "z_dim": 8},
         "diffusion": {"width": 8, "timesteps": 50, "sample_steps": 3},
         "vae": {"width": 8, "latent_dim": 4},
@@ -76,6 +95,7 @@ def tiny_cfg(root: Path, data: Path, name: str = "run", **overrides: object) -> 
 
 @pytest.fixture
 def data(tmp_path: Path) -> Path:
+    make_yardstick(tmp_path)
     return make_dataset(tmp_path / "fused")
 
 
@@ -108,7 +128,24 @@ def test_writes_model_card_config_weights_and_reports(tmp_path: Path, data: Path
     assert set(rows[0]) == {"step", "loss_d", "loss_g", "d_real", "d_fake"}
     summary = json.loads((cfg.reports / "summary.json").read_text())
     assert summary["model_version"] == card["model_version"] and summary["steps"] == 6
+    assert (summary["best_step"], summary["stopped_early"]) == (card["best_step"], False)
+    assert summary["best_score"] == card["best_score"]
     assert (cfg.checkpoints / "last.pt").is_file()
+
+    # evaluated at steps 3 and 6; the output is the best of the two, as the curve says
+    assert card["eval_metric"] == "kid" and card["eval_seconds"] >= 0
+    curve = [(row["step"], row["kid"]) for row in card["eval_curve"]]
+    assert [step for step, _ in curve] == [3, 6] and all(np.isfinite(k) for _, k in curve)
+    best = min(curve, key=lambda point: point[1])  # min keeps the first of a tie, as training
+    assert (card["best_step"], card["best_score"]) == best
+    with open(cfg.reports / "eval.csv") as fh:
+        on_csv = [(int(r["step"]), float(r["kid"])) for r in csv.DictReader(fh)]
+    assert on_csv == curve
+    ckpt = torch.load(cfg.checkpoints / "last.pt", weights_only=True)
+    assert ckpt["evaluations"]["stopping"]["best_step"] == card["best_step"]
+    kept = ckpt["evaluations"]["best_weights"]
+    assert kept.keys() == weights.keys()
+    assert all(torch.equal(weights[k], kept[k]) for k in weights)
     assert not list(cfg.output.parent.glob(".generator.*"))  # no temporaries left behind
 
 
@@ -143,6 +180,12 @@ def test_resume_reaches_the_uninterrupted_weights(
     ).read_text()
     card = json.loads((resumed.output / "model_card.json").read_text())
     assert card["resumed_from_step"] == 6
+    # the evaluations too: the same curve, so the same best step and output weights
+    whole_card = json.loads((whole.output / "model_card.json").read_text())
+    assert [p["step"] for p in card["eval_curve"]] == [3, 6, 9, 12]
+    for key in ("best_step", "best_score", "eval_curve", "stopped_early", "model_version"):
+        assert card[key] == whole_card[key], key
+    assert (resumed.reports / "eval.csv").read_text() == (whole.reports / "eval.csv").read_text()
 
 
 def test_resume_refuses_other_data(tmp_path: Path, data: Path) -> None:
@@ -204,3 +247,88 @@ def test_class_balance_draws_every_class_equally_often():
         short = float((labels[drawn] == 1).float().mean())
         # the short class gets 10^(1-b) / (10^(1-b) + 90^(1-b)) of the draws
         assert short == pytest.approx(share_of_short, abs=0.02), balance
+
+
+# KID by the family's step: best at 4, then two evaluations without improvement
+SCRIPTED = {2: 3.0, 4: 1.0, 6: 2.0, 8: 1.0, 10: 0.5, 12: 0.1}
+
+
+@pytest.fixture
+def scripted_scores(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The scorer returns SCRIPTED[step]; the list records the steps it scored."""
+    scored: list[int] = []
+
+    def score(self: FixedBatchScorer, family) -> float:
+        scored.append(family.steps)
+        return SCRIPTED[family.steps]
+
+    monkeypatch.setattr(FixedBatchScorer, "score", score)
+    return scored
+
+
+def test_the_output_is_the_best_evaluation_and_patience_stops_training(
+    tmp_path: Path, data: Path, scripted_scores: list[int], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tasks.train")
+    cfg = tiny_cfg(tmp_path, data, eval_every=2, patience=2)
+    card = run_train(cfg)
+
+    assert scripted_scores == [2, 4, 6, 8]  # 8 is no better than 4 (a tie): stop there
+    assert "early stop at step 8" in caplog.text
+    assert (card["steps"], card["best_step"], card["best_score"]) == (8, 4, 1.0)
+    assert card["stopped_early"] is True
+    assert card["eval_curve"] == [{"step": s, "kid": SCRIPTED[s]} for s in (2, 4, 6, 8)]
+    with open(cfg.reports / "losses.csv") as fh:
+        assert [int(r["step"]) for r in csv.DictReader(fh)] == list(range(1, 9))
+    assert (cfg.reports / "eval.csv").read_text().splitlines() == [
+        "step,kid", "2,3", "4,1", "6,2", "8,1",
+    ]  # fmt: skip
+    summary = json.loads((cfg.reports / "summary.json").read_text())
+    assert (summary["best_step"], summary["stopped_early"], summary["steps"]) == (4, True, 8)
+
+    # The output is the EMA of step 4: what 4 steps without evaluation end with (sampling
+    # for the scores draws from no training stream, so the runs agree bit for bit).
+    at_four = tiny_cfg(tmp_path, data, "four", steps=4, eval_every=0)
+    four_card = run_train(at_four)
+    assert four_card["best_step"] is None and four_card["eval_metric"] is None
+    assert card["model_version"] == four_card["model_version"]
+    got = load_file(cfg.output / "weights.safetensors")
+    expected = load_file(at_four.output / "weights.safetensors")
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_an_early_stop_resumes_to_the_uninterrupted_result(
+    tmp_path: Path, data: Path, scripted_scores: list[int]
+) -> None:
+    whole = run_train(tiny_cfg(tmp_path, data, "whole", eval_every=2, patience=2))
+    # killed after the step-6 checkpoint (evaluations at 2, 4, 6; patience 1 of 2 spent)
+    run_train(tiny_cfg(tmp_path, data, "parts", eval_every=2, patience=2, steps=6))
+    resumed_cfg = tiny_cfg(tmp_path, data, "parts", eval_every=2, patience=2, resume=True)
+    resumed = run_train(resumed_cfg)
+    assert scripted_scores == [2, 4, 6, 8] + [2, 4, 6] + [8]
+    for key in ("steps", "best_step", "best_score", "stopped_early", "eval_curve"):
+        assert resumed[key] == whole[key], key
+    assert resumed["model_version"] == whole["model_version"]
+    # a resume of the stopped run trains no further and writes the same model
+    again = run_train(resumed_cfg)
+    assert scripted_scores[-1] == 8 and len(scripted_scores) == 8
+    assert (again["steps"], again["model_version"]) == (8, whole["model_version"])
+
+
+def test_patience_zero_trains_every_step_and_keeps_the_best(
+    tmp_path: Path, data: Path, scripted_scores: list[int]
+) -> None:
+    card = run_train(tiny_cfg(tmp_path, data, eval_every=2, patience=0))
+    assert scripted_scores == [2, 4, 6, 8, 10, 12]
+    assert (card["steps"], card["best_step"], card["stopped_early"]) == (12, 12, False)
+
+
+def test_a_missing_evaluator_is_refused_unless_evaluation_is_off(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "fused")  # no evaluator, no val split
+    with pytest.raises(FileNotFoundError, match="run the train_evaluator stage") as err:
+        run_train(tiny_cfg(tmp_path, data, steps=2))
+    assert "eval_every: 0" in str(err.value)
+    cfg = tiny_cfg(tmp_path, data, steps=2, eval_every=0)
+    card = run_train(cfg)
+    assert (card["best_step"], card["eval_curve"], card["stopped_early"]) == (None, [], False)
+    assert (cfg.reports / "eval.csv").read_text().splitlines() == ["step,kid"]
