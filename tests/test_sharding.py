@@ -255,6 +255,7 @@ def validate_base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict,
         (ws / "data" / folder).mkdir(parents=True)
     params = small_params()
     params["validate"].update(batch_size=8, shard_rows=10, device="cpu")
+    params["generate"]["error_quota"] = 0  # the shard counts above: 24 synthetic rows
     params["orchestration"] = {"task_runner": "threads", "max_workers": 2}
     (ws / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.MonkeyPatch.context() as patch:
