@@ -12,7 +12,12 @@ from __future__ import annotations
 from tasks.generators.base import Family
 from tasks.generators.cgan import CGAN
 from tasks.generators.diffusion import Diffusion
+from tasks.generators.transformer import Transformer
 
-FAMILIES: dict[str, type[Family]] = {"cgan": CGAN, "diffusion": Diffusion}
+FAMILIES: dict[str, type[Family]] = {
+    "cgan": CGAN,
+    "diffusion": Diffusion,
+    "transformer": Transformer,
+}
 
 __all__ = ["FAMILIES", "Family"]
