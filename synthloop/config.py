@@ -409,8 +409,8 @@ class TransformerConfig(_Model):
     n_embd: PositiveInt = Field(48, description="width; a multiple of n_head")
     lr: float = Field(1e-3, gt=0, description="its Adam lr (train.lr is cgan's and diffusion's)")
     dropout: float = Field(0.0, ge=0, lt=1, description="embeddings and residual branches")
-    temperature: float = Field(1.0, gt=0, description="sampling: logits are divided by it")
-    top_k: int = Field(0, ge=0, description="sample from the k likeliest levels; 0: all")
+    temperature: float = Field(0.9, gt=0, description="sampling: logits are divided by it")
+    top_k: int = Field(8, ge=0, description="sample from the k likeliest levels; 0: all")
     max_tokens: PositiveInt = Field(
         1024, description="longest sequence (channels x size^2) accepted; larger is refused"
     )
