@@ -304,7 +304,7 @@ class CleanConfig(_Model):
 Device = Literal["auto", "cpu", "cuda"]
 # The generator families (tasks/generators FAMILIES implements each; a test holds the two
 # equal). The run form, the CLI and TrainConfig take their choices from here.
-FamilyName = Literal["cgan", "diffusion", "vae"]
+FamilyName = Literal["cgan", "diffusion", "vae", "transformer"]
 FAMILY_NAMES: tuple[str, ...] = get_args(FamilyName)
 
 
@@ -410,6 +410,28 @@ class VaeConfig(_Model):
     lr: float = Field(1e-3, gt=0, description="the VAE's Adam lr (train.lr is the others')")
 
 
+class TransformerConfig(_Model):
+    """The autoregressive family over quantised pixels (tasks/generators/transformer.py)."""
+
+    levels: int = Field(16, ge=2, le=256, description="values a pixel is quantised to")
+    n_layer: PositiveInt = 2
+    n_head: PositiveInt = 4
+    n_embd: PositiveInt = Field(48, description="width; a multiple of n_head")
+    lr: float = Field(1e-3, gt=0, description="its Adam lr (train.lr is cgan's and diffusion's)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="embeddings and residual branches")
+    temperature: float = Field(0.9, gt=0, description="sampling: logits are divided by it")
+    top_k: int = Field(8, ge=0, description="sample from the k likeliest levels; 0: all")
+    max_tokens: PositiveInt = Field(
+        1024, description="longest sequence (channels x size^2) accepted; larger is refused"
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> TransformerConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} must be a multiple of n_head {self.n_head}")
+        return self
+
+
 class DistributedConfig(_Model):
     """Data-parallel training under torchrun (DDP); one process per device."""
 
@@ -471,6 +493,7 @@ class TrainConfig(_Model):
     cgan: CganConfig = CganConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     vae: VaeConfig = VaeConfig()
+    transformer: TransformerConfig = TransformerConfig()
     distributed: DistributedConfig = DistributedConfig()
     input: Path = Path("data/fused")
     output: Path = Path("models/generator")

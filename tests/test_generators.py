@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from synthloop.config import TrainConfig
+from synthloop.config import ConfigError, TrainConfig
 from tasks.generators import FAMILIES
 from tasks.generators.cgan import diff_augment, pyramid
 from tasks.generators.diffusion import Diffusion
@@ -24,6 +24,7 @@ def tiny(family: str, **overrides: object) -> TrainConfig:
         "cgan": {"width": 8, "z_dim": 8},
         "diffusion": {"width": 8, "timesteps": 50, "sample_steps": 3},
         "vae": {"width": 8, "latent_dim": 4},
+        "transformer": {"n_layer": 1, "n_head": 2, "n_embd": 16},
     }
     return TrainConfig.model_validate(values | overrides)
 
@@ -37,11 +38,16 @@ def test_pyramid_reaches_every_supported_size() -> None:
     assert [pyramid(s) for s in (8, 16, 28, 32, 64)] == [(4, 1), (4, 2), (7, 2), (4, 3), (4, 4)]
 
 
-@pytest.mark.parametrize("family", ["cgan", "diffusion", "vae"])
+@pytest.mark.parametrize("family", ["cgan", "diffusion", "vae", "transformer"])
 @pytest.mark.parametrize(("size", "channels"), [(8, 1), (16, 3), (28, 1), (32, 3), (64, 1)])
 def test_train_step_and_sample_shapes(family: str, size: int, channels: int) -> None:
     torch.manual_seed(0)
-    model = FAMILIES[family](tiny(family), 3, channels, size, CPU)
+    cfg = tiny(family)
+    if family == "transformer" and channels * size * size > cfg.transformer.max_tokens:
+        with pytest.raises(ConfigError, match="train.transformer.max_tokens"):
+            FAMILIES[family](cfg, 3, channels, size, CPU)
+        return  # refused by name; tests/test_transformer.py builds one with the cap raised
+    model = FAMILIES[family](cfg, 3, channels, size, CPU)
     losses = model.train_step(*batch(4, channels, size))
     assert losses and all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
     images = model.sample(torch.tensor([0, 1, 2]), torch.Generator().manual_seed(0))
@@ -59,6 +65,22 @@ def test_train_step_and_sample_shapes(family: str, size: int, channels: int) -> 
         ("diffusion", {"diffusion": {"width": 8, "timesteps": 50, "guidance": 1.0}}),
         ("vae", {}),
         ("vae", {"vae": {"width": 8, "latent_dim": 4, "likelihood": "gaussian"}}),
+        # Here the images carry no class information, so after three steps the class moves
+        # near-uniform logits only slightly; a top_k cut makes that visible. Conditioning
+        # learnt from class-dependent images: tests/test_transformer.py.
+        ("transformer", {"transformer": {"n_layer": 1, "n_head": 2, "n_embd": 16, "top_k": 4}}),
+        (
+            "transformer",
+            {
+                "transformer": {
+                    "n_layer": 1,
+                    "n_head": 2,
+                    "n_embd": 16,
+                    "top_k": 4,
+                    "temperature": 0.7,
+                }
+            },
+        ),
     ],
 )
 def test_labels_condition_the_samples(family: str, options: dict) -> None:
@@ -82,7 +104,7 @@ def test_eps_prediction_trains_and_samples() -> None:
     assert images.shape == (2, 1, 8, 8) and images.abs().max() <= 1
 
 
-@pytest.mark.parametrize("family", ["cgan", "diffusion", "vae"])
+@pytest.mark.parametrize("family", ["cgan", "diffusion", "vae", "transformer"])
 def test_export_round_trip_samples_the_same(family: str) -> None:
     cfg = tiny(family)
     torch.manual_seed(0)
@@ -96,7 +118,7 @@ def test_export_round_trip_samples_the_same(family: str) -> None:
     torch.testing.assert_close(rebuilt.sample(labels, torch.Generator().manual_seed(3)), expected)
 
 
-@pytest.mark.parametrize("family", ["cgan", "diffusion", "vae"])
+@pytest.mark.parametrize("family", ["cgan", "diffusion", "vae", "transformer"])
 def test_same_seed_same_steps(family: str) -> None:
     def losses() -> list[float]:
         torch.manual_seed(0)

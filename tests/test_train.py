@@ -85,6 +85,7 @@ def tiny_cfg(root: Path, data: Path, name: str = "run", **overrides: object) -> 
         "cgan": {"width": 8, "z_dim": 8},
         "diffusion": {"width": 8, "timesteps": 50, "sample_steps": 3},
         "vae": {"width": 8, "latent_dim": 4},
+        "transformer": {"n_layer": 1, "n_head": 2, "n_embd": 16, "dropout": 0.1},
         "input": data,
         "output": root / name / "models/generator",
         "checkpoints": root / name / "checkpoints",
@@ -149,7 +150,7 @@ def test_writes_model_card_config_weights_and_reports(tmp_path: Path, data: Path
     assert not list(cfg.output.parent.glob(".generator.*"))  # no temporaries left behind
 
 
-@pytest.mark.parametrize("family", ["cgan", "diffusion", "vae"])
+@pytest.mark.parametrize("family", ["cgan", "diffusion", "vae", "transformer"])
 def test_resume_reaches_the_uninterrupted_weights(
     tmp_path: Path, data: Path, family: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -225,6 +226,7 @@ def test_gpu_stages_import_without_prefect_dvc_or_great_expectations() -> None:
         "import sys\n"
         "import tasks.train, tasks.generate, tasks.generators\n"
         "import tasks.generators.cgan, tasks.generators.diffusion\n"
+        "import tasks.generators.transformer\n"
         "bad = sorted(m for m in sys.modules\n"
         "             if m.split('.')[0] in {'prefect', 'dvc', 'great_expectations'})\n"
         "print(','.join(bad))\n"

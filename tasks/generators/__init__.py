@@ -12,8 +12,14 @@ from __future__ import annotations
 from tasks.generators.base import Family
 from tasks.generators.cgan import CGAN
 from tasks.generators.diffusion import Diffusion
+from tasks.generators.transformer import Transformer
 from tasks.generators.vae import VAE
 
-FAMILIES: dict[str, type[Family]] = {"cgan": CGAN, "diffusion": Diffusion, "vae": VAE}
+FAMILIES: dict[str, type[Family]] = {
+    "cgan": CGAN,
+    "diffusion": Diffusion,
+    "vae": VAE,
+    "transformer": Transformer,
+}
 
 __all__ = ["FAMILIES", "Family"]
