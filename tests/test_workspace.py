@@ -46,7 +46,7 @@ def test_run_parameters_become_params_overrides():
     "bad",
     [
         {"max_rounds": 0},
-        {"family": "vae"},
+        {"family": "stylegan"},  # not a family in the registry
         {"gates": {"max_near_copy_rate": 1.5}},
         {"sources": [{"kind": "ftp"}]},
         {"max_round": 2},
