@@ -17,11 +17,12 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from flows.loop import dvc_add, dvc_hashes, stale_stages, tool_env
+from flows.bakeoff import bakeoff_row, run_bakeoff
+from flows.loop import apply_overrides, dvc_add, dvc_hashes, stale_stages, tool_env
 from flows.rounds import Next, failed_gate_texts
 from flows.sharded import prepare_shards
 from synthloop.config import load_params
-from tasks.stages import STAGE_ORDER, is_sharded
+from tasks.stages import FAMILY_STAGES, STAGE_ORDER, is_sharded
 
 # DVC output that marks a failure worth retrying (another process holds the repo lock).
 _TRANSIENT = re.compile(r"Unable to acquire lock|lock is held|Resource temporarily unavailable")
@@ -133,11 +134,19 @@ def verify_pool_task(pool: str) -> int:
 
 
 def run_attempt(
-    workspace: Path, params_file: Path, step: Next, force: bool, probe_drift: bool
+    workspace: Path,
+    params_file: Path,
+    step: Next,
+    force: bool,
+    probe_drift: bool,
+    bakeoff: bool = False,
 ) -> dict:
-    """One attempt: the DVC stages in order (their shards first), then the validation report."""
+    """One attempt: the DVC stages in order (their shards first), then the validation report.
+    With `bakeoff`, the family stages run once per family of `loop.families` first
+    (flows/bakeoff.py), and params.yaml is left at the winner's family."""
     logger = get_run_logger()
     params = load_params(params_file)
+    table = None
     if not probe_drift:
         verify_pool_task(str(params.loop.pool))
     drift = None
@@ -149,6 +158,9 @@ def run_attempt(
     stages: dict[str, str] = {}
     shards: dict[str, dict] = {}
     for stage in STAGE_ORDER:
+        if bakeoff and stage == FAMILY_STAGES[0]:
+            table = _bakeoff(workspace, params_file, params.loop.families, force)
+            force = False  # the winner's outputs come back from DVC's run cache
         # DVC's own verdict (`dvc status --json`) says whether the stage must run.
         if not (force or stale_stages(workspace, stage)):
             stages[stage] = "skipped"
@@ -165,6 +177,7 @@ def run_attempt(
                 if drift_fid > params.loop.drift_threshold:
                     # New data moved the distribution: no resuming old training state.
                     shutil.rmtree(params.train.checkpoints, ignore_errors=True)
+    params = load_params(params_file)  # after a bake-off: the winner's
     validation = read_json(params.validation.report)
     record = {
         "round": step.round,
@@ -181,10 +194,51 @@ def run_attempt(
         "failed_gates": list(failed_gate_texts(validation.get("gates", {}))),
         "dvc": dvc_hashes(workspace),
     }
+    if table is not None:
+        record["bakeoff"] = table
     if drift_fid is not None:
         record["drift_fid"] = drift_fid
         record["drift_retrain_from_scratch"] = drift_fid > params.loop.drift_threshold
     return record
+
+
+class BakeoffFailed(RuntimeError):
+    """Every family of the bake-off failed its stages."""
+
+
+def _bakeoff(workspace: Path, params_file: Path, families: list[str], force: bool) -> dict:
+    """Every family through the family stages on the same upstream data; params.yaml ends at
+    the winner's family. Raises BakeoffFailed when no family got through."""
+    logger = get_run_logger()
+
+    def run_family(family: str) -> dict:
+        apply_overrides(params_file, {"train": {"family": family}})
+        for stage in FAMILY_STAGES:
+            if force or stale_stages(workspace, stage):
+                run_stage(stage, str(workspace), force)
+        params = load_params(params_file)
+        row = bakeoff_row(
+            family,
+            read_json(params.validation.report),
+            read_json(params.train.output / "model_card.json"),
+            read_json(params.generate.summary),
+        )
+        logger.info(
+            "bake-off: %s: gates %s, utility %s [%s, %s], FID ratio %s",
+            family, "pass" if row["passed"] else "FAIL", row["utility_delta"],
+            row["utility_low"], row["utility_high"], row["fid_ratio"],
+        )  # fmt: skip
+        return row
+
+    table = run_bakeoff(families, run_family)
+    for row in table["rows"]:
+        if row["status"] == "failed":
+            logger.warning("bake-off: %s failed: %s", row["family"], row["error"])
+    if table["winner"] is None:
+        raise BakeoffFailed(f"every family of the bake-off failed: {table['rows']}")
+    apply_overrides(params_file, {"train": {"family": table["winner"]}})
+    logger.info("bake-off: %s wins (%s)", table["winner"], table["rule"])
+    return table
 
 
 _RECORDED_FIGURES = (

@@ -28,6 +28,7 @@ from flows.attempt import (
     run_attempt,
     verify_pool_task,
 )
+from flows.bakeoff import ranking
 from flows.binding import running_in_deployment, served_params_file
 from flows.loop import (
     apply_overrides,
@@ -35,6 +36,7 @@ from flows.loop import (
     stale_stages,
 )
 from flows.parameters import RunParameters
+from flows.retrain import Retrain, choose_retrain, evidence_from
 from flows.rounds import Attempt, Finish, decide
 from flows.summaries import (
     clean_summary_markdown,
@@ -235,21 +237,30 @@ def _rounds(workspace: Path, params_file: Path, force: bool, key: str) -> dict:
     history: list[Attempt] = []
     records: list[dict] = []
     clean_report: dict = {}
+    pending: Retrain | None = None  # the auto policy's change for the next attempt
     try:
         while True:
             step = decide(history, loop_cfg.max_rounds, loop_cfg.max_retrains)
             if isinstance(step, Finish):
                 break
-            applied = {}
+            applied, reason = {}, None
             if step.retrain_step:  # applied now, at the start of the attempt that uses them
-                applied = overrides_for(step.retrain_step, loop_cfg.retrain)
+                if pending is not None:
+                    applied, reason = pending.overrides, pending.reason
+                else:
+                    applied = overrides_for(step.retrain_step, loop_cfg.retrain)
+                    reason = f"loop.retrain step {step.retrain_step}"
                 retrain_params(str(params_file), applied)
-            ran_with[(step.round, step.attempt)] = params_file.read_text()
+                logger.info("retrain: %s", reason)
             first = not history
-            record = run_attempt(workspace, params_file, step, force and first, first)
+            bakeoff = bool(loop_cfg.families) and step.attempt == 1
+            record = run_attempt(workspace, params_file, step, force and first, first, bakeoff)
+            # What it ran with, after a bake-off the winner's family: kept if it promotes.
+            ran_with[(step.round, step.attempt)] = params_file.read_text()
             record["retrain_step"], record["retrain_overrides"] = step.retrain_step, applied
+            record["retrain_reason"] = reason
             clean_report = read_json(load_params(params_file).clean.report)
-            full = False
+            full, pending = False, None
             if record["passed"]:
                 record["promotion"], full = promote_within_room(
                     workspace, params_file, key, step.round, clean_report
@@ -261,10 +272,18 @@ def _rounds(workspace: Path, params_file: Path, force: bool, key: str) -> dict:
                     step.attempt,
                     "; ".join(record["failed_gates"]),
                 )
+                if loop_cfg.retrain == "auto":
+                    pending = _next_retrain(params_file, record, records, loop_cfg)
+                    record["next_retrain"] = pending.reason if pending else None
             records.append(record)
             history.append(
                 Attempt(
-                    step.round, step.attempt, record["passed"], tuple(record["failed_gates"]), full
+                    step.round,
+                    step.attempt,
+                    record["passed"],
+                    tuple(record["failed_gates"]),
+                    full,
+                    retrainable=loop_cfg.retrain != "auto" or pending is not None,
                 )
             )
     except BaseException:
@@ -297,6 +316,8 @@ def _rounds(workspace: Path, params_file: Path, force: bool, key: str) -> dict:
         "utility": (promoted or records)[-1]["validation"].get("utility"),
         # The privacy figures of that same attempt.
         "privacy": (promoted or records)[-1]["validation"].get("privacy"),
+        # The last bake-off of the run (loop.families), with its winner.
+        "bakeoff": next((r["bakeoff"] for r in reversed(records) if r.get("bakeoff")), None),
     }
     write_json(loop_cfg.report, loop)
     _publish(params, clean_report, loop)
@@ -316,6 +337,27 @@ def _rounds(workspace: Path, params_file: Path, force: bool, key: str) -> dict:
         "ingested": clean_report.get("ingested"),
         "pool_per_class": loop["pool_per_class"],
     }
+
+
+def _next_retrain(params_file: Path, record: dict, records: list[dict], loop_cfg) -> Retrain | None:  # noqa: ANN001
+    """The auto policy's change after this failed attempt (flows/retrain.py), or None."""
+    params = load_params(params_file)
+    this_round = [r for r in (*records, record) if r["round"] == record["round"]]
+    table = next((r["bakeoff"] for r in this_round if r.get("bakeoff")), {})
+    evidence = evidence_from(
+        read_json(params.train.output / "model_card.json"),
+        params.train.model_dump(mode="json"),
+        read_json(params.validation.report),
+        ranking(table) if table else (),
+    )
+    families_run = [r["params"]["train"]["family"] for r in this_round]
+    choice = choose_retrain(
+        evidence, families_run, loop_cfg.retrain_max_steps, loop_cfg.overfit_sign
+    )
+    get_run_logger().info(
+        "retrain policy: %s", choice.reason if choice else "no evidence points at a change"
+    )
+    return choice
 
 
 def _kept_params(history: list[Attempt], ran_with: dict, start_text: str) -> str:

@@ -69,6 +69,11 @@ class RunParameters(_Form):
     )
     max_rounds: int | None = Field(None, ge=1, le=50, description="rounds of the loop, at most")
     family: FamilyName | None = Field(None, description="generator family")
+    families: list[FamilyName] | None = Field(
+        None,
+        description="bake-off: train each of these families and keep the one that helps "
+        "most (loop.families; an empty list switches the bake-off off)",
+    )
     gates: GateParameters = Field(default_factory=GateParameters, description="quality gates")
     dry_run: bool = Field(
         False, description="only report what would run (stale stages, changed params)"
@@ -81,7 +86,9 @@ class RunParameters(_Form):
         if self.sources is not None:
             found["ingest"] = {"sources": [s.model_dump(exclude_none=True) for s in self.sources]}
         if self.max_rounds is not None:
-            found["loop"] = {"max_rounds": self.max_rounds}
+            found.setdefault("loop", {})["max_rounds"] = self.max_rounds
+        if self.families is not None:
+            found.setdefault("loop", {})["families"] = self.families
         if self.family is not None:
             found["train"] = {"family": self.family}
         gates = self.gates.model_dump(exclude_none=True)

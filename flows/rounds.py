@@ -2,10 +2,11 @@
 
 - An *attempt* runs the stages and the gates once.
 - A *round* is one or more attempts. An attempt that passes the gates promotes its accepted
-  rows and ends the round. A failed attempt is retried with the next step of `loop.retrain`,
-  at most `loop.max_retrains` times within the round; the first attempt of every round runs
-  with params.yaml as it stands. A round whose attempts run out has failed, and it ends the
-  run: the retrain policy is spent.
+  rows and ends the round. A failed attempt is retried with the retrain policy's next change,
+  at most `loop.max_retrains` times within the round, and only while the retrain policy has
+  a change to try (`Attempt.retrainable`; flows/retrain.py); the first attempt of every
+  round runs with params.yaml as it stands. A round whose attempts run out has failed, and
+  it ends the run: the retrain policy is spent.
 - After a promotion the next round starts, up to `loop.max_rounds` rounds, unless the pool
   is full (`loop.target_per_class`, `loop.max_pool_rows`).
 
@@ -33,6 +34,7 @@ class Attempt:
     passed: bool
     failed_gates: tuple[str, ...] = ()  # e.g. "class_consistency 0.652 < 0.7"
     pool_full: bool = False
+    retrainable: bool = True  # False: the retrain policy has no change to try after it
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ def decide(history: Sequence[Attempt], max_rounds: int, max_retrains: int) -> Ne
         if last.round >= max_rounds:
             return _finish(history, "max_rounds")
         return Next(last.round + 1, 1)
-    if last.attempt <= max_retrains:
+    if last.attempt <= max_retrains and last.retrainable:
         return Next(last.round, last.attempt + 1)
     return _finish(history, "round_failed")
 
@@ -87,6 +89,8 @@ def _finish(history: Sequence[Attempt], reason: str) -> Finish:
     last = history[-1]
     gates = f"gates failed ({'; '.join(last.failed_gates) or 'see the validation report'})"
     tries = f"{last.attempt} attempt{'s' if last.attempt > 1 else ''}"
+    if not last.passed and not last.retrainable:
+        tries += " (the retrain policy found no change to try)"
     if not promoted:
         message = f"no synthetic data promoted: {gates} after {tries}"
     else:

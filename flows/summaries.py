@@ -80,9 +80,9 @@ def loop_summary_markdown(loop: dict) -> str:
         "",
         f"**{state}**: {loop.get('message', '')}",
         "",
-        "| round | attempt | gates | failed gates | accepted | promoted | "
+        "| round | attempt | family | gates | failed gates | accepted | promoted | "
         "baseline | + synthetic | gain [95% interval] | FID / floor |",
-        "| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | --- | ---: |",
+        "| ---: | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for r in loop["attempts"]:
         v = r.get("validation", {})
@@ -91,21 +91,60 @@ def loop_summary_markdown(loop: dict) -> str:
         failed = ", ".join(n for n, g in gates.items() if n != "passed" and not g["passed"])
         fid_ratio = gates.get("fid_ratio", {}).get("value")
         lines.append(
-            f"| {r['round']} | {r['attempt']} | {'pass' if r['passed'] else 'FAIL'} | "
+            f"| {r['round']} | {r['attempt']} | "
+            f"{r.get('params', {}).get('train', {}).get('family', '-')} | "
+            f"{'pass' if r['passed'] else 'FAIL'} | "
             f"{failed or '-'} | {v.get('accepted', '-')} | "
             f"{r.get('promotion', {}).get('promoted', 0)} | {decisive.get('baseline', '-')} | "
             f"{decisive.get('baseline+synthetic', '-')} | {_gain(decisive)} | "
             f"{fid_ratio if fid_ratio is not None else '-'} |"
         )
+    reasons = [
+        f"- round {r['round']} attempt {r['attempt']}: {r['retrain_reason']}"
+        for r in loop["attempts"]
+        if r.get("retrain_reason")
+    ]
+    if reasons:
+        lines += ["", "Retrains, and why:", *reasons]
     verdict = loop.get("verdict")
     if verdict:
         lines += ["", verdict]
+    if loop.get("bakeoff"):
+        lines += ["", bakeoff_table_markdown(loop["bakeoff"])]
     util = loop.get("utility")
     if util:
         lines += ["", utility_table_markdown(util)]
     privacy = loop.get("privacy")
     if privacy:
         lines += ["", privacy_table_markdown(privacy)]
+    return "\n".join(lines)
+
+
+def bakeoff_table_markdown(table: dict) -> str:
+    """The family bake-off: per family its cost, fidelity and utility, ranked; the winner."""
+    lines = [
+        f"## Family bake-off: **{table.get('winner') or 'none'}** wins",
+        "",
+        f"Ranked by: {table.get('rule', '')}.",
+        "",
+        "| rank | family | gates | steps (best) | train s | sample img/s | FID / floor | "
+        "precision | recall | coverage | consistency | utility gain [95% interval] |",
+        "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    rows = sorted(table.get("rows", []), key=lambda r: r.get("rank") or 1_000)
+    for r in rows:
+        if r.get("status") != "ok":
+            lines.append(f"| - | {r['family']} | FAILED: {r.get('error', '')} |" + " |" * 9)
+            continue
+        gain = _interval(r.get("utility_delta"), r.get("utility_low"), r.get("utility_high"))
+        lines.append(
+            f"| {r['rank']} | {r['family']} | {'pass' if r['passed'] else 'FAIL'} | "
+            f"{r.get('steps', '-')} ({r.get('best_step', '-')}) | {r.get('train_seconds', '-')} | "
+            f"{r.get('sample_images_per_second', '-')} | {_cell3(r.get('fid_ratio'))} | "
+            f"{_cell3(r.get('precision'))} | {_cell3(r.get('recall'))} | "
+            f"{_cell3(r.get('coverage'))} | {_cell3(r.get('class_consistency'))} | "
+            f"{gain} {r.get('utility_verdict') or ''} |"
+        )
     return "\n".join(lines)
 
 

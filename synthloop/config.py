@@ -533,6 +533,11 @@ class GenerateConfig(_Model):
     def _out(cls, path: Path, info: ValidationInfo) -> Path:
         return _resolve(path, info)
 
+    @property
+    def summary(self) -> Path:
+        """generate's JSON summary, beside the grid in reports/ (a DVC metric)."""
+        return self.grid.with_name("generate.json")
+
 
 class EvaluatorConfig(_Model):
     """A small CNN classifier trained on real clean data only: the validation yardstick."""
@@ -672,18 +677,45 @@ class LoopConfig(_Model):
     max_pool_rows: PositiveInt | None = Field(
         50_000, description="the pool as a whole stops growing at this many rows"
     )
-    retrain: list[dict[str, dict[str, Any]]] = Field(
-        default_factory=lambda: [
-            {"train": {"steps": 1200}},
-            {"train": {"lr": 0.0001}, "augment": {"max_copies": 6}},
-        ],
-        description="per retrain attempt, param overrides by stage (the last one repeats)",
+    families: list[FamilyName] = Field(
+        default_factory=list,
+        description="bake-off: each round's first attempt trains every listed family on the "
+        "same fused data, validates each the same way and keeps the one whose samples help "
+        "most; empty: train.family alone",
+    )
+    retrain: Literal["auto"] | list[dict[str, dict[str, Any]]] = Field(
+        "auto",
+        description="auto: each retrain changes what the failed attempt's evidence points "
+        "at (flows/retrain.py); or a list of param overrides by stage, one per retrain "
+        "attempt (the last one repeats)",
+    )
+    retrain_max_steps: PositiveInt = Field(
+        6000, description="auto retrain: train.steps is doubled at most up to this"
+    )
+    overfit_sign: float = Field(
+        0.6,
+        ge=0,
+        le=1,
+        description="auto retrain: the discriminator overfits when the mean sign of its "
+        "output on real training images exceeds this (ADA's r_t)",
     )
     drift_threshold: float = Field(
         50.0, ge=0, description="evaluator-space FID between old and new clean train data"
     )
     pool: Path = Path("data/pool")
     report: Path = Path("reports/loop.json")
+
+    @field_validator("families")
+    @classmethod
+    def _a_real_bakeoff(cls, families: list[str]) -> list[str]:
+        if len(set(families)) != len(families):
+            raise ValueError(f"lists a family twice: {families}")
+        if len(families) == 1:
+            raise ValueError(
+                f"a bake-off needs two families or more, got {families}; to train one "
+                "family set train.family and leave loop.families empty"
+            )
+        return families
 
     @field_validator("pool", "report")
     @classmethod

@@ -30,6 +30,9 @@ STAGES: dict[str, str] = {
     "validate": "tasks.validate",
 }
 STAGE_ORDER: tuple[str, ...] = tuple(STAGES)
+# The stages a generator family changes (train.family is read from train on): a bake-off
+# runs these once per family on the same upstream outputs.
+FAMILY_STAGES: tuple[str, ...] = STAGE_ORDER[STAGE_ORDER.index("train") :]
 
 
 def stage_module(name: str) -> ModuleType:

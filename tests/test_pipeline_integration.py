@@ -183,3 +183,57 @@ def test_a_permanent_stage_error_fails_fast(workspace, prefect_api):
     with pytest.raises(StageFailed, match="clean.*permanent") as err:
         state.result()
     assert "critical expectation failed" in str(err.value)
+
+
+def test_a_bakeoff_keeps_the_best_family_and_the_auto_retrain_follows_it(workspace, prefect_api):
+    """loop.families through the real flow: one family fails and the others still run; the
+    winner's outputs come back from DVC's run cache; when the gates fail, the auto policy has
+    no training evidence (no val curve, DiffAugment already on) and switches to the bake-off's
+    next family; after that nothing is left to try and the round ends without a third try."""
+    from flows.bakeoff import ranking
+    from flows.closed_loop import closed_loop
+
+    set_params(
+        workspace,
+        lambda p: (
+            p["validate"]["gates"].update(min_utility_delta=1.0),  # no attempt can pass
+            p["train"].update(
+                eval_every=0,
+                vae={"latent_dim": 8, "width": 8, "kl_warmup": 4},
+                transformer={"max_tokens": 64},  # 16x16x3 tokens: refused by name
+            ),
+            p["train"]["cgan"].update(diffaug=True),
+            p["loop"].update(max_rounds=1, max_retrains=2, retrain="auto"),
+            p["loop"].update(families=["cgan", "transformer", "vae"]),
+        ),
+    )
+    start = (workspace / "params.yaml").read_text()
+    state = closed_loop(params_path=str(workspace / "params.yaml"), return_state=True)
+    assert state.is_failed(), state
+
+    loop = json.loads((workspace / "reports/loop.json").read_text())
+    table = loop["bakeoff"]
+    rows = {r["family"]: r for r in table["rows"]}
+    assert table["families"] == ["cgan", "transformer", "vae"]
+    refused = rows["transformer"]
+    assert refused["status"] == "failed" and "max_tokens" in refused["detail"]
+    assert rows["cgan"]["status"] == rows["vae"]["status"] == "ok"
+    winner = table["winner"]
+    other = ({"cgan", "vae"} - {winner}).pop()
+    assert [f for f, _ in ranking(table)] == [winner, other]
+    assert tuple(rows[winner]["key"]) >= tuple(rows[other]["key"])
+
+    first, second = loop["attempts"]  # no third: the policy had nothing left
+    assert first["bakeoff"] == table and "bakeoff" not in second
+    assert first["params"]["train"]["family"] == winner
+    assert second["params"]["train"]["family"] == other
+    assert second["retrain_overrides"] == {"train": {"family": other}}
+    assert second["retrain_reason"] == first["next_retrain"]
+    assert f"switch to {other}" in second["retrain_reason"] and second["next_retrain"] is None
+    assert "the retrain policy found no change to try" in loop["message"]
+    # Both attempts' models are the bake-off's own, restored by DVC, not trained again.
+    card = json.loads((workspace / "models/generator/model_card.json").read_text())
+    assert card["model_version"] == rows[other]["model_version"]
+    assert (workspace / "params.yaml").read_text() == start  # nothing promoted: undone
+    summary = read_artifact("closed-loop-summary", state.state_details.flow_run_id)
+    assert f"**{winner}** wins" in summary and f"switch to {other}" in summary

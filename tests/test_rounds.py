@@ -124,3 +124,17 @@ def test_failed_gates_read_as_comparisons():
         "passed": False,
     }
     assert failed_gate_texts(gates) == (GATE, "fid_ratio 12.0 > 10.0")
+
+
+def test_a_failed_attempt_with_nothing_to_change_ends_its_round():
+    """The auto retrain policy found no change (`retrainable` False): no retry burns an
+    attempt, even with retrains left; a promoted earlier round still stands."""
+    stuck = Attempt(1, 1, False, (GATE,), retrainable=False)
+    finish = decide([stuck], max_rounds=2, max_retrains=2)
+    assert isinstance(finish, Finish) and not finish.succeeded
+    assert finish.attempts == 1 and "the retrain policy found no change to try" in finish.message
+    history = [Attempt(1, 1, True), Attempt(2, 1, False, (GATE,))]
+    assert decide(history, 2, 2) == Next(2, 2)  # retrainable: the retry runs
+    history.append(Attempt(2, 2, False, (GATE,), retrainable=False))
+    finish = decide(history, 2, 2)
+    assert finish.succeeded and finish.reason == "round_failed" and finish.params_from == (1, 1)

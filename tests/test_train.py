@@ -118,7 +118,7 @@ def test_writes_model_card_config_weights_and_reports(tmp_path: Path, data: Path
     assert card["data_version"] == dataset_version(data)
     assert card["model_version"] == model_version(cfg.output / "weights.safetensors")
     assert card["train_counts"] == {"a": 12, "b": 12, "c": 12}
-    assert set(card["final_losses"]) == {"loss_d", "loss_g", "d_real", "d_fake"}
+    assert set(card["final_losses"]) == {"loss_d", "loss_g", "d_real", "d_fake", "d_real_sign"}
     assert card["images_per_second"] > 0 and card["flops_per_image"] > 0
     assert card["device"].startswith("cpu")
     assert card["parameters"]["G"] == card["parameters"]["G_ema"] > 0
@@ -126,7 +126,7 @@ def test_writes_model_card_config_weights_and_reports(tmp_path: Path, data: Path
     with open(cfg.reports / "losses.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [int(r["step"]) for r in rows] == list(range(1, 7))
-    assert set(rows[0]) == {"step", "loss_d", "loss_g", "d_real", "d_fake"}
+    assert set(rows[0]) == {"step", "loss_d", "loss_g", "d_real", "d_fake", "d_real_sign"}
     summary = json.loads((cfg.reports / "summary.json").read_text())
     assert summary["model_version"] == card["model_version"] and summary["steps"] == 6
     assert (summary["best_step"], summary["stopped_early"]) == (card["best_step"], False)

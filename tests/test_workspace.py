@@ -30,12 +30,13 @@ def test_run_parameters_become_params_overrides():
             "sources": [{"kind": "image_folder", "path": "data/raw/x"}],
             "max_rounds": 3,
             "family": "diffusion",
+            "families": ["cgan", "vae"],
             "gates": {"min_class_consistency": 0.9},
         }
     )
     assert run.overrides() == {
         "ingest": {"sources": [{"kind": "image_folder", "path": "data/raw/x"}]},
-        "loop": {"max_rounds": 3},
+        "loop": {"max_rounds": 3, "families": ["cgan", "vae"]},
         "train": {"family": "diffusion"},
         "validate": {"gates": {"min_class_consistency": 0.9}},
     }
@@ -47,6 +48,7 @@ def test_run_parameters_become_params_overrides():
     [
         {"max_rounds": 0},
         {"family": "stylegan"},  # not a family in the registry
+        {"families": ["cgan", "stylegan"]},
         {"gates": {"max_near_copy_rate": 1.5}},
         {"sources": [{"kind": "ftp"}]},
         {"max_round": 2},

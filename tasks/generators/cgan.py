@@ -202,6 +202,9 @@ class CGAN(Family):
             "loss_g": loss_g.detach(),
             "d_real": d_real.detach().mean(),
             "d_fake": d_fake.detach().mean(),
+            # ADA's overfitting heuristic r_t: near 1 when D is sure of every real training
+            # image; the loop's retrain policy reads it to switch on DiffAugment.
+            "d_real_sign": torch.sign(d_real.detach()).mean(),
         }
 
     @torch.no_grad()
