@@ -47,7 +47,11 @@ def _run(args: argparse.Namespace) -> int:
     from flows.parameters import RunParameters
 
     run = RunParameters(
-        force=args.force, dry_run=args.dry_run, max_rounds=args.max_rounds, family=args.family
+        force=args.force,
+        dry_run=args.dry_run,
+        max_rounds=args.max_rounds,
+        family=args.family,
+        families=args.families,
     )
     load_params(args.params, overrides=run.overrides())  # fail fast, before Prefect starts
     from flows.closed_loop import closed_loop
@@ -133,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="only report what would run")
     run.add_argument("--max-rounds", type=int, help="rounds of the loop, at most")
     run.add_argument("--family", choices=FAMILY_NAMES, help="generator family")
+    run.add_argument(
+        "--families",
+        nargs="+",
+        choices=FAMILY_NAMES,
+        help="bake-off: train these families, keep the one that helps most (loop.families)",
+    )
     run.set_defaults(func=_run)
 
     serve = sub.add_parser(
