@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -156,6 +157,7 @@ def run_attempt(
         drift = DriftProbe(params)
     drift_fid: float | None = None
     stages: dict[str, str] = {}
+    seconds: dict[str, float] = {}  # wall time of each stage that ran, its shards included
     shards: dict[str, dict] = {}
     for stage in STAGE_ORDER:
         if bakeoff and stage == FAMILY_STAGES[0]:
@@ -165,11 +167,13 @@ def run_attempt(
         if not (force or stale_stages(workspace, stage)):
             stages[stage] = "skipped"
             continue
+        began = time.perf_counter()
         if is_sharded(stage):
             # Its shards as parallel tasks first; the DVC stage then assembles them.
             shards[stage] = prepare_shards(stage, str(params_file))
         run_stage(stage, str(workspace), force)
         stages[stage] = "ran"
+        seconds[stage] = round(time.perf_counter() - began, 2)
         if stage == "clean" and drift is not None:
             drift_fid = drift.measure()
             if drift_fid is not None:
@@ -183,6 +187,7 @@ def run_attempt(
         "round": step.round,
         "attempt": step.attempt,
         "stages": stages,
+        "stage_seconds": seconds,
         "params": {
             "train": params.train.model_dump(
                 mode="json", include={"family", "steps", "lr", "batch_size", "seed"}
