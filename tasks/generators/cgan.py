@@ -62,14 +62,29 @@ class CondBatchNorm(nn.Module):
         return self.norm(x) * self.gain(y)[:, :, None, None] + self.bias(y)[:, :, None, None]
 
 
-class Generator(nn.Module):
-    def __init__(self, z_dim: int, num_classes: int, channels: int, size: int, width: int):
+class UpsamplingDecoder(nn.Module):
+    """(z, y) -> (N, channels, size, size), before any squashing of the output. [z, embed(y)]
+    maps to the smallest map of `pyramid(size)`; then every level doubles the map (nearest),
+    convolves, and applies a class-conditioned norm, `norm(channels, num_classes)`, and `act`.
+    cgan's generator (BatchNorm, ReLU, tanh) and vae's decoder (FiLM, SiLU, logits) are it."""
+
+    def __init__(
+        self,
+        z_dim: int,
+        num_classes: int,
+        channels: int,
+        size: int,
+        width: int,
+        norm: Callable[[int, int], nn.Module],
+        act: Callable[[torch.Tensor], torch.Tensor],
+    ):
         super().__init__()
         self.base, levels = pyramid(size)
         chans = level_channels(width, levels)
+        self.act = act
         self.embed = nn.Embedding(num_classes, z_dim)
         self.fc = nn.Linear(2 * z_dim, chans[0] * self.base**2)
-        self.norms = nn.ModuleList(CondBatchNorm(c, num_classes) for c in chans)
+        self.norms = nn.ModuleList(norm(c, num_classes) for c in chans)
         self.convs = nn.ModuleList(
             nn.Conv2d(cin, cout, 3, padding=1) for cin, cout in pairwise(chans)
         )
@@ -77,10 +92,18 @@ class Generator(nn.Module):
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = self.fc(torch.cat([z, self.embed(y)], dim=1))
-        h = F.relu(self.norms[0](h.view(len(z), -1, self.base, self.base), y))
+        h = self.act(self.norms[0](h.view(len(z), -1, self.base, self.base), y))
         for conv, norm in zip(self.convs, self.norms[1:], strict=True):
-            h = F.relu(norm(conv(F.interpolate(h, scale_factor=2.0, mode="nearest")), y))
-        return torch.tanh(self.out(h))
+            h = self.act(norm(conv(F.interpolate(h, scale_factor=2.0, mode="nearest")), y))
+        return self.out(h)
+
+
+class Generator(UpsamplingDecoder):
+    def __init__(self, z_dim: int, num_classes: int, channels: int, size: int, width: int):
+        super().__init__(z_dim, num_classes, channels, size, width, CondBatchNorm, F.relu)
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(super().forward(z, y))
 
 
 class Discriminator(nn.Module):

@@ -41,7 +41,7 @@ from torch import nn
 
 from synthloop.config import TrainConfig
 from tasks.generators.base import Family
-from tasks.generators.cgan import level_channels, pyramid
+from tasks.generators.cgan import UpsamplingDecoder, level_channels, pyramid
 from tasks.generators.diffusion import groups
 
 BETAS = (0.9, 0.999)
@@ -93,27 +93,11 @@ class Encoder(nn.Module):
         return mu, logvar.clamp(*LOGVAR_RANGE)
 
 
-class Decoder(nn.Module):
-    """z, y -> per-pixel logits (N, C, H, W)."""
+class Decoder(UpsamplingDecoder):
+    """z, y -> per-pixel logits (N, C, H, W): cgan's generator body with FiLM and SiLU."""
 
     def __init__(self, latent_dim: int, num_classes: int, channels: int, size: int, width: int):
-        super().__init__()
-        self.base, levels = pyramid(size)
-        chans = level_channels(width, levels)
-        self.embed = nn.Embedding(num_classes, latent_dim)
-        self.fc = nn.Linear(2 * latent_dim, chans[0] * self.base**2)
-        self.films = nn.ModuleList(FiLM(c, num_classes) for c in chans)
-        self.convs = nn.ModuleList(
-            nn.Conv2d(cin, cout, 3, padding=1) for cin, cout in pairwise(chans)
-        )
-        self.out = nn.Conv2d(chans[-1], channels, 3, padding=1)
-
-    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = self.fc(torch.cat([z, self.embed(y)], dim=1))
-        h = F.silu(self.films[0](h.view(len(z), -1, self.base, self.base), y))
-        for conv, film in zip(self.convs, self.films[1:], strict=True):
-            h = F.silu(film(conv(F.interpolate(h, scale_factor=2.0, mode="nearest")), y))
-        return self.out(h)
+        super().__init__(latent_dim, num_classes, channels, size, width, FiLM, F.silu)
 
 
 class Autoencoder(nn.Module):
