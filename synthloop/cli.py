@@ -14,6 +14,11 @@ from synthloop.config import FAMILY_NAMES, PARAMS_ENV, PARAMS_FILE, ConfigError,
 # Exit codes: the flow retries a stage only for failures that may pass on their own.
 EXIT_BAD_INPUT = 2  # bad params or data: retrying cannot help
 
+# Without PREFECT_API_URL a run starts Prefect's temporary API server and waits for it;
+# Prefect's default, 20 s, is too short on a busy 2-core machine (48 s measured beside other
+# jobs), and `make run` then fails before any work. A user's own setting wins.
+EPHEMERAL_STARTUP_TIMEOUT = ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from pydantic import ValidationError
@@ -44,6 +49,7 @@ def _stage(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    os.environ.setdefault(*EPHEMERAL_STARTUP_TIMEOUT)  # before Prefect reads its settings
     from flows.parameters import RunParameters
 
     run = RunParameters(

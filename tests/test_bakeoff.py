@@ -95,12 +95,3 @@ def test_a_bakeoff_needs_two_distinct_known_families(families):
             check_paths=False,
         )
     assert LoopConfig.model_fields["families"].default_factory() == []
-
-
-def test_the_cli_takes_bakeoff_families_from_the_registry():
-    from synthloop.cli import build_parser
-
-    args = build_parser().parse_args(["run", "--families", "cgan", "vae"])
-    assert args.families == ["cgan", "vae"]
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["run", "--families", "cgan", "stylegan"])
