@@ -45,7 +45,8 @@ from synthloop.config import TrainConfig  # noqa: E402
 from tasks.generate import load_model  # noqa: E402
 from tasks.generators import FAMILIES  # noqa: E402
 from tasks.images import resolve_device  # noqa: E402
-from tasks.train import WEIGHTS, run_train  # noqa: E402
+from tasks.model_dir import WEIGHTS  # noqa: E402
+from tasks.train import run_train  # noqa: E402
 
 GOALS = {"cgan": ("fast/plain", 3.0), "diffusion": ("MFU", 0.35)}
 

@@ -112,8 +112,12 @@ def main() -> None:
     rows.append(("dvc status", status, "nothing built yet"))
 
     if not args.skip_full:
+        report = ws / "reports/loop.json"
+        report.unlink(missing_ok=True)  # the clone's copy is an earlier run's
         full, out = timed([synthloop, "run", "--max-rounds", "1"], ws, environ)
-        loop = json.loads((ws / "reports/loop.json").read_text())
+        if not report.is_file():
+            sys.exit(f"the run ended before any attempt:\n{out[-3000:]}")
+        loop = json.loads(report.read_text())
         stages = loop["attempts"][0].get("stage_seconds", {})
         rows.append(("full round", full, f"{loop['result']}: {loop['message']}"))
         for stage, seconds in stages.items():

@@ -159,12 +159,15 @@ def run_attempt(
     stages: dict[str, str] = {}
     seconds: dict[str, float] = {}  # wall time of each stage that ran, its shards included
     shards: dict[str, dict] = {}
+    # DVC's own verdict (`dvc status --json`) says which stages must run: asked once, and
+    # again only after a stage ran (its outputs may make later stages stale).
+    stale = set(stale_stages(workspace))
     for stage in STAGE_ORDER:
         if bakeoff and stage == FAMILY_STAGES[0]:
             table = _bakeoff(workspace, params_file, params.loop.families, force)
             force = False  # the winner's outputs come back from DVC's run cache
-        # DVC's own verdict (`dvc status --json`) says whether the stage must run.
-        if not (force or stale_stages(workspace, stage)):
+            stale = set(stale_stages(workspace))
+        if not (force or stage in stale):
             stages[stage] = "skipped"
             continue
         began = time.perf_counter()
@@ -174,6 +177,8 @@ def run_attempt(
         run_stage(stage, str(workspace), force)
         stages[stage] = "ran"
         seconds[stage] = round(time.perf_counter() - began, 2)
+        if stage != STAGE_ORDER[-1]:
+            stale = set(stale_stages(workspace))
         if stage == "clean" and drift is not None:
             drift_fid = drift.measure()
             if drift_fid is not None:

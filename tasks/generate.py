@@ -42,7 +42,7 @@ from synthloop.dataset import (
 from tasks.feedback import requested_extra
 from tasks.generators import FAMILIES, Family
 from tasks.images import encode_rows, model_classes, resolve_device, to_uint8
-from tasks.train import WEIGHTS, model_version
+from tasks.model_dir import WEIGHTS, model_version
 
 log = logging.getLogger(__name__)
 

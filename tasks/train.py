@@ -15,16 +15,17 @@ evaluations without improvement training stops (tasks/early_stopping.py decides)
 records best_step, best_score, the metric and the curve; eval.csv holds the curve. With
 train.eval_every 0 nothing is evaluated and the last weights are the output.
 
-Resumable: every checkpoint_every steps `checkpoints/last.pt` holds the networks, their EMA
-copies, the optimizers, every random generator's state, the losses and the evaluations so
-far (curve, best weights, patience counter), with a
-fingerprint of the settings and data that made it. `train.resume: true` continues from it
-and ends with the weights an uninterrupted run would have (bit-for-bit on CPU); a
-checkpoint of other settings or other data is refused. The checkpoints are working state,
-kept apart from the output.
+Resumable (tasks/checkpoints.py): every checkpoint_every steps `checkpoints/last.pt` holds
+the networks, their EMA copies, the optimizers, every random generator's state, the losses
+and the evaluations so far (curve, best weights, patience counter), with a fingerprint of
+the settings and data that made it. `train.resume: true` continues from it and ends with
+the weights an uninterrupted run would have (bit-for-bit on CPU); a checkpoint of other
+settings or other data is refused. The checkpoints are working state, kept apart from the
+output.
 
-Distributed (DDP): with train.distributed set to more than one process, `synthloop stage
-train` re-runs itself under torchrun (`torchrun_command`), one process per device. Each
+Distributed (DDP; the launch: tasks/distributed.py): with train.distributed set to more
+than one process, `synthloop stage train` re-runs itself under torchrun, one process per
+device. Each
 process joins the process group, wraps the trained networks in DistributedDataParallel
 (`Family.distribute`; gradients are averaged) and takes its own slice of every global batch,
 all drawn from the same seeded stream: train.batch_size is per process, so the global batch
@@ -37,7 +38,7 @@ at the same step.
 Logged losses are averaged over the ranks. A checkpoint holds every rank's noise stream, so
 a resume (each rank loads rank 0's checkpoint) needs the same world size.
 
-Outputs (train.output, replaced atomically as a whole):
+Outputs (train.output, replaced atomically as a whole by tasks/model_dir.py):
   weights.safetensors  the EMA generator at the best evaluation: all that generate needs
   config.json          the TrainConfig that made it, plus classes, channels, size
   model_card.json      family, steps, data version, per-class counts, losses, speed, sizes,
@@ -50,34 +51,37 @@ evaluation), both for `dvc plots`; summary.json.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from synthloop.config import PARAMS_ENV, PARAMS_FILE, DistributedConfig, Params, TrainConfig
+from synthloop.config import PARAMS_ENV, PARAMS_FILE, Params, TrainConfig
 from synthloop.dataset import (
-    atomic_dir,
     atomic_file,
-    file_hash,
     remove_stale_temporaries,
     write_json,
 )
 from synthloop.threads import intra_op_threads
+from tasks.checkpoints import (
+    CHECKPOINT,
+    gather_rank_rngs,
+    load_checkpoint,
+    make_fingerprint,
+    save_checkpoint,
+)
+from tasks.distributed import init_distributed, inside_torchrun, launch_torchrun
 from tasks.early_stopping import EarlyStopping
-from tasks.generators import FAMILIES, Family
+from tasks.generators import FAMILIES
 from tasks.generators.base import derive_seed
 from tasks.images import dataset_version, load_image_tensors, resolve_device, to_float
+from tasks.model_dir import write_model
 from tasks.train_eval import (
     METRIC,
     Evaluations,
@@ -91,15 +95,6 @@ from tasks.train_eval import (
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "last.pt"
-WEIGHTS = "weights.safetensors"
-# The settings a checkpoint can only be resumed with; steps, logging and paths may change
-# between runs. The active family's own section (train.cgan or train.diffusion), the data
-# version and the kind of device are added.
-FINGERPRINT_KEYS = (
-    "family", "batch_size", "lr", "ema_decay", "seed", "class_balance",
-    "eval_every", "patience", "eval_per_class",  # they choose the output and the last step
-)  # fmt: skip
 SUMMARY_KEYS = (  # reports/train/summary.json: the model card's numbers, for `dvc metrics`
     "family", "model_version", "steps", "final_losses", "images_per_second", "train_seconds",
     "wall_seconds", "resumed_from_step", "device", "world_size",
@@ -384,198 +379,6 @@ def write_losses(path: Path, rows: list[dict]) -> None:
         writer.writeheader()
         for row in rows:
             writer.writerow({k: v if k == "step" else f"{v:.6g}" for k, v in row.items()})
-
-
-# --- checkpoints ---------------------------------------------------------------------------
-
-
-def make_fingerprint(
-    cfg: TrainConfig,
-    data_version: str,
-    device: torch.device,
-    data_device: torch.device,
-    world: int = 1,
-    eval_version: str | None = None,
-) -> dict[str, str]:
-    values: dict[str, Any] = {f"train.{k}": getattr(cfg, k) for k in FINGERPRINT_KEYS}
-    values[f"train.{cfg.family}"] = getattr(cfg, cfg.family).model_dump(mode="json")
-    values["data version"] = data_version
-    # CPU and CUDA random generators differ, so a run resumes on the kind of device it began
-    values["device"] = f"{device.type}, dataset on {data_device.type}"
-    if world > 1:  # the batch slices and the per-rank noise streams depend on it
-        values["world size"] = world
-    if eval_version is not None:  # the scores, so the best step, depend on them
-        values["evaluation"] = eval_version
-    return {k: json.dumps(v, sort_keys=True) for k, v in values.items()}
-
-
-def save_checkpoint(
-    path: Path,
-    family: Family,
-    batches: torch.Generator,
-    fingerprint: dict[str, str],
-    step: int,
-    train_seconds: float,
-    rows: list[dict],
-    rank_rngs: list[torch.Tensor] | None = None,
-    evals: Evaluations | None = None,
-) -> None:
-    """Everything a bit-exact resume needs, written to a temporary file and renamed."""
-    state = {
-        "step": step,
-        "fingerprint": fingerprint,
-        "family": family.state_dict(),  # networks, EMA, optimizers, the family's rng
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "batches": batches.get_state(),
-            "ranks": rank_rngs,  # DDP: every rank's family noise stream, by rank
-        },
-        "train_seconds": train_seconds,
-        "losses": rows,
-        "evaluations": evals.state_dict() if evals is not None else None,
-    }
-    with atomic_file(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_checkpoint(
-    path: Path,
-    fingerprint: dict[str, str],
-    family: Family,
-    batches: torch.Generator,
-    cfg: TrainConfig,
-    rank: int = 0,
-    evals: Evaluations | None = None,
-) -> tuple[int, float, list[dict]]:
-    """Restore `family`, the random streams and `evals`; returns (step, train seconds, loss
-    rows)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    saved = state["fingerprint"]
-    keys = [*fingerprint, *(k for k in saved if k not in fingerprint)]  # e.g. world size
-    changed = [
-        f"{key}: {saved.get(key, 'unset')} -> {fingerprint.get(key, 'unset')}"
-        for key in keys
-        if saved.get(key) != fingerprint.get(key)
-    ]
-    if changed:
-        raise ValueError(
-            f"{path}: cannot resume, this checkpoint was made with other settings or data "
-            f"({'; '.join(changed)}). Set train.resume: false to start over, or delete "
-            f"{path.parent}."
-        )
-    if state["step"] > cfg.steps:
-        raise ValueError(
-            f"{path}: the checkpoint is at step {state['step']}, beyond train.steps="
-            f"{cfg.steps}; raise train.steps or set train.resume: false"
-        )
-    family.load_state_dict(state["family"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if torch.cuda.is_available() and state["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    batches.set_state(state["rng"]["batches"])
-    if state["rng"].get("ranks"):
-        family.rng.set_state(state["rng"]["ranks"][rank])
-    if evals is not None and state.get("evaluations") is not None:
-        evals.load_state_dict(state["evaluations"])
-    return state["step"], state["train_seconds"], state["losses"]
-
-
-def gather_rank_rngs(family: Family, world: int) -> list[torch.Tensor] | None:
-    """Every rank's family random state, for rank 0's checkpoint; None without DDP."""
-    if world == 1:
-        return None
-    states: list[Any] = [None] * world
-    dist.all_gather_object(states, family.rng.get_state())
-    return states
-
-
-# --- distributed: the torchrun launch and each rank's set-up ------------------------------
-
-
-def inside_torchrun() -> bool:
-    return "WORLD_SIZE" in os.environ or "LOCAL_RANK" in os.environ
-
-
-def torchrun_command(cfg: DistributedConfig, params_path: Path) -> list[str]:
-    """The torchrun command that runs `synthloop stage train` once per process; on several
-    nodes, every node runs it with its own node_rank."""
-    cmd = [sys.executable, "-m", "torch.distributed.run"]
-    cmd += ["--nproc_per_node", str(cfg.nproc_per_node), "--nnodes", str(cfg.nnodes)]
-    if cfg.nnodes == 1:
-        cmd.append("--standalone")  # a local rendezvous on a free port
-    else:
-        cmd += ["--node_rank", str(cfg.node_rank)]
-        cmd += ["--rdzv_backend", "c10d", "--rdzv_endpoint", str(cfg.rdzv_endpoint)]
-    return cmd + ["-m", "synthloop.cli", "--params", str(params_path), "stage", "train"]
-
-
-def launch_torchrun(cfg: TrainConfig, params_path: Path) -> dict:
-    """Run the train stage under torchrun and wait; returns the model card rank 0 wrote
-    (empty on a node that does not hold it)."""
-    cmd = torchrun_command(cfg.distributed, params_path)
-    log.info("train: launching under torchrun: %s", " ".join(cmd))
-    card = cfg.output / "model_card.json"
-    before = card.stat().st_mtime_ns if card.is_file() else None
-    returncode = subprocess.run(cmd, check=False).returncode
-    if returncode != 0:
-        raise RuntimeError(
-            f"stage train: torchrun exited with code {returncode} (see the ranks' output above)"
-        )
-    # rank 0 may have run on another node: an unchanged card here is not this run's
-    if card.is_file() and card.stat().st_mtime_ns != before:
-        return json.loads(card.read_text())
-    return {}
-
-
-def init_distributed(device: torch.device, backend: str) -> tuple[int, int, torch.device]:
-    """Inside torchrun with more than one process: join the process group and take this
-    process's device (cuda:LOCAL_RANK). Returns (rank, world size, device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    if backend == "auto":
-        backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend)
-    return dist.get_rank(), world, device
-
-
-# --- the model directory -----------------------------------------------------------------
-
-
-def model_version(weights: Path) -> str:
-    """A content hash of the weights file: the version samples and reports refer to."""
-    return file_hash(weights, digest_size=8)
-
-
-def write_model(
-    cfg: TrainConfig,
-    weights: dict[str, torch.Tensor],
-    classes: list[str],
-    channels: int,
-    size: int,
-    card: dict,
-) -> str:
-    """weights.safetensors (the family's export weights), config.json and model_card.json,
-    replacing the output as one."""
-    with atomic_dir(cfg.output) as out:
-        save_file(weights, out / WEIGHTS, metadata={"family": cfg.family})
-        version = model_version(out / WEIGHTS)
-        write_json(
-            out / "config.json",
-            {
-                "train": cfg.model_dump(mode="json"),
-                "num_classes": len(classes),
-                "classes": classes,
-                "channels": channels,
-                "size": size,
-            },
-        )
-        write_json(out / "model_card.json", {**card, "model_version": version})
-    return version
 
 
 def device_name(device: torch.device) -> str:

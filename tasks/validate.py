@@ -22,27 +22,21 @@ image.
 The gates decide whether the loop may promote the accepted rows; this stage only reports.
 
 Sharded (synthloop/sharding.py): the evaluator features of the real train, val and test
-splits and of the synthetic images are computed in shards of whole batches, each saved as
-`features.npy` in the shard cache (the flow can compute them beforehand as parallel tasks);
-the merge concatenates them and computes everything else from them, as one process.
+splits and of the synthetic images are computed in shards of whole batches
+(tasks/validate_features.py; the flow can compute them beforehand as parallel tasks); the
+merge here concatenates them and computes everything else from them, as one process.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
-import threading
-import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import torch
 
 from synthloop.config import AugmentPolicy, EvaluatorConfig, GateConfig, Params, ValidateConfig
@@ -50,24 +44,18 @@ from synthloop.dataset import (
     IMAGE_SCHEMA,
     ShardWriter,
     atomic_dir,
-    file_hash,
     iter_batches,
     remove_stale_temporaries,
-    shard_paths,
     write_json,
 )
 from synthloop.sharding import (
     Shard,
     StageSpec,
-    cached_result,
-    chunks,
-    digest,
     run_inline,
     run_uncached,
 )
 from tasks.evaluator import (
     CONFIG,
-    WEIGHTS,
     Evaluator,
     Splits,
     load_evaluator,
@@ -78,7 +66,6 @@ from tasks.evaluator import (
 from tasks.feedback import requested_extra
 from tasks.images import (
     ImageTensors,
-    decode_rows,
     load_image_tensors,
     model_classes,
     resolve_device,
@@ -97,6 +84,7 @@ from tasks.metrics import (
 from tasks.online_augment import batch_augmenter
 from tasks.privacy import PrivacySets, membership_auc_high, privacy_figures
 from tasks.utility import Trainer, compare_arms
+from tasks.validate_features import features_shard, load_features, plan_features
 
 log = logging.getLogger(__name__)
 
@@ -490,117 +478,15 @@ def _check_rows(data: dict[str, ImageTensors], features: dict[str, torch.Tensor]
             )
 
 
-# --- plan -> shard -> merge (synthloop/sharding.py) ------------------------------------------
-
-SPLITS = ("train", "val", "test", "synthetic")  # the feature sets, in shard order
-FEATURES = "features.npy"  # a shard's (rows, feature_dim) float32 features
-
-
-@dataclass(frozen=True)
-class FeatureWork:
-    """Rows `start` to `stop` of the dataset `directory` (the feature set `split`), on
-    `device`: resolved when planned, so a worker computes what the key says."""
-
-    split: str
-    directory: Path
-    start: int
-    stop: int
-    device: str
-
-
-def shard_size(shard_rows: int, batch_size: int) -> int:
-    """`shard_rows` rounded up to whole batches: a shard's batches are then exactly the
-    unsharded run's batches, so its features are the same bits on CPU."""
-    return -(-shard_rows // batch_size) * batch_size
-
-
-def split_dirs(cfg: ValidateConfig) -> dict[str, Path]:
-    return {
-        "train": cfg.clean / "train",
-        "val": cfg.clean / "val",
-        "test": cfg.clean / "test",
-        "synthetic": cfg.synthetic,
-    }
-
-
-def files_identity(paths: list[Path]) -> list[tuple[str, int, int]]:
-    """Name, size and mtime of each file (as DVC's own change check)."""
-    return [(p.name, (st := p.stat()).st_size, st.st_mtime_ns) for p in paths]
+# --- plan -> shard -> merge (synthloop/sharding.py; the features: tasks/validate_features.py)
 
 
 def plan_validate(job: ValidateJob) -> list[Shard]:
-    """Shards of whole batches of each feature set. A shard's fingerprint holds the
-    evaluator's bytes, the identity of its dataset's files, the device and torch's
-    version: features computed for other weights, data or kernels are never reused."""
-    cfg = job.validate
-    size = shard_size(cfg.shard_rows, cfg.batch_size)
-    evaluator = (file_hash(cfg.evaluator / WEIGHTS), file_hash(cfg.evaluator / CONFIG))
-    device = str(resolve_device(cfg.device))
-    work: list[tuple[FeatureWork, str]] = []
-    for split, directory in split_dirs(cfg).items():
-        files = shard_paths(directory)
-        rows = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
-        if rows == 0 and split != "val":  # val only adds to the privacy hold-out
-            raise ValueError(f"{directory}: the dataset is empty")
-        identity = digest(evaluator, torch.__version__, files_identity(files))
-        work += [
-            (FeatureWork(split, directory, r.start, r.stop, device), identity)
-            for r in chunks(rows, size)
-        ]
-    return [
-        Shard("validate", i, len(work), digest(w, identity), w)
-        for i, (w, identity) in enumerate(work)
-    ]
-
-
-def decode_range(directory: Path, start: int, stop: int) -> torch.Tensor:
-    """Rows `start` to `stop` of a dataset (in its stable order), decoded; files wholly
-    outside the range are not read."""
-    parts: list[torch.Tensor] = []
-    offset = 0
-    for path in shard_paths(directory):
-        file = pq.ParquetFile(path)
-        lo, hi = max(start - offset, 0), min(stop - offset, file.metadata.num_rows)
-        offset += file.metadata.num_rows
-        if lo < hi:
-            rows = file.read(columns=["image", "channels"]).slice(lo, hi - lo).to_pydict()
-            parts.append(decode_rows(rows["image"], int(rows["channels"][0])))
-    return torch.cat(parts)
+    return plan_features(job.validate)
 
 
 def run_validate_shard(job: ValidateJob, shard: Shard, out: Path) -> dict:
-    """One shard's evaluator features into `features.npy`; returns its split and size."""
-    work: FeatureWork = shard.work
-    cfg = job.validate
-    device = torch.device(work.device)
-    evaluator = load_evaluator(cfg.evaluator, device=device, batch_size=cfg.batch_size)
-    images = decode_range(work.directory, work.start, work.stop)
-    started = time.perf_counter()
-    with _shared_cpu_threads(device, evaluator.size):
-        features = evaluator.features(images).cpu().numpy()
-    np.save(out / FEATURES, features)
-    return {
-        "split": work.split,
-        "rows": len(features),
-        "device": device.type,
-        "seconds": time.perf_counter() - started,
-    }
-
-
-def load_features(folders: list[Path]) -> dict[str, torch.Tensor]:
-    """Each feature set from its shards, in shard order: memory-mapped, so only the one
-    concatenation per set is ever held in memory."""
-    arrays: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
-    for folder in folders:
-        split = (cached_result(folder) or {})["split"]
-        arrays[split].append(np.load(folder / FEATURES, mmap_mode="r"))
-    dim = next(part.shape[1] for parts in arrays.values() for part in parts)
-    return {
-        split: torch.from_numpy(
-            np.concatenate(parts) if parts else np.empty((0, dim), dtype=np.float32)
-        )
-        for split, parts in arrays.items()
-    }
+    return features_shard(job.validate, shard, out)
 
 
 def merge_validate(job: ValidateJob, folders: list[Path]) -> dict:
@@ -611,39 +497,6 @@ def merge_validate(job: ValidateJob, folders: list[Path]) -> dict:
     features = load_features(folders)
     with small_image_cpu_threads(device, evaluator.size):
         return _validate(cfg, evaluator, job.evaluator, job.requested, features, job.augment)
-
-
-class _Shared:
-    """A context entered by the first of overlapping users and left after the last."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._users = 0
-        self._scope = contextlib.ExitStack()
-
-    @contextlib.contextmanager
-    def hold(self, make: Callable[[], AbstractContextManager]) -> Iterator[None]:
-        with self._lock:
-            self._users += 1
-            if self._users == 1:
-                self._scope.enter_context(make())
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._users -= 1
-                if self._users == 0:
-                    self._scope.close()
-
-
-# One intra-op thread on CPU while any shard runs (`small_image_cpu_threads`), shared:
-# shards in threads of one process (the threads runner) overlap, and the first to finish
-# must not restore the thread count under the others.
-_SHARD_THREADS = _Shared()
-
-
-def _shared_cpu_threads(device: torch.device, size: int) -> AbstractContextManager:
-    return _SHARD_THREADS.hold(lambda: small_image_cpu_threads(device, size))
 
 
 SHARDING = StageSpec(

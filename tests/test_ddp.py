@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 from test_train import make_dataset, make_yardstick
 
 from synthloop.config import PARAMS_ENV, DistributedConfig, TrainConfig, parse_params
-from tasks import train
-from tasks.train import model_version, torchrun_command
+from tasks import distributed, train
+from tasks.distributed import torchrun_command
+from tasks.model_dir import model_version
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 240
@@ -79,9 +80,9 @@ def test_a_failed_torchrun_names_the_stage_and_its_exit_code(
         ran.append(cmd)
         return subprocess.CompletedProcess(cmd, 3)
 
-    monkeypatch.setattr(train.subprocess, "run", fake_run)
+    monkeypatch.setattr(distributed.subprocess, "run", fake_run)
     with pytest.raises(RuntimeError, match="stage train: torchrun exited with code 3"):
-        train.launch_torchrun(cfg, Path("/p/params.yaml"))
+        distributed.launch_torchrun(cfg, Path("/p/params.yaml"))
     assert ran == [torchrun_command(cfg.distributed, Path("/p/params.yaml"))]
 
 
@@ -170,7 +171,7 @@ from pathlib import Path
 import torch
 
 from synthloop.config import load_params
-from tasks import train
+from tasks import distributed, train
 from tasks.generators import FAMILIES
 from tasks.train_eval import FixedBatchScorer
 
@@ -186,7 +187,7 @@ class Recorded(FAMILIES["cgan"]):
 
 FAMILIES["cgan"] = Recorded
 base, root = load_params(sys.argv[1]).train, Path(sys.argv[2])
-rank, world, device = train.init_distributed(torch.device("cpu"), "gloo")
+rank, world, device = distributed.init_distributed(torch.device("cpu"), "gloo")
 
 
 def scripted(self, family):  # best at step 2, no better at 3: patience 1 stops there

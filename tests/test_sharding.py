@@ -283,7 +283,7 @@ def test_validate_from_prepared_features_equals_the_inline_run(
     from flows.sharded import prepare_shards
     from tasks.evaluator import Evaluator, load_evaluator, small_image_cpu_threads
     from tasks.images import load_image_tensors
-    from tasks.validate import load_features
+    from tasks.validate_features import load_features
 
     _, inline_report, inline_accepted = validate_base
     summary = prepare_shards("validate", str(vws / "params.yaml"))
@@ -329,7 +329,7 @@ def test_validate_keys_change_with_evaluator_weights_and_data(vws):
 
 
 def test_a_missing_validate_shard_is_computed_inline(vws, validate_base, prefect_api, monkeypatch):
-    import tasks.validate
+    import tasks.validate_features
     from flows.sharded import prepare_shards
 
     prepare_shards("validate", str(vws / "params.yaml"))
@@ -337,13 +337,13 @@ def test_a_missing_validate_shard_is_computed_inline(vws, validate_base, prefect
     shutil.rmtree(cache_dir(vws, "validate") / missing)
 
     decoded: list[tuple[int, int]] = []
-    real = tasks.validate.decode_range
+    real = tasks.validate_features.decode_range
 
     def decode_range(directory: Path, start: int, stop: int) -> torch.Tensor:
         decoded.append((start, stop))
         return real(directory, start, stop)
 
-    monkeypatch.setattr(tasks.validate, "decode_range", decode_range)
+    monkeypatch.setattr(tasks.validate_features, "decode_range", decode_range)
     run_stage(vws, "validate")
     assert decoded == [(0, 16)]  # that shard only
     assert validate_outputs(vws) == validate_base[1:]

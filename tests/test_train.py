@@ -18,7 +18,8 @@ from synthloop.config import EvaluatorConfig, TrainConfig
 from synthloop.dataset import IMAGE_SCHEMA, ShardWriter, content_id
 from tasks.evaluator import run_train_evaluator
 from tasks.images import dataset_version, encode_rows
-from tasks.train import model_version, run_train
+from tasks.model_dir import model_version
+from tasks.train import run_train
 from tasks.train_eval import FixedBatchScorer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
