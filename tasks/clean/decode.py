@@ -23,7 +23,9 @@ from tasks.clean.hashing import row_numbers, thumbnail_side
 from tasks.clean.rules import Converted, Rejection, blank_flags, convert_image, map_label
 from tasks.clean.splits import split_keys
 
-BATCH_ROWS = 4096  # ingested rows per pass-1 task (fewer at the end of a shard)
+# Ingested rows per pass-1 task (fewer at the end of a shard); also pass 2's batches.
+# Read by stage.py, workers.py and route.py: a test that changes it patches each.
+BATCH_ROWS = 4096
 MAX_CHUNK_ROWS = 4096  # rows decoded at once within a task (fewer for large images)
 NUMBERS = ("split_keys", "pixel_hashes", "dhashes", "thumbnails")  # per kept row, as .npy
 
