@@ -34,7 +34,7 @@ The package, in the order a row goes through it (each module states its own cont
   workers.py  the decode worker processes, and the Great Expectations import beside them
   stage.py    the sharded stage (plan, one shard's pass 1, a run's shared pool): `SHARDING`,
               `run_stage(params)` (what tasks/stages.py runs) and `run_clean(cfg)`
-  merge.py    the merge, in named steps: gather, decide, route, report
+  merge.py    the merge, in named steps: gather, decide, route, conclude
   route.py    pass 2: the staged rows into the split folders
   report.py   reports/clean.json, the near-duplicate sheet, the expectations
 """

@@ -9,7 +9,8 @@ them: staged rows as part-*.parquet, per-image rejections as quarantine.parquet,
             (rules.resolve_duplicates), then the split of every kept row (splits.py)
   route     pass 2: the staged rows into train/val/test, the dropped ones to the quarantine
             (route.py)
-  report    reports/clean.json, the near-duplicate sheet, the expectations (report.py)
+  conclude  the expectations, reports/clean.json, the near-duplicate sheet and the
+            quarantine (report.py)
 
 Everything lands in one `atomic_dir` of clean.output, so a failure part-way (a failed
 critical expectation included) leaves the previous clean data as it was. Memory stays a few
@@ -108,39 +109,9 @@ def merge_clean(
         thumbnails.open(staging / "thumbnails.u8")  # removed with the staging area
         gathered = gather(folders, thumbnails)
         decided = decide(cfg, gathered, thumbnails.read())
-        # Pass 2: route the staged rows, in pass-1 order, to their split. (Run beside the
-        # validation in a thread it saved 0.2 s at 100,000 rows, lost time at 1,000,000 and
-        # raised the peak RSS by 100 MiB there.)
-        duplicates, images = route_staged(
-            staged_batches(folders),
-            out_dir,
-            decided.keep,
-            decided.splits,
-            decided.rejections,
-            cfg.shard_rows,
-            np.unique(decided.sheet_pairs.ravel()),
-        )
+        images = route(cfg, folders, out_dir, decided, gathered)
         shutil.rmtree(staging)
-        gathered.add_quarantine(duplicates)
-
-        kept = kept_metadata(out_dir)
-        report = build_report(cfg, gathered.ingested, kept, gathered.reasons, gathered.converted)
-        nothing_kept = nothing_kept_message(
-            gathered.ingested, gathered.reasons, gathered.quarantine, cfg
-        )
-        if validate and nothing_kept is None:
-            report["expectations"] = validate_kept(cfg, kept, decided.known_labels, gx_import)
-        write_sheet(cfg.near_duplicate_sheet, decided.sheet_pairs, images)
-        report["near_duplicate_sheet"] = {
-            "path": os.path.relpath(cfg.near_duplicate_sheet, cfg.report.parent),
-            "pairs": len(decided.sheet_pairs),
-        }
-        write_table(cfg.quarantine, gathered.quarantine, QUARANTINE_SCHEMA)
-        write_json(cfg.report, report)
-        if nothing_kept is not None:
-            raise ConfigError(nothing_kept)  # the quarantine says why, row by row
-        if validate:
-            raise_on_critical(report["expectations"])  # keeps the previous data
+        report = conclude(cfg, out_dir, gathered, decided, images, validate, gx_import)
     log.info(
         "clean: %d ingested -> %d kept, %d quarantined %s",
         gathered.ingested,
@@ -199,6 +170,60 @@ def decide(cfg: CleanConfig, gathered: Gathered, thumbnails: np.ndarray) -> Deci
     known = cfg.labels if cfg.labels is not None else sorted(set(labels[keep]))
     pairs = sheet_pairs(ids, rejections, cfg.near_duplicate_sheet_pairs)
     return Decisions(keep, rejections, splits, list(known), pairs)
+
+
+def route(
+    cfg: CleanConfig, folders: list[Path], out_dir: Path, decided: Decisions, gathered: Gathered
+) -> dict[int, bytes]:
+    """Step 3, pass 2: the staged rows, in pass-1 order, into out_dir/<split>; the dropped
+    ones join the quarantine. Returns the PNGs of the rows on the near-duplicate sheet.
+
+    (Run beside the validation in a thread it saved 0.2 s at 100,000 rows, lost time at
+    1,000,000 and raised the peak RSS by 100 MiB there.)"""
+    duplicates, images = route_staged(
+        staged_batches(folders),
+        out_dir,
+        decided.keep,
+        decided.splits,
+        decided.rejections,
+        cfg.shard_rows,
+        np.unique(decided.sheet_pairs.ravel()),
+    )
+    gathered.add_quarantine(duplicates)
+    return images
+
+
+def conclude(
+    cfg: CleanConfig,
+    out_dir: Path,
+    gathered: Gathered,
+    decided: Decisions,
+    images: dict[int, bytes],
+    validate: bool,
+    gx_import: threading.Thread | None,
+) -> dict:
+    """Step 4: the report (with the expectations' results when validating), the sheet and
+    the quarantine, written; then raises if nothing was kept or a critical expectation
+    failed (inside the merge's atomic_dir: the previous clean data stays)."""
+    kept = kept_metadata(out_dir)
+    report = build_report(cfg, gathered.ingested, kept, gathered.reasons, gathered.converted)
+    nothing_kept = nothing_kept_message(
+        gathered.ingested, gathered.reasons, gathered.quarantine, cfg
+    )
+    if validate and nothing_kept is None:
+        report["expectations"] = validate_kept(cfg, kept, decided.known_labels, gx_import)
+    write_sheet(cfg.near_duplicate_sheet, decided.sheet_pairs, images)
+    report["near_duplicate_sheet"] = {
+        "path": os.path.relpath(cfg.near_duplicate_sheet, cfg.report.parent),
+        "pairs": len(decided.sheet_pairs),
+    }
+    write_table(cfg.quarantine, gathered.quarantine, QUARANTINE_SCHEMA)
+    write_json(cfg.report, report)
+    if nothing_kept is not None:
+        raise ConfigError(nothing_kept)  # the quarantine says why, row by row
+    if validate:
+        raise_on_critical(report["expectations"])
+    return report
 
 
 def _take(parts: list[np.ndarray], dtype) -> np.ndarray:
