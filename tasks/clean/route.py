@@ -2,9 +2,9 @@
 
 Contract: the staged rows are read in pass-1 order (shard by shard, file by file) and row i
 of that order is routed by `keep[i]` and `splits[i]`: a kept row is written, with its split,
-to out_dir/<split> as `ShardWriter` would write it (the same files, byte for byte); a dropped
-row becomes a quarantine row with its rejection. Nothing is decoded: the PNG bytes staged in
-pass 1 are what lands in the dataset.
+to out_dir/<split> by `ShardWriter` (as Arrow batches: no row becomes Python objects); a
+dropped row becomes a quarantine row with its rejection. Nothing is decoded: the PNG bytes
+staged in pass 1 are what lands in the dataset.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from synthloop.dataset import IMAGE_SCHEMA
+from synthloop.dataset import IMAGE_SCHEMA, ShardWriter
 from tasks.clean.decode import BATCH_ROWS
 from tasks.clean.rules import Rejection
 from tasks.clean.splits import SPLITS
@@ -48,7 +48,7 @@ def route_staged(
     """Pass 2: write the staged rows (in pass-1 order) to out_dir/<split>; returns the
     quarantine rows of those not kept, in order, and the converted PNG of each `wanted`
     row (sorted pass-1 positions) by position."""
-    writers = {s: TableShards(out_dir / s, shard_rows) for s in SPLITS}
+    writers = {s: ShardWriter(out_dir / s, IMAGE_SCHEMA, shard_rows) for s in SPLITS}
     dropped_rows: list[dict] = []
     images: dict[int, bytes] = {}
     position = 0
@@ -65,7 +65,7 @@ def route_staged(
             if len(rows):
                 part = batch.take(pa.array(rows))
                 split_column = pa.array([split] * len(rows), pa.string())
-                writers[split].write(part.set_column(SPLIT_COLUMN, "split", split_column))
+                writers[split].write_batch(part.set_column(SPLIT_COLUMN, "split", split_column))
         dropped = np.flatnonzero(~kept_here)
         if len(dropped):
             dropped_rows.extend(_quarantine_rows(batch, dropped, rejections, position))
@@ -96,39 +96,3 @@ def _quarantine_rows(
             }
         )
     return rows
-
-
-class TableShards:
-    """ShardWriter's shards (the same files, byte for byte) from Arrow record batches of
-    IMAGE_SCHEMA rows, without a round trip through Python objects."""
-
-    def __init__(self, directory: Path, shard_rows: int) -> None:
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.shard_rows = shard_rows
-        self.shards = 0
-        self._parts: list[pa.RecordBatch] = []
-        self._buffered = 0
-
-    def write(self, batch: pa.RecordBatch) -> None:
-        start = 0
-        while start < batch.num_rows:
-            take = min(batch.num_rows - start, self.shard_rows - self._buffered)
-            self._parts.append(batch.slice(start, take))
-            self._buffered += take
-            start += take
-            if self._buffered >= self.shard_rows:
-                self.flush()
-
-    def flush(self) -> None:
-        if not self._buffered:
-            return
-        # One chunk per column, as ShardWriter's pa.table(lists): the same pages.
-        table = pa.Table.from_batches(self._parts, schema=IMAGE_SCHEMA).combine_chunks()
-        pq.write_table(table, self.directory / f"part-{self.shards:05d}.parquet")
-        self.shards += 1
-        self._parts = []
-        self._buffered = 0
-
-    def close(self) -> None:
-        self.flush()
