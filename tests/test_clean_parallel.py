@@ -163,11 +163,14 @@ def test_small_inputs_and_workers_1_stay_in_this_process(monkeypatch):
     from synthloop.config import CleanConfig
 
     assert clean_module.decode_workers(CleanConfig(workers=4), 500) == 1
-    assert clean_module.decode_workers(CleanConfig(workers=4), clean_module.POOL_MIN_ROWS - 1) == 1
+    assert (
+        clean_module.decode_workers(CleanConfig(workers=4), clean_module.workers.POOL_MIN_ROWS - 1)
+        == 1
+    )
     assert clean_module.decode_workers(CleanConfig(workers=1), 10**6) == 1
     assert clean_module.decode_workers(CleanConfig(workers=4), 10**6) == 4
-    batches = -(-clean_module.POOL_MIN_ROWS // clean_module.BATCH_ROWS)
-    rows = batches * clean_module.BATCH_ROWS
+    batches = -(-clean_module.workers.POOL_MIN_ROWS // clean_module.workers.BATCH_ROWS)
+    rows = batches * clean_module.workers.BATCH_ROWS
     assert clean_module.decode_workers(CleanConfig(workers=99), rows) == batches
     set_in_clean(monkeypatch, "_cpu_count", lambda: 2)
     assert clean_module.decode_workers(CleanConfig(workers=0), 10**6) == 2

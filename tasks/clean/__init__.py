@@ -37,9 +37,12 @@ The package, in the order a row goes through it (each module states its own cont
   merge.py    the merge, in named steps: gather, decide, route, conclude
   route.py    pass 2: the staged rows into the split folders
   report.py   reports/clean.json, the near-duplicate sheet, the expectations
+
+Sizes (BATCH_ROWS, POOL_MIN_ROWS, ...) are not re-exported here: each is read where it is
+imported, so a test that changes one sets it in the modules that use it.
 """
 
-from tasks.clean.decode import BATCH_ROWS, DecodedChunk, StagedBatch, decode_chunk, stage_batch
+from tasks.clean.decode import DecodedChunk, StagedBatch, decode_chunk, stage_batch
 from tasks.clean.hashing import pixel_hash
 from tasks.clean.report import nothing_kept_message
 from tasks.clean.rules import (
@@ -52,11 +55,9 @@ from tasks.clean.rules import (
 )
 from tasks.clean.splits import SPLITS, assign_splits, split_keys
 from tasks.clean.stage import SHARDING, StageRun, run_clean, run_stage
-from tasks.clean.workers import POOL_MIN_ROWS, decode_workers
+from tasks.clean.workers import decode_workers
 
 __all__ = [
-    "BATCH_ROWS",
-    "POOL_MIN_ROWS",
     "SHARDING",
     "SPLITS",
     "Converted",
