@@ -6,6 +6,7 @@ import hashlib
 import io
 import multiprocessing
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,17 @@ def make_dirty_folder(root: Path, per_class: int = 60, seed: int = 3) -> Path:
     return root
 
 
+def set_in_clean(monkeypatch: pytest.MonkeyPatch, name: str, value: object) -> None:
+    """Set `name` in every module of tasks/clean/ that has it (a constant is imported by
+    the modules that read it, so the package's own copy alone would change nothing)."""
+    modules = [
+        m for n, m in sys.modules.items() if n.startswith("tasks.clean.") and hasattr(m, name)
+    ]
+    assert modules, f"no tasks.clean module has {name}"
+    for module in modules:
+        monkeypatch.setattr(module, name, value)
+
+
 def outputs_digest(params) -> dict[str, str]:
     """sha256 of every clean output file and the report; paths relative to the run root."""
     cfg = params.clean
@@ -82,9 +94,9 @@ def test_worker_processes_write_the_same_bytes_as_one_process(tmp_path, monkeypa
     shutil.copytree(params[1].ingest.output, params[2].ingest.output)
 
     # Several chunks, and a pool even for this small input.
-    monkeypatch.setattr(clean_module, "BATCH_ROWS", 23)  # tasks: batches of <= 16 rows
-    monkeypatch.setattr(clean_module, "MAX_CHUNK_ROWS", 7)  # decoded 7 at a time
-    monkeypatch.setattr(clean_module, "POOL_MIN_ROWS", 0)
+    set_in_clean(monkeypatch, "BATCH_ROWS", 23)  # tasks: batches of <= 16 rows
+    set_in_clean(monkeypatch, "MAX_CHUNK_ROWS", 7)  # decoded 7 at a time
+    set_in_clean(monkeypatch, "POOL_MIN_ROWS", 0)
     assert clean_module.decode_workers(params[2].clean, 200) == 2
     assert clean_module.decode_workers(params[1].clean, 200) == 1
     caplog.set_level("INFO", logger="tasks.clean")
@@ -116,8 +128,8 @@ def test_chunk_size_does_not_change_the_output(tmp_path, monkeypatch):
         raw = small_params(str(tmp_path / "raw"), labels=["ellipse", "rectangle", "triangle"])
         params = parse_params(raw, root=run)
         run_ingest(params.ingest)
-        monkeypatch.setattr(clean_module, "BATCH_ROWS", batch)
-        monkeypatch.setattr(clean_module, "MAX_CHUNK_ROWS", chunk)
+        set_in_clean(monkeypatch, "BATCH_ROWS", batch)
+        set_in_clean(monkeypatch, "MAX_CHUNK_ROWS", chunk)
         run_clean(params.clean, validate=False)
         digests.append(outputs_digest(params))
     assert digests[0] == digests[1]
@@ -136,8 +148,8 @@ def test_an_error_in_a_worker_fails_the_stage_and_keeps_the_previous_version(tmp
     table = table.set_column(4, "image", pa.array(["x"] * table.num_rows, pa.string()))
     pq.write_table(table, shard)
 
-    monkeypatch.setattr(clean_module, "BATCH_ROWS", 16)
-    monkeypatch.setattr(clean_module, "POOL_MIN_ROWS", 0)
+    set_in_clean(monkeypatch, "BATCH_ROWS", 16)
+    set_in_clean(monkeypatch, "POOL_MIN_ROWS", 0)
     # Pass 1 runs as shards (synthloop/sharding.py): the failure names the shard and cause.
     with pytest.raises(ShardFailed, match=r"'clean': shard 1 .*TypeError"):
         run_clean(params.clean, validate=False)
@@ -151,11 +163,14 @@ def test_small_inputs_and_workers_1_stay_in_this_process(monkeypatch):
     from synthloop.config import CleanConfig
 
     assert clean_module.decode_workers(CleanConfig(workers=4), 500) == 1
-    assert clean_module.decode_workers(CleanConfig(workers=4), clean_module.POOL_MIN_ROWS - 1) == 1
+    assert (
+        clean_module.decode_workers(CleanConfig(workers=4), clean_module.workers.POOL_MIN_ROWS - 1)
+        == 1
+    )
     assert clean_module.decode_workers(CleanConfig(workers=1), 10**6) == 1
     assert clean_module.decode_workers(CleanConfig(workers=4), 10**6) == 4
-    batches = -(-clean_module.POOL_MIN_ROWS // clean_module.BATCH_ROWS)
-    rows = batches * clean_module.BATCH_ROWS
+    batches = -(-clean_module.workers.POOL_MIN_ROWS // clean_module.workers.BATCH_ROWS)
+    rows = batches * clean_module.workers.BATCH_ROWS
     assert clean_module.decode_workers(CleanConfig(workers=99), rows) == batches
-    monkeypatch.setattr(clean_module, "_cpu_count", lambda: 2)
+    set_in_clean(monkeypatch, "_cpu_count", lambda: 2)
     assert clean_module.decode_workers(CleanConfig(workers=0), 10**6) == 2

@@ -211,7 +211,7 @@ def test_a_crash_mid_stage_leaves_the_previous_version(demo_run, monkeypatch):
     params, _ = demo_run
     before = tree_digest(params.clean.output)
     calls = {"n": 0}
-    real = clean_module.convert_image
+    real = clean_module.convert_image  # pass 1 calls it from tasks.clean.decode
 
     def flaky(data, cfg):
         calls["n"] += 1
@@ -219,7 +219,7 @@ def test_a_crash_mid_stage_leaves_the_previous_version(demo_run, monkeypatch):
             raise KeyboardInterrupt  # as if killed part-way
         return real(data, cfg)
 
-    monkeypatch.setattr(clean_module, "convert_image", flaky)
+    monkeypatch.setattr(clean_module.decode, "convert_image", flaky)
     with pytest.raises(KeyboardInterrupt):
         run_clean(params.clean)
     assert tree_digest(params.clean.output) == before

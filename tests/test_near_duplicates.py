@@ -17,12 +17,12 @@ from synthloop.dataset import read_columns
 from tasks import near_duplicates as nd
 from tasks.clean import (
     Rejection,
-    _sheet_pairs,
     convert_image,
     decode_chunk,
     resolve_duplicates,
     run_clean,
 )
+from tasks.clean.report import sheet_pairs
 from tasks.ingest import run_ingest
 from tests.conftest import REPO, small_params
 
@@ -169,9 +169,9 @@ def test_sheet_pairs_are_the_first_removed_ids_with_their_keepers():
         Rejection("near_duplicate", "", keeper=4),
         None,
     ]
-    assert _sheet_pairs(ids, rejections, 5).tolist() == [[3, 4], [0, 1]]
-    assert _sheet_pairs(ids, rejections, 1).tolist() == [[3, 4]]
-    assert _sheet_pairs(ids, rejections, 0).shape == (0, 2)
+    assert sheet_pairs(ids, rejections, 5).tolist() == [[3, 4], [0, 1]]
+    assert sheet_pairs(ids, rejections, 1).tolist() == [[3, 4]]
+    assert sheet_pairs(ids, rejections, 0).shape == (0, 2)
 
 
 def test_sheet_puts_each_removed_image_left_of_its_keeper():

@@ -357,16 +357,16 @@ OUTPUTS["clean"] = ("data/clean", "data/quarantine/clean.parquet", "reports/clea
 
 def refuse_decoding(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Count the rows clean decodes in this process (pass 1's only entry point)."""
-    import tasks.clean
+    import tasks.clean.decode
 
     decoded: list[int] = []
-    real = tasks.clean.decode_chunk
+    real = tasks.clean.decode.decode_chunk
 
     def decode_chunk(labels: list, images: list, cfg: object) -> object:
         decoded.append(len(labels))
         return real(labels, images, cfg)
 
-    monkeypatch.setattr(tasks.clean, "decode_chunk", decode_chunk)
+    monkeypatch.setattr(tasks.clean.decode, "decode_chunk", decode_chunk)
     return decoded
 
 
@@ -378,12 +378,14 @@ def cws(ws: Path) -> Path:
 
 
 def test_clean_from_prepared_shards_equals_the_inline_run(cws, prefect_api, monkeypatch):
-    import tasks.clean
+    import tasks.clean.route
+    import tasks.clean.stage
     from flows.sharded import prepare_shards
 
     with monkeypatch.context() as patch:  # inline, and sharded otherwise: 2-row shards
-        patch.setattr(tasks.clean, "BATCH_ROWS", 2)
-        patch.setattr(tasks.clean, "SHARD_BATCHES", 1)
+        patch.setattr(tasks.clean.stage, "BATCH_ROWS", 2)  # the plan's and pass 1's batches
+        patch.setattr(tasks.clean.stage, "SHARD_BATCHES", 1)
+        patch.setattr(tasks.clean.route, "BATCH_ROWS", 2)  # pass 2's batches
         assert len(keys(cws, "clean")) == 30
         run_stage(cws, "clean")
     inline = outputs_digest(cws, "clean")

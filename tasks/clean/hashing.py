@@ -1,0 +1,58 @@
+"""The hashes a cleaned row is compared by: its exact pixels (`pixel_hash`: exact and
+conflicting duplicates), its dHash and its grey thumbnail (near-duplicates, computed by
+tasks/near_duplicates.py).
+
+Contract: pure functions; `pixel_hashes` and `row_numbers` equal, row by row, the per-image
+functions (`pixel_hash`, `near_duplicates.dhash`, `near_duplicates.thumbnail`), vectorised
+when the images share a shape. Hashes are (m,) uint64; thumbnails (m, side * side) uint8
+with side = `thumbnail_side(cfg)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from synthloop.config import CleanConfig
+from tasks import near_duplicates
+
+
+def pixel_hash(pixels: np.ndarray) -> int:
+    """64-bit hash of the exact pixels and shape."""
+    digest = hashlib.blake2b(pixels.tobytes(), digest_size=8, person=bytes(pixels.shape[:3]))
+    return int.from_bytes(digest.digest(), "little")
+
+
+def pixel_hashes(pixels: list[np.ndarray]) -> np.ndarray:
+    """(m,) uint64: `pixel_hash` of each image."""
+    digests = b"".join(
+        hashlib.blake2b(p.tobytes(), digest_size=8, person=bytes(p.shape[:3])).digest()
+        for p in pixels
+    )
+    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
+
+
+def thumbnail_side(cfg: CleanConfig) -> int:
+    """The side of the near-duplicate thumbnails for this config."""
+    return near_duplicates.thumbnail_side(cfg.image_size, cfg.near_duplicate_size)
+
+
+def row_numbers(pixels: list[np.ndarray], side: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pixel hashes, dHashes, side x side thumbnails) of kept rows, vectorised when they
+    share a shape."""
+    shape = pixels[0].shape
+    if all(p.shape == shape for p in pixels):
+        gray = near_duplicates.grays(np.stack(pixels))
+        return (
+            pixel_hashes(pixels),
+            near_duplicates.dhashes(gray),
+            near_duplicates.thumbnails(gray, side),
+        )
+    return (
+        np.array([pixel_hash(p) for p in pixels], dtype=np.uint64),
+        np.array([near_duplicates.dhash(p) for p in pixels], dtype=np.uint64),
+        np.array([near_duplicates.thumbnail(p, side) for p in pixels], dtype=np.uint8).reshape(
+            -1, side * side
+        ),
+    )

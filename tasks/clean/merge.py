@@ -1,0 +1,265 @@
+"""The merge: the shards' pass-1 results, in shard order, become the clean dataset.
+
+Contract: `merge_clean(cfg, folders)` reads each shard folder (tasks/clean/stage.py writes
+them: staged rows as part-*.parquet, per-image rejections as quarantine.parquet, the
+`decode.NUMBERS` as .npy, the counts as shard.json) and, in named steps:
+
+  gather    the shards' rows and numbers, in pass-1 order (shard by shard, row by row)
+  decide    the whole-dataset rules on those numbers: duplicates and conflicting labels
+            (rules.resolve_duplicates), then the split of every kept row (splits.py)
+  route     pass 2: the staged rows into train/val/test, the dropped ones to the quarantine
+            (route.py)
+  conclude  the expectations, reports/clean.json, the near-duplicate sheet and the
+            quarantine (report.py)
+
+Everything lands in one `atomic_dir` of clean.output, so a failure part-way (a failed
+critical expectation included) leaves the previous clean data as it was. Memory stays a few
+numbers per kept row: ids and labels as compact arrays, thumbnails in a memory-mapped file,
+the images streamed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from synthloop.config import CleanConfig, ConfigError
+from synthloop.dataset import (
+    QUARANTINE_SCHEMA,
+    atomic_dir,
+    remove_stale_temporaries,
+    write_json,
+    write_table,
+)
+from synthloop.sharding import cached_result
+from tasks.clean.hashing import thumbnail_side
+from tasks.clean.report import (
+    build_report,
+    kept_metadata,
+    nothing_kept_message,
+    raise_on_critical,
+    sheet_pairs,
+    validate_kept,
+    write_sheet,
+)
+from tasks.clean.route import route_staged, staged_batches, staged_files
+from tasks.clean.rules import Rejection, resolve_duplicates
+from tasks.clean.splits import assign_splits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Gathered:
+    """The shards' pass-1 results, shard by shard: the counts, the quarantine so far and,
+    per kept row, what the whole-dataset rules need (a part per shard; `take` joins them)."""
+
+    ingested: int = 0
+    quarantine: list[dict] = field(default_factory=list)
+    reasons: Counter[str] = field(default_factory=Counter)
+    converted: Counter[str] = field(default_factory=Counter)
+    # An id as a numpy StringDType string: about half of a Python str in a list.
+    ids: list[np.ndarray] = field(default_factory=list)  # (m,) StringDType
+    labels: list[np.ndarray] = field(default_factory=list)  # (m,) object, a str per label
+    numbers: dict[str, list[np.ndarray]] = field(  # (m,) uint64 each
+        default_factory=lambda: {"split_keys": [], "pixel_hashes": [], "dhashes": []}
+    )
+
+    def add_quarantine(self, rows: list[dict]) -> None:
+        for row in rows:
+            self.reasons[row["reason"]] += 1
+        self.quarantine.extend(rows)
+
+
+@dataclass(frozen=True)
+class Decisions:
+    """The whole-dataset decisions, per pass-1 position."""
+
+    keep: np.ndarray  # (n,) bool
+    rejections: list[Rejection | None]  # why a row is not kept
+    splits: np.ndarray  # (n,) object: "train", "val" or "test" where kept
+    known_labels: list[str]  # what the expectations accept
+    sheet_pairs: np.ndarray  # (k, 2) positions (removed, kept) on the near-duplicate sheet
+
+
+def merge_clean(
+    cfg: CleanConfig,
+    folders: list[Path],
+    validate: bool = True,
+    gx_import: threading.Thread | None = None,
+) -> dict:
+    """The shards' pass-1 results in shard order, then the whole-dataset decisions
+    (duplicates, conflicting labels, split), pass 2, the expectations and the report."""
+    remove_stale_temporaries(cfg.output)
+    # (n, s * s) uint8 thumbnails go to a file (256 B a row at s = 16): only near-duplicate
+    # candidates' are read back.
+    thumbnails = RowFile(thumbnail_side(cfg) ** 2)
+    with atomic_dir(cfg.output) as out_dir, thumbnails:
+        staging = out_dir / "_staging"
+        staging.mkdir()
+        thumbnails.open(staging / "thumbnails.u8")  # removed with the staging area
+        gathered = gather(folders, thumbnails)
+        decided = decide(cfg, gathered, thumbnails.read())
+        images = route(cfg, folders, out_dir, decided, gathered)
+        shutil.rmtree(staging)
+        report = conclude(cfg, out_dir, gathered, decided, images, validate, gx_import)
+    log.info(
+        "clean: %d ingested -> %d kept, %d quarantined %s",
+        gathered.ingested,
+        report["kept"],
+        sum(gathered.reasons.values()),
+        dict(sorted(gathered.reasons.items())),
+    )
+    return report
+
+
+def gather(folders: list[Path], thumbnails: RowFile) -> Gathered:
+    """Step 1: the shards' counts, quarantine rows and per-kept-row numbers, in shard order;
+    the thumbnails are appended to `thumbnails`."""
+    gathered = Gathered()
+    for folder in folders:
+        summary = cached_result(folder) or {}
+        gathered.ingested += summary["rows"]
+        gathered.add_quarantine(pq.read_table(folder / "quarantine.parquet").to_pylist())
+        if not summary["kept"]:
+            continue
+        gathered.converted["resized"] += summary["resized"]
+        gathered.converted["channels_converted"] += summary["channels_converted"]
+        kept = pa.concat_tables(
+            pq.read_table(p, columns=["id", "label"]) for p in staged_files(folder)
+        )
+        gathered.ids.append(np.array(kept["id"].to_pylist(), dtype=np.dtypes.StringDType()))
+        label = kept["label"].combine_chunks().dictionary_encode()
+        names = np.array(label.dictionary.to_pylist(), dtype=object)
+        gathered.labels.append(names[label.indices.to_numpy()])
+        for name, parts in gathered.numbers.items():
+            parts.append(np.load(folder / f"{name}.npy"))
+        thumbnails.write(np.load(folder / "thumbnails.npy"))
+    return gathered
+
+
+def decide(cfg: CleanConfig, gathered: Gathered, thumbnails: np.ndarray) -> Decisions:
+    """Step 2: the whole-dataset rules on the gathered numbers (which it consumes: each is
+    held once, joined); ids and labels are dropped on return, pass 2 reads them back."""
+    ids = _take(gathered.ids, np.dtypes.StringDType())
+    labels = _take(gathered.labels, object)
+    numbers = gathered.numbers
+    keep, rejections = resolve_duplicates(
+        ids,
+        labels,
+        _take(numbers["pixel_hashes"], np.uint64),
+        _take(numbers["dhashes"], np.uint64),
+        thumbnails,
+        cfg.near_duplicate_distance,
+        cfg.near_duplicate_difference,
+        cfg.near_duplicate_contrast,
+    )
+    splits = np.empty(len(ids), dtype=object)
+    splits[keep] = assign_splits(
+        ids[keep], labels[keep], cfg.split, cfg.seed, _take(numbers["split_keys"], np.uint64)[keep]
+    )
+    known = cfg.labels if cfg.labels is not None else sorted(set(labels[keep]))
+    pairs = sheet_pairs(ids, rejections, cfg.near_duplicate_sheet_pairs)
+    return Decisions(keep, rejections, splits, list(known), pairs)
+
+
+def route(
+    cfg: CleanConfig, folders: list[Path], out_dir: Path, decided: Decisions, gathered: Gathered
+) -> dict[int, bytes]:
+    """Step 3, pass 2: the staged rows, in pass-1 order, into out_dir/<split>; the dropped
+    ones join the quarantine. Returns the PNGs of the rows on the near-duplicate sheet.
+
+    (Run beside the validation in a thread it saved 0.2 s at 100,000 rows, lost time at
+    1,000,000 and raised the peak RSS by 100 MiB there.)"""
+    duplicates, images = route_staged(
+        staged_batches(folders),
+        out_dir,
+        decided.keep,
+        decided.splits,
+        decided.rejections,
+        cfg.shard_rows,
+        np.unique(decided.sheet_pairs.ravel()),
+    )
+    gathered.add_quarantine(duplicates)
+    return images
+
+
+def conclude(
+    cfg: CleanConfig,
+    out_dir: Path,
+    gathered: Gathered,
+    decided: Decisions,
+    images: dict[int, bytes],
+    validate: bool,
+    gx_import: threading.Thread | None,
+) -> dict:
+    """Step 4: the report (with the expectations' results when validating), the sheet and
+    the quarantine, written; then raises if nothing was kept or a critical expectation
+    failed (inside the merge's atomic_dir: the previous clean data stays)."""
+    kept = kept_metadata(out_dir)
+    report = build_report(cfg, gathered.ingested, kept, gathered.reasons, gathered.converted)
+    nothing_kept = nothing_kept_message(
+        gathered.ingested, gathered.reasons, gathered.quarantine, cfg
+    )
+    if validate and nothing_kept is None:
+        report["expectations"] = validate_kept(cfg, kept, decided.known_labels, gx_import)
+    write_sheet(cfg.near_duplicate_sheet, decided.sheet_pairs, images)
+    report["near_duplicate_sheet"] = {
+        "path": os.path.relpath(cfg.near_duplicate_sheet, cfg.report.parent),
+        "pairs": len(decided.sheet_pairs),
+    }
+    write_table(cfg.quarantine, gathered.quarantine, QUARANTINE_SCHEMA)
+    write_json(cfg.report, report)
+    if nothing_kept is not None:
+        raise ConfigError(nothing_kept)  # the quarantine says why, row by row
+    if validate:
+        raise_on_critical(report["expectations"])
+    return report
+
+
+def _take(parts: list[np.ndarray], dtype) -> np.ndarray:
+    """np.concatenate(parts), emptying `parts` (so they are not held twice)."""
+    out = np.concatenate(parts) if parts else np.empty((0,), dtype=dtype)
+    parts.clear()
+    return out
+
+
+class RowFile:
+    """Fixed-size uint8 rows appended to a file, read back memory-mapped: pages are read
+    (and count in the resident set) only where rows are looked at."""
+
+    def __init__(self, row_bytes: int) -> None:
+        self.row_bytes = row_bytes
+        self.rows = 0
+        self._path: Path | None = None
+        self._file = None
+
+    def open(self, path: Path) -> None:
+        self._path = path
+        self._file = open(path, "wb")  # noqa: SIM115 - closed by read() or __exit__
+
+    def write(self, rows: np.ndarray) -> None:
+        self._file.write(np.ascontiguousarray(rows, dtype=np.uint8).tobytes())
+        self.rows += len(rows)
+
+    def read(self) -> np.ndarray:
+        self._file.close()
+        if not self.rows:
+            return np.empty((0, self.row_bytes), dtype=np.uint8)
+        return np.memmap(self._path, np.uint8, "r", shape=(self.rows, self.row_bytes))
+
+    def __enter__(self) -> RowFile:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._file is not None:
+            self._file.close()
