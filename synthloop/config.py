@@ -1,5 +1,9 @@
 """Typed configuration: `params.yaml`, grouped by stage, loaded into validated models.
 
+Long by design: one pydantic model per params.yaml section, the one owner of every
+parameter's type, bounds and description (params.yaml holds the values; a test holds the
+two equal). A new stage's section goes here beside the others.
+
 Every model forbids unknown keys, so a typo stops the run before any work with a message
 that names the key. Relative paths resolve against the folder that holds `params.yaml`.
 
