@@ -47,12 +47,12 @@ def level_channels(width: int, levels: int) -> list[int]:
     return [width * 2 ** min(levels - i, 3) for i in range(levels + 1)]
 
 
-class CondBatchNorm(nn.Module):
-    """BatchNorm without its own affine; a gain and bias looked up per class instead."""
+class ClassNorm(nn.Module):
+    """A norm without its own affine, then a gain and bias looked up per class instead."""
 
-    def __init__(self, channels: int, num_classes: int) -> None:
+    def __init__(self, norm: nn.Module, channels: int, num_classes: int) -> None:
         super().__init__()
-        self.norm = nn.BatchNorm2d(channels, affine=False)
+        self.norm = norm
         self.gain = nn.Embedding(num_classes, channels)
         self.bias = nn.Embedding(num_classes, channels)
         nn.init.ones_(self.gain.weight)
@@ -60,6 +60,11 @@ class CondBatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.norm(x) * self.gain(y)[:, :, None, None] + self.bias(y)[:, :, None, None]
+
+
+def cond_batch_norm(channels: int, num_classes: int) -> ClassNorm:
+    """cgan generator's norm: BatchNorm, with its gain and bias looked up per class."""
+    return ClassNorm(nn.BatchNorm2d(channels, affine=False), channels, num_classes)
 
 
 class UpsamplingDecoder(nn.Module):
@@ -100,7 +105,7 @@ class UpsamplingDecoder(nn.Module):
 
 class Generator(UpsamplingDecoder):
     def __init__(self, z_dim: int, num_classes: int, channels: int, size: int, width: int):
-        super().__init__(z_dim, num_classes, channels, size, width, CondBatchNorm, F.relu)
+        super().__init__(z_dim, num_classes, channels, size, width, cond_batch_norm, F.relu)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.tanh(super().forward(z, y))

@@ -41,7 +41,7 @@ from torch import nn
 
 from synthloop.config import TrainConfig
 from tasks.generators.base import Family
-from tasks.generators.cgan import UpsamplingDecoder, level_channels, pyramid
+from tasks.generators.cgan import ClassNorm, UpsamplingDecoder, level_channels, pyramid
 from tasks.generators.diffusion import groups
 
 BETAS = (0.9, 0.999)
@@ -57,19 +57,9 @@ def kl_weight(step: int, beta: float, warmup: int) -> float:
     return beta * min(1.0, step / warmup)
 
 
-class FiLM(nn.Module):
-    """GroupNorm without affine, then a gain and bias per class."""
-
-    def __init__(self, channels: int, num_classes: int) -> None:
-        super().__init__()
-        self.norm = nn.GroupNorm(groups(channels), channels, affine=False)
-        self.gain = nn.Embedding(num_classes, channels)
-        self.bias = nn.Embedding(num_classes, channels)
-        nn.init.ones_(self.gain.weight)
-        nn.init.zeros_(self.bias.weight)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.norm(x) * self.gain(y)[:, :, None, None] + self.bias(y)[:, :, None, None]
+def film(channels: int, num_classes: int) -> ClassNorm:
+    """FiLM: GroupNorm without affine, then a gain and bias per class."""
+    return ClassNorm(nn.GroupNorm(groups(channels), channels, affine=False), channels, num_classes)
 
 
 class Encoder(nn.Module):
@@ -81,7 +71,7 @@ class Encoder(nn.Module):
         self.convs = nn.ModuleList(
             nn.Conv2d(cin, cout, 4, stride=2, padding=1) for cin, cout in pairwise(chans)
         )
-        self.films = nn.ModuleList(FiLM(c, num_classes) for c in chans)
+        self.films = nn.ModuleList(film(c, num_classes) for c in chans)
         self.embed = nn.Embedding(num_classes, latent_dim)
         self.head = nn.Linear(chans[-1] * base**2 + latent_dim, 2 * latent_dim)
 
@@ -97,7 +87,7 @@ class Decoder(UpsamplingDecoder):
     """z, y -> per-pixel logits (N, C, H, W): cgan's generator body with FiLM and SiLU."""
 
     def __init__(self, latent_dim: int, num_classes: int, channels: int, size: int, width: int):
-        super().__init__(latent_dim, num_classes, channels, size, width, FiLM, F.silu)
+        super().__init__(latent_dim, num_classes, channels, size, width, film, F.silu)
 
 
 class Autoencoder(nn.Module):
