@@ -1,6 +1,6 @@
 """The generator families side by side: speed, fidelity, utility and memory in one table.
 
-    python benchmarks/families.py [--data data/fused] [--real data/clean]
+    python benchmarks/families.py [--params params.yaml] [--data data/fused] [--real data/clean]
         [--evaluator models/evaluator] [--families cgan,diffusion,vae,transformer]
         [--baseline cgan] [--steps N] [--set vae.beta=0.5 ...] [--per-class N]
         [--repeats 1] [--temperatures 1.0] [--utility-seeds N] [--utility-steps N]
@@ -32,7 +32,9 @@ trains the same weights bit for bit; repeats are for the timings):
   fidelity class consistency (share the evaluator assigns to the intended class) and FID
            in the evaluator's feature space against the real train split (validate's
            `fidelity`), with a `real test` row: the real test split against real train,
-           the floor two real samples of the data already show;
+           the floor two real samples of the data already show (FID grows as the sample
+           shrinks: the test split is smaller than the samples, so a family can score
+           below the floor without being closer to real data than real data is);
   accepted validate's acceptance (evaluator confidence, near copies, memorisation,
            duplicates): the rows validate would pass on to utility;
   utility  validate's protocol (tasks/utility.compare_arms with validate's utility_trainer:
@@ -130,7 +132,7 @@ def worker(spec: dict) -> None:
     device = resolve_device(cfg.device)
     gpu_check.reset_peak(device)
     card = run_train(cfg)
-    torch.set_num_threads(spec["threads"])  # sampling, as the stage's own process would
+    torch.set_num_threads(spec["threads"])  # run_train restores the threads it found
     model = load_model(cfg.output, device)
     classes = len(model.classes)
     labels = torch.arange(classes).repeat_interleave(spec["per_class"])
