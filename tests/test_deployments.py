@@ -106,7 +106,7 @@ def test_a_manual_run_with_parameters_completes_with_its_artifacts_and_a_second_
 
     found = server.call(artifacts)
     assert {"clean-report", "training-summary", "sample-grid", "closed-loop-summary"} <= set(found)
-    assert "| 1 | 1 | pass |" in found["closed-loop-summary"]
+    assert "| 1 | 1 | cgan | pass |" in found["closed-loop-summary"]
 
     # The run parameters landed in params.yaml; the run is one commit on synthloop/runs.
     params = yaml.safe_load((ws / "params.yaml").read_text())

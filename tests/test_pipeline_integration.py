@@ -152,7 +152,7 @@ def test_a_failed_attempt_retrains_within_its_round_then_promotes(workspace, pre
     run_id = state.state_details.flow_run_id
     summary = read_artifact("closed-loop-summary", run_id)
     assert "**promoted**: promoted in round 1" in summary
-    assert "| 1 | 1 | FAIL |" in summary and "| 1 | 2 | pass |" in summary
+    assert "| 1 | 1 | cgan | FAIL |" in summary and "| 1 | 2 | cgan | pass |" in summary
     assert "against the better of real data with and without plain augmentation" in summary
     assert "(baseline, chosen on val) |" in summary and "| **verdict** |" in summary
     assert "| class | train | val | test | total |" in read_artifact("clean-report", run_id)
