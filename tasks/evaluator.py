@@ -275,6 +275,11 @@ def _train(
     images = splits.train.images.to(device)
     labels = splits.train.labels.to(device)
     n = len(images)
+    if n < 2:
+        raise ValueError(
+            f"a classifier needs at least 2 training images, got {n} (BatchNorm cannot "
+            "train on one); add images or leave this arm out"
+        )
     # Drop a trailing batch of one: BatchNorm cannot train on a single sample.
     steps_per_epoch = max(1, n // cfg.batch_size + (n % cfg.batch_size > 1))
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)

@@ -134,7 +134,7 @@ def compare_arms(
         )
         plus.append(figures(trainer(plus_data, seed, augment)[1]))
     reference = {ARMS[not augment]: figures(first[not augment][1])}
-    if len(accepted):
+    if len(accepted) >= 2:  # a classifier cannot train (BatchNorm) on a single image
         reference["tstr"] = figures(trainer(accepted, seeds[0], False)[1])
 
     def summary(key: str) -> dict:

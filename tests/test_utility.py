@@ -157,3 +157,26 @@ def test_balanced_epochs_draw_every_class_equally_often():
     assert sorted(plain.tolist()) == list(range(len(labels)))  # a permutation: each row once
     again = epoch_order(labels, True, torch.Generator().manual_seed(0))
     assert torch.equal(order, again)  # seeded
+
+
+def test_one_accepted_image_has_no_tstr_arm_and_the_main_arms_still_run():
+    """A classifier cannot train on one image: the synthetic-only reference is left out
+    (the real trainer refuses it by name) and the comparison goes on."""
+    from synthloop.config import EvaluatorConfig
+    from tasks.evaluator import Splits, train_net
+
+    classes = ["a", "b"]
+    train = images([0] * 6 + [1] * 6, 0, classes)
+    accepted = images([1], 100, classes)
+    labels = torch.tensor([0, 1])
+    sizes = []
+
+    def trainer(data: ImageTensors, seed: int, augment: bool):  # noqa: ANN202
+        sizes.append(len(data))
+        return labels, labels
+
+    result = compare_arms(train, accepted, labels, labels, trainer, [0, 1], 0.5)
+    assert "tstr" not in result["reference"] and 1 not in sizes
+    assert result["synthetic_images"] == 1 and sorted(set(sizes)) == [12, 13]
+    with pytest.raises(ValueError, match="at least 2 training images, got 1"):
+        train_net(EvaluatorConfig(epochs=1), Splits(accepted, train, train), torch.device("cpu"))
