@@ -21,7 +21,7 @@ alike), one fresh subprocess, so its peak memory is its own:
            batches from a CPU generator seeded generate.seed, as generate draws them; timed
            after one small untimed warm-up batch. vae: every --temperatures value is sampled
            from the same model (the rate is the first one's).
-  memory   peak RSS of the subprocess (resource.getrusage, ru_maxrss: data, training and
+  memory   peak RSS of the subprocess (VmHWM, benchmarks/memory.py: data, training and
            sampling; the RSS after the imports is printed for reference); on CUDA also
            torch.cuda.max_memory_allocated and MFU (the card's flops_per_image x train img/s
            over the device's bf16 peak, benchmarks/train_throughput.py's table).
@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shlex
 import statistics
 import subprocess
@@ -72,6 +71,7 @@ for path in (PROJECT, HERE.parent):
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from memory import peak_rss_mib  # noqa: E402 (benchmarks/memory.py)
 
 from synthloop.config import Params, TrainConfig, load_params  # noqa: E402
 from synthloop.dataset import content_id  # noqa: E402
@@ -106,11 +106,6 @@ def shared_baseline(trainer: Trainer, train: ImageTensors) -> Trainer:
         return kept[seed, augment]
 
     return cached
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident set size (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # --- one family in its own process -------------------------------------------------------

@@ -47,6 +47,8 @@ PROJECT = HERE.parent.parent
 if str(PROJECT) not in sys.path:
     sys.path.insert(0, str(PROJECT))
 
+from memory import peak_rss_mib  # noqa: E402 (benchmarks/memory.py, beside this script)
+
 PHASES = ("floor", "ingest", "clean")
 RATIO_GOAL = 2.0
 RSS_GOAL_MIB = 1024.0
@@ -130,17 +132,6 @@ def build_params(workdir: Path, folder: Path, size: int, workers: int = 0, run: 
 
 
 # --- phases (each runs in a fresh child process) -----------------------------------------
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident set (VmHWM), MiB; ru_maxrss where /proc is absent."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def children_cpu() -> float:

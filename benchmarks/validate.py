@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -41,22 +40,13 @@ PROJECT = HERE.parent.parent
 if str(PROJECT) not in sys.path:
     sys.path.insert(0, str(PROJECT))
 
+from memory import peak_rss_mib  # noqa: E402 (benchmarks/memory.py, beside this script)
+
 FEATURE_DIM = 128
 IMAGE = (1, 8, 8)  # 64 pixels: the demo digits' shape
 CLASSES = 10
 METRICS = ("features", "fid_kid", "frechet", "prdc", "near_copy", "consistency", "privacy")
 RESULT_PREFIX = "BENCH-RESULT "
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident set (VmHWM), MiB; ru_maxrss where /proc is absent."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def timed(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
