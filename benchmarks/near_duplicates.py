@@ -253,6 +253,7 @@ def stage_params(workdir: Path, folder: Path, kind: str, run: str, workers: int)
     raw = {
         "ingest": {
             "sources": [{"kind": "image_folder", "path": str(folder), "name": kind}],
+            "allowed_roots": [str(workdir / "images")],  # where ensure_images writes them
             "output": str(out / "ingested"),
             "quarantine": str(out / "ingest_quarantine.parquet"),
             "report": str(out / "ingest.json"),
@@ -270,12 +271,14 @@ def old_rule(cfg):
     threshold = cfg.near_duplicate_difference
 
     def absolute(
-        thumbs: np.ndarray, first: np.ndarray, second: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        rows = np.asarray(thumbs, np.int16)
+        thumbs: np.ndarray, first: np.ndarray, second: np.ndarray, bound: float = 0.0
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rows = np.asarray(thumbs[:, : OLD_SIZE * OLD_SIZE], np.int16)  # grey: no colour
         mean_abs = np.abs(rows[first] - rows[second]).mean(axis=1)
-        # <= threshold exactly when mean_abs <= 3; a ratio of 1 passes any contrast bound
-        return mean_abs * (threshold / OLD_DIFFERENCE), np.ones(len(mean_abs))
+        # <= threshold exactly when mean_abs <= 3; a ratio of 1 passes any contrast bound,
+        # a colour of 0 any colour bound
+        ones = np.ones(len(mean_abs))
+        return mean_abs * (threshold / OLD_DIFFERENCE), ones, 0 * ones
 
     return cfg.model_copy(update={"near_duplicate_size": OLD_SIZE}), absolute
 

@@ -247,7 +247,7 @@ class CleanConfig(_Model):
         4, ge=0, le=16, description="max Hamming distance between 64-bit dHashes"
     )
     near_duplicate_size: int = Field(
-        16,
+        32,
         ge=8,
         le=32,
         description="side of the grey thumbnails that confirm a near-duplicate (at most "

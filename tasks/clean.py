@@ -354,7 +354,7 @@ def decode_chunk(labels: list[str | None], images: list[bytes], cfg: CleanConfig
         numbers = _row_numbers(kept_pixels, side)
     else:
         empty = np.empty(0, dtype=np.uint64)
-        numbers = (empty, empty, np.empty((0, side * side), dtype=np.uint8))
+        numbers = (empty, empty, _empty("thumbnails", cfg))
     return DecodedChunk(out_labels, rejected, kept, pngs, resized, channels_converted, *numbers)
 
 
@@ -438,7 +438,7 @@ def stage_batch(batch: pa.RecordBatch, staging_file: str, cfg: CleanConfig) -> S
         hashes, dhashes, thumbnails = (np.concatenate(n) for n in zip(*numbers, strict=True))
     else:
         hashes = dhashes = np.empty(0, dtype=np.uint64)
-        thumbnails = np.empty((0, _side(cfg) ** 2), dtype=np.uint8)
+        thumbnails = _empty("thumbnails", cfg)
     return StagedBatch(
         batch.num_rows,
         quarantined,
@@ -637,7 +637,7 @@ def _side(cfg: CleanConfig) -> int:
 def _empty(name: str, cfg: CleanConfig) -> np.ndarray:
     """A shard's <name>.npy when it keeps no row: the dtype and width of a full one."""
     if name == "thumbnails":
-        return np.empty((0, _side(cfg) ** 2), np.uint8)
+        return np.empty((0, near_duplicates.row_width(_side(cfg), cfg.channels)), np.uint8)
     return np.empty(0, np.uint64)
 
 
@@ -783,7 +783,7 @@ def _merge(
     numbers: dict[str, list[np.ndarray]] = {name: [] for name in _NUMBERS[:3]}  # (m,) uint64
     # (n, s * s) uint8 thumbnails go to a file (256 B a row at s = 16): only near-duplicate
     # candidates' are read back.
-    thumbnails = _RowFile(_side(cfg) ** 2)
+    thumbnails = _RowFile(near_duplicates.row_width(_side(cfg), cfg.channels))
     with atomic_dir(cfg.output) as out_dir, thumbnails:
         staging = out_dir / "_staging"
         staging.mkdir()
@@ -985,18 +985,16 @@ def _row_numbers(pixels: list[np.ndarray], side: int) -> tuple[np.ndarray, np.nd
     share a shape."""
     shape = pixels[0].shape
     if all(p.shape == shape for p in pixels):
-        gray = near_duplicates.grays(np.stack(pixels))
+        stack = np.stack(pixels)
         return (
             _pixel_hashes(pixels),
-            near_duplicates.dhashes(gray),
-            near_duplicates.thumbnails(gray, side),
+            near_duplicates.dhashes(near_duplicates.grays(stack)),
+            near_duplicates.thumbnails(stack, side),
         )
     return (
         np.array([pixel_hash(p) for p in pixels], dtype=np.uint64),
         np.array([near_duplicates.dhash(p) for p in pixels], dtype=np.uint64),
-        np.array([near_duplicates.thumbnail(p, side) for p in pixels], dtype=np.uint8).reshape(
-            -1, side * side
-        ),
+        np.stack([near_duplicates.thumbnail(p, side) for p in pixels]),
     )
 
 
