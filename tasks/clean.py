@@ -13,10 +13,12 @@ Rules, in the order a row meets them (its first failure is its quarantine reason
                       candidates), confirmed on grey thumbnails of side
                       min(clean.near_duplicate_size, clean.image_size), each
                       standardised (mean removed, divided by its pixel std): mean absolute
-                      difference within clean.near_duplicate_difference, pixel stds within
-                      a ratio of clean.near_duplicate_contrast (tasks/near_duplicates.py;
-                      relative, so sparse images such as handwriting are judged on their
-                      strokes, not on their white background)
+                      difference within clean.near_duplicate_difference (plain, or blurred
+                      and aligned for a crop of a few pixels), pixel stds within a ratio
+                      of clean.near_duplicate_contrast, and for RGB colour planes that
+                      agree (tasks/near_duplicates.py; relative, so sparse images such as
+                      handwriting are judged on their strokes, not on their white
+                      background)
 
 Two passes keep memory bounded: pass 1 streams the ingested shards, decodes each image
 once, writes the converted PNG to a staging area and keeps only a few numbers per row;
@@ -313,7 +315,7 @@ class DecodedChunk:
     channels_converted: int
     pixel_hashes: np.ndarray  # per kept row (m,) uint64
     dhashes: np.ndarray  # (m,) uint64
-    thumbnails: np.ndarray  # (m, s * s) uint8, s = near_duplicates.thumbnail_side
+    thumbnails: np.ndarray  # (m, near_duplicates.row_width) uint8
 
 
 def decode_chunk(labels: list[str | None], images: list[bytes], cfg: CleanConfig) -> DecodedChunk:
@@ -372,7 +374,7 @@ class StagedBatch:
     channels_converted: int
     pixel_hashes: np.ndarray  # (m,) uint64
     dhashes: np.ndarray  # (m,) uint64
-    thumbnails: np.ndarray  # (m, s * s) uint8, s = near_duplicates.thumbnail_side
+    thumbnails: np.ndarray  # (m, near_duplicates.row_width) uint8
 
 
 def stage_batch(batch: pa.RecordBatch, staging_file: str, cfg: CleanConfig) -> StagedBatch:
@@ -781,8 +783,8 @@ def _merge(
     ids: list[np.ndarray] = []  # (m,) StringDType
     labels: list[np.ndarray] = []  # (m,) object, one str object per label and shard
     numbers: dict[str, list[np.ndarray]] = {name: [] for name in _NUMBERS[:3]}  # (m,) uint64
-    # (n, s * s) uint8 thumbnails go to a file (256 B a row at s = 16): only near-duplicate
-    # candidates' are read back.
+    # (n, row_width) uint8 thumbnails go to a file (784 B a row for 28x28 grey): only
+    # near-duplicate candidates' are read back.
     thumbnails = _RowFile(near_duplicates.row_width(_side(cfg), cfg.channels))
     with atomic_dir(cfg.output) as out_dir, thumbnails:
         staging = out_dir / "_staging"
