@@ -25,8 +25,9 @@ times each; the median counts):
 
   old  8x8 thumbnails within a mean absolute difference of 3/255 (the rule before issue 14)
   new  the configured rule (params.yaml's clean section: near_duplicate_size,
-       near_duplicate_difference, near_duplicate_contrast; --difference sparse=0.12 tries
-       another difference for one kind)
+       near_duplicate_difference, near_duplicate_contrast, with the aligned and colour
+       comparisons of tasks/near_duplicates.py; --difference sparse=0.06 tries another
+       difference for one kind)
 
 Both use the same dHash candidates (near_duplicate_distance). A removal (exact_duplicate or
 near_duplicate) is right when the removed row and the kept row it names are one group.

@@ -73,7 +73,7 @@ def thumbnail_side(image_size: int, size: int) -> int:
 
 def colour_side(side: int) -> int:
     """The side of an RGB row's two colour planes: a quarter of the grey thumbnail's."""
-    return max(2, side // 4)
+    return max(1, side // 4)
 
 
 def row_width(side: int, channels: int) -> int:
