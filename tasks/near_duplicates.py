@@ -351,7 +351,7 @@ def pair_differences(
                `bound`: a pair within it plain needs no alignment). Why: a
                copy cropped by a few pixels and scaled back is a shifted, slightly
                magnified original, and on thin strokes half a pixel of shift differs as
-               much as another hand does (plain, such copies differ by 0.06-0.2); aligned
+               much as another hand does (plain, such copies differ by 0.06-0.26); aligned
                and blurred they differ by under 0.09, two drawings of one character by
                0.12 and up (28 px images; benchmarks/near_duplicates.py). Below
                ALIGN_MIN_SIDE there is too little left to align (on 8x8 digits distinct
