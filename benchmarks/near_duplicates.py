@@ -25,8 +25,9 @@ times each; the median counts):
 
   old  8x8 thumbnails within a mean absolute difference of 3/255 (the rule before issue 14)
   new  the configured rule (params.yaml's clean section: near_duplicate_size,
-       near_duplicate_difference, near_duplicate_contrast; --difference sparse=0.12 tries
-       another difference for one kind)
+       near_duplicate_difference, near_duplicate_contrast, with the aligned and colour
+       comparisons of tasks/near_duplicates.py; --difference sparse=0.06 tries another
+       difference for one kind)
 
 Both use the same dHash candidates (near_duplicate_distance). A removal (exact_duplicate or
 near_duplicate) is right when the removed row and the kept row it names are one group.
@@ -253,6 +254,7 @@ def stage_params(workdir: Path, folder: Path, kind: str, run: str, workers: int)
     raw = {
         "ingest": {
             "sources": [{"kind": "image_folder", "path": str(folder), "name": kind}],
+            "allowed_roots": [str(workdir / "images")],  # where ensure_images writes them
             "output": str(out / "ingested"),
             "quarantine": str(out / "ingest_quarantine.parquet"),
             "report": str(out / "ingest.json"),
@@ -270,12 +272,14 @@ def old_rule(cfg):
     threshold = cfg.near_duplicate_difference
 
     def absolute(
-        thumbs: np.ndarray, first: np.ndarray, second: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        rows = np.asarray(thumbs, np.int16)
+        thumbs: np.ndarray, first: np.ndarray, second: np.ndarray, bound: float = 0.0
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rows = np.asarray(thumbs[:, : OLD_SIZE * OLD_SIZE], np.int16)  # grey: no colour
         mean_abs = np.abs(rows[first] - rows[second]).mean(axis=1)
-        # <= threshold exactly when mean_abs <= 3; a ratio of 1 passes any contrast bound
-        return mean_abs * (threshold / OLD_DIFFERENCE), np.ones(len(mean_abs))
+        # <= threshold exactly when mean_abs <= 3; a ratio of 1 passes any contrast bound,
+        # a colour of 0 any colour bound
+        ones = np.ones(len(mean_abs))
+        return mean_abs * (threshold / OLD_DIFFERENCE), ones, 0 * ones
 
     return cfg.model_copy(update={"near_duplicate_size": OLD_SIZE}), absolute
 

@@ -251,18 +251,20 @@ class CleanConfig(_Model):
         4, ge=0, le=16, description="max Hamming distance between 64-bit dHashes"
     )
     near_duplicate_size: int = Field(
-        16,
+        32,
         ge=8,
         le=32,
         description="side of the grey thumbnails that confirm a near-duplicate (at most "
-        "image_size); each kept row costs side * side bytes of a file during clean",
+        "image_size; from 24 px copies cropped by a few pixels are aligned); each kept row "
+        "costs side * side bytes of a file during clean (9/8 of that for RGB)",
     )
     near_duplicate_difference: float = Field(
         0.04,
         ge=0,
         le=1,
         description="max mean absolute difference of two standardised thumbnails (mean "
-        "removed, divided by pixel std): 0 identical, ~0.15+ distinct drawings",
+        "removed, divided by pixel std): 0 identical, ~0.15+ distinct drawings; blurred "
+        "and aligned thumbnails are allowed 2.5 times this",
     )
     near_duplicate_contrast: float = Field(
         1.25, ge=1, description="max ratio of two thumbnails' pixel stds (larger/smaller)"

@@ -1,14 +1,20 @@
 """Near-duplicates: a cheap candidate search, a confirmation that holds on sparse images,
-and a sheet of what was removed.
+on copies cropped by a few pixels and on photos that differ only in colour, and a sheet of
+what was removed.
 
 Contract (clean's `near_duplicate` rule; README's table of quarantine reasons):
   candidates    64-bit dHashes (`dhash`) within clean.near_duplicate_distance bits
                 (`near_duplicate_pairs`): cheap, and coarse on purpose.
-  confirmation  on grey thumbnails of side s = min(clean.near_duplicate_size,
-                clean.image_size) (`thumbnail`), each standardised (mean removed, divided
-                by its pixel std): their mean absolute difference is at most
-                clean.near_duplicate_difference, and the larger std over the smaller at
-                most clean.near_duplicate_contrast (`relative_difference`).
+  confirmation  on thumbnails (`thumbnail`): grey, of side s = min(clean.
+                near_duplicate_size, clean.image_size), plus for RGB images two colour-
+                opponent planes of side s / 4 (`colour_planes`). Grey rows are each
+                standardised (mean removed, divided by its pixel std) and compared plain
+                (their mean absolute difference) and, from s = ALIGN_MIN_SIDE up, also
+                blurred and aligned for a crop of up to CROP of each edge (that difference
+                over ALIGNED); the smaller is at most clean.near_duplicate_difference, the
+                larger std over the smaller at most clean.near_duplicate_contrast, and for
+                RGB the colour planes, aligned the same way, nowhere differ by more than
+                COLOUR (`pair_differences`, `confirmed_pairs`).
   survivor      rows ranked by id: of a confirmed pair the later one goes, unless the
                 earlier one has already gone (`drop_order`).
 
@@ -20,30 +26,43 @@ there is: standardised, two drawings of one character typically differ by 0.15 o
 alpha-channel copy differs by under 0.04. Standardising also makes a brightness shift
 cost nothing where no pixel clips, and on strokes on white even where the white clips (the
 strokes' contrast only scales); the contrast bound keeps an image and a washed-out version
-of it distinct. What the default (0.04)
-gives up, measured by benchmarks/near_duplicates.py: copies cropped by a few pixels mostly
-stay (on thin strokes a crop moves them about as far as another hand does; on sparse data
-a difference of ~0.12 catches more of them and still keeps distinct drawings), and on
-dense photos a small content change (a shape moved or added) can fall under 0.04, as can
-a JPEG q85 copy come near it. Colour is not compared: hue changes at equal brightness are
-invisible to the grey thumbnails, as they are to the dHash.
+of it distinct.
+Why aligned: a copy cropped by 1-3 px of 105 and scaled back is the original shifted by
+under a pixel and magnified by a few per cent; on thin strokes that differs, plain, about
+as much as another hand does (0.06-0.26 on 28 px thumbnails). Blurred (sigma BLUR of the
+side) and aligned by the crop whose profiles match best, such copies differ by under 0.09
+and drawings of one character by 0.12 and up, hence a bound ALIGNED = 2.5 times the plain
+one. Below ALIGN_MIN_SIDE px (the demo's 8x8 digits) too little is left to align: distinct
+drawings of a 1 come within 0.08 of each other there, so those thumbnails are compared
+plain only, as before.
+Why colour: a photo and the same photo with a shape moved across a background of its own
+brightness have nearly equal grey thumbnails; their colour planes differ by 20-100 where
+the shape was and is, re-encoded or brightened copies by under 16.
+Measured by benchmarks/near_duplicates.py (--n 20000): precision >= 0.998 and recall
+>= 0.96 on sparse grey strokes and on dense RGB photos; what the defaults still miss are
+mostly dense crops whose dHash moved over clean.near_duplicate_distance bits.
 
-Memory: pass 1 keeps s * s bytes per kept row (256 at the default s = 16; 64 for the
-default 8x8 demo images) in a row file that only candidates are read back from.
+Cost: candidate pairs within ALIGN_WITHIN plain but over the bound are blurred and aligned
+(16 crops per axis chosen on 1-D profiles, two gathers per pair): most candidates differ
+by far more and cost one comparison. Memory: pass 1 keeps a thumbnail row per kept row in
+a row file that only candidates are read back from: s * s bytes for grey (784 at 28x28,
+64 for the demo's 8x8), s * s * 9 / 8 for RGB (1152 at 32x32).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
+import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
 MIN_SCALE = 1.0  # std floor (0-255): a constant thumbnail divides by this, not by 0
-# Candidate pairs compared at once: their two rows and the difference, as float32, take at
-# most 12 * s * s bytes a pair (48 MiB at s = 16, 192 MiB at s = 32) whatever the size.
-_CONFIRM_STEP = 1 << 14
+# Candidate pairs compared at once: 4M floats (16 MiB) a row-sized array of the block, a
+# few of which are alive at once, whatever the thumbnail size.
+_CONFIRM_FLOATS = 1 << 22
 
 
 def thumbnail_side(image_size: int, size: int) -> int:
@@ -52,13 +71,32 @@ def thumbnail_side(image_size: int, size: int) -> int:
     return min(image_size, size)
 
 
+def colour_side(side: int) -> int:
+    """The side of an RGB row's two colour planes: a quarter of the grey thumbnail's."""
+    return max(1, side // 4)
+
+
+def row_width(side: int, channels: int) -> int:
+    """Bytes a row's thumbnail takes: the grey side x side, plus for RGB images two
+    colour_side(side)-square colour-opponent planes (`colour_planes`)."""
+    return side * side + (2 * colour_side(side) ** 2 if channels == 3 else 0)
+
+
 def thumbnail(pixels: np.ndarray, side: int) -> np.ndarray:
-    """A side x side grey thumbnail, flattened (side * side bytes): what confirmation
-    compares. BOX resampling: each thumbnail pixel is the mean of the pixels it covers."""
+    """A row's thumbnail, flattened (`row_width` bytes): a side x side grey thumbnail and,
+    for an RGB image, its colour planes. BOX resampling: each thumbnail pixel is the mean
+    of the pixels it covers."""
     gray = pixels if pixels.ndim == 2 else pixels.mean(axis=2).astype(np.uint8)
-    if gray.shape == (side, side):
-        return gray.ravel()
-    return np.asarray(Image.fromarray(gray).resize((side, side), Image.Resampling.BOX)).ravel()
+    parts = [_box(gray, side)]
+    if pixels.ndim == 3:
+        parts += [_box(plane[0], colour_side(side)) for plane in colour_planes(pixels[None])]
+    return np.concatenate(parts)
+
+
+def _box(plane: np.ndarray, side: int) -> np.ndarray:
+    if plane.shape == (side, side):
+        return plane.ravel()
+    return np.asarray(Image.fromarray(plane).resize((side, side), Image.Resampling.BOX)).ravel()
 
 
 def dhash(pixels: np.ndarray) -> int:
@@ -118,10 +156,26 @@ def _array(image: Image.Image) -> np.ndarray:
     return np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(height, width)
 
 
-def thumbnails(gray: np.ndarray, side: int) -> np.ndarray:
-    """(m, side * side) uint8: `thumbnail` of each image."""
-    small = _resize_many(gray, (side, side), Image.Resampling.BOX)
-    return small.reshape(len(gray), side * side)
+def thumbnails(pixels: np.ndarray, side: int) -> np.ndarray:
+    """(m, row_width) uint8: `thumbnail` of each image of an (m, H, W) grey or (m, H, W, 3)
+    RGB stack."""
+    m = len(pixels)
+    grey = _resize_many(grays(pixels), (side, side), Image.Resampling.BOX).reshape(m, -1)
+    if pixels.ndim == 3:
+        return grey
+    c = colour_side(side)
+    planes = [_resize_many(p, (c, c), Image.Resampling.BOX) for p in colour_planes(pixels)]
+    return np.concatenate([grey] + [p.reshape(m, c * c) for p in planes], axis=1)
+
+
+def colour_planes(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two (m, H, W) uint8 colour-opponent planes of an RGB stack, 128 for grey:
+    (R - B) / 2 + 128 and (R + B - 2G) / 4 + 128, rounded down. What the grey
+    thumbnail cannot see: a shape moved across a background of its own brightness."""
+    r, g, b = (rgb[..., k].astype(np.int16) for k in range(3))
+    red_blue = ((r - b + 256) // 2).astype(np.uint8)
+    yellow_green = ((r + b - 2 * g + 512) // 4).astype(np.uint8)
+    return red_blue, yellow_green
 
 
 def dhashes(gray: np.ndarray) -> np.ndarray:
@@ -259,27 +313,58 @@ def _close_pairs(
 # --- confirmation and survivors ----------------------------------------------------------
 
 
-def relative_difference(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row pair of (m, k) thumbnails: (difference, contrast ratio), both float64 (m,).
-
-    difference: the mean absolute difference of the rows once each is standardised (its
-    mean removed, divided by its pixel std floored at MIN_SCALE): 0 for identical rows and
-    for a brightness or contrast change, ~0.15 and up for two drawings of one character.
-    contrast ratio: the larger pixel std over the smaller (>= 1), which bounds the contrast
-    change the difference ignores.
-    """
+def relative_difference(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row pair of (m, row_width) thumbnails: `pair_differences` of a[i] and b[i]."""
     m = len(a)
     both = np.concatenate([np.asarray(a, np.uint8), np.asarray(b, np.uint8)])
     return pair_differences(both, np.arange(m), np.arange(m, 2 * m))
 
 
+# The aligned comparison (see `pair_differences`).
+ALIGNED = 2.5  # its bound, as a multiple of clean.near_duplicate_difference
+ALIGN_MIN_SIDE = 24  # thumbnails smaller than this are compared plain only
+BLUR = 1 / 28  # the Gaussian both rows are blurred with, its sigma as a share of the side
+CROP = 0.03  # share of a side a copy may have lost at each edge: the alignments tried
+MARGIN = 0.07  # share of the side left out at each edge: what a crop and the blur change
+_CROP_STEPS = 4  # crops tried per edge, 0 to CROP: 16 per axis
+ALIGN_WITHIN = 0.35  # pairs aligned: plain within this (few-pixel crops: under 0.26)
+COLOUR = 16.0  # largest colour-plane difference (0-255 opponent units) of RGB copies
+
+
 def pair_differences(
-    thumbs: np.ndarray, first: np.ndarray, second: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """`relative_difference` of rows thumbs[first] and thumbs[second]. Each row is
-    standardised once however many pairs it is in (a candidate search pairs a common
-    image with many others)."""
-    rows = np.asarray(thumbs, dtype=np.float32)
+    thumbs: np.ndarray, first: np.ndarray, second: np.ndarray, bound: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(difference, contrast ratio, colour), float64 (m,), of rows thumbs[first] and
+    thumbs[second] (`thumbnail` rows: grey, plus colour planes for RGB).
+
+    difference: the smaller of two comparisons of the grey thumbnails, each row
+    standardised once however many pairs it is in (mean removed, divided by its pixel std
+    floored at MIN_SCALE):
+      plain    the mean absolute difference of the two rows: 0 for identical rows and
+               for a brightness or contrast change, ~0.15 and up for two drawings of one
+               character on 16x16 thumbnails.
+      aligned  (thumbnails of ALIGN_MIN_SIDE px or more, pairs over `bound` but within
+               ALIGN_WITHIN plain; `_aligned`) the rows blurred, one aligned to the other
+               for a crop of up to CROP of each edge, compared on their inner region;
+               divided by ALIGNED, so that a pair is confirmed when either comparison is
+               within clean.near_duplicate_difference (`confirmed_pairs` passes it as
+               `bound`: a pair within it plain needs no alignment). Why: a
+               copy cropped by a few pixels and scaled back is a shifted, slightly
+               magnified original, and on thin strokes half a pixel of shift differs as
+               much as another hand does (plain, such copies differ by 0.06-0.26); aligned
+               and blurred they differ by under 0.09, two drawings of one character by
+               0.12 and up (28 px images; benchmarks/near_duplicates.py). Below
+               ALIGN_MIN_SIDE there is too little left to align (on 8x8 digits distinct
+               drawings of a 1 come within 0.08 of each other aligned).
+    contrast ratio: the larger grey pixel std over the smaller (>= 1), which bounds the
+    contrast change the difference ignores.
+    colour: for RGB rows, the largest absolute difference (0-255 opponent units) of the
+    colour planes over their inner cells, aligned as the comparison that counted; 0 for
+    grey rows. It sees what grey cannot: a shape moved across a background of its own
+    brightness.
+    """
+    side, c = _layout(np.shape(thumbs)[1])
+    rows = np.asarray(thumbs[:, : side * side], dtype=np.float32)
     rows -= rows.mean(axis=1, keepdims=True)
     std = np.maximum(np.sqrt((rows * rows).mean(axis=1)), np.float32(MIN_SCALE))
     rows /= std[:, None]
@@ -287,8 +372,171 @@ def pair_differences(
     delta -= rows[second]
     np.abs(delta, out=delta)
     difference = delta.mean(axis=1, dtype=np.float64)
+    del delta
+    colour = np.zeros(len(first))
+    planes = None
+    if c:
+        planes = np.asarray(thumbs[:, side * side :], dtype=np.float32).reshape(-1, 2, c, c)
+        colour = _colour_gap(planes[first], planes[second])
+    near = np.flatnonzero((difference > bound) & (difference <= ALIGN_WITHIN))
+    if side >= ALIGN_MIN_SIDE and len(near):
+        members, index = np.unique(np.stack([first[near], second[near]]), return_inverse=True)
+        index = index.reshape(2, -1)
+        aligned, aligned_colour = _aligned(
+            rows[members].reshape(-1, side, side),
+            None if planes is None else planes[members],
+            index[0],
+            index[1],
+        )
+        better = aligned / ALIGNED < difference[near]
+        difference[near[better]] = aligned[better] / ALIGNED
+        colour[near[better]] = aligned_colour[better]
     ratio = std[first] / std[second]
-    return difference, np.maximum(ratio, 1 / ratio).astype(np.float64)
+    return difference, np.maximum(ratio, 1 / ratio).astype(np.float64), colour
+
+
+def _aligned(
+    rows: np.ndarray, planes: np.ndarray | None, first: np.ndarray, second: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(difference, colour) of standardised (m, side, side) grey rows, blurred (BLUR) and
+    compared on their inner region (MARGIN left out at each edge), restandardised there:
+    as they are and aligned both ways round, one to the other, per axis by the crop of up
+    to CROP of each edge whose warped profile (the row's mean along the other axis) best
+    matches the other row's (`_best_maps`). The smallest of the three counts; colour is
+    the colour-plane gap (`_colour_gap`) aligned the same way."""
+    side = rows.shape[1]
+    rows = _blurred(rows)
+    inner = slice(_margin(side), side - _margin(side))
+    centres = _standardised(rows[:, inner, inner])  # what each row is compared on
+    difference = _mean_gap(centres[first], centres[second])
+    colour = np.zeros(len(first))
+    if planes is not None:
+        colour = _colour_gap(planes[first], planes[second])
+    maps = _crop_maps(side)
+    cols, lines = rows.mean(axis=1), rows.mean(axis=2)  # profiles along x and along y
+    for a, b in ((first, second), (second, first)):
+        kx = _best_maps(maps, cols[a], cols[b])
+        ky = _best_maps(maps, lines[a], lines[b])
+        warped = _warp(rows[a], maps, ky, kx)  # transposed: so is what it is compared with
+        way = _mean_gap(_standardised(warped[:, inner, inner]), centres[b].swapaxes(1, 2))
+        better = way < difference
+        difference[better] = way[better]
+        if planes is not None:
+            c = planes.shape[-1]
+            moved = _warp(planes[a].reshape(-1, c, c), _crop_maps(c), ky.repeat(2), kx.repeat(2))
+            gap = _colour_gap(moved.reshape(-1, 2, c, c), planes[b].swapaxes(2, 3))
+            colour[better] = gap[better]
+    return difference, colour
+
+
+def _mean_gap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(m,) float64: the mean absolute difference of each (h, w) pair."""
+    delta = a - b
+    np.abs(delta, out=delta)
+    return delta.mean(axis=(1, 2), dtype=np.float64)
+
+
+def _colour_gap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(m,) float64: the largest absolute difference of (2, c, c) colour planes over their
+    inner cells (an edge cell is what a crop changes most)."""
+    inner = slice(1, -1) if a.shape[-1] > 2 else slice(None)
+    return np.abs(a - b)[:, :, inner, inner].max(axis=(1, 2, 3)).astype(np.float64)
+
+
+def _layout(width: int) -> tuple[int, int]:
+    """(grey side, colour side or 0) of a `row_width`-byte thumbnail row."""
+    root = math.isqrt(width)
+    if root * root == width:
+        return root, 0
+    for side in range(root, 0, -1):
+        if row_width(side, 3) == width:
+            return side, colour_side(side)
+    raise ValueError(f"{width} bytes is no thumbnail row's width")
+
+
+def _standardised(x: np.ndarray) -> np.ndarray:
+    """(m, h, w) rows, each with its mean removed and divided by its std (floored)."""
+    x = x - x.mean(axis=(1, 2), keepdims=True)
+    return x / np.maximum(np.sqrt((x * x).mean(axis=(1, 2), keepdims=True)), np.float32(1e-3))
+
+
+def _margin(side: int) -> int:
+    """Pixels left out at each edge of the grey comparison (MARGIN of the side, at least 1)."""
+    return min(max(1, round(side * MARGIN)), (side - 1) // 2)
+
+
+@functools.cache
+def _blur_matrix(side: int) -> np.ndarray:
+    """(side, side) float32: a Gaussian blur of sigma BLUR * side px, renormalised at the
+    edges."""
+    x = np.arange(side)
+    weights = np.exp(-0.5 * ((x[:, None] - x[None, :]) / (BLUR * side)) ** 2)
+    return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def _blurred(rows: np.ndarray) -> np.ndarray:
+    """(m, side, side) rows blurred along both axes: two matrix products over all rows."""
+    m, side, _ = rows.shape
+    blur_t = _blur_matrix(side).T
+    along_x = (rows.reshape(m * side, side) @ blur_t).reshape(m, side, side)
+    along_y = along_x.transpose(0, 2, 1).reshape(m * side, side) @ blur_t
+    return np.ascontiguousarray(along_y.reshape(m, side, side).transpose(0, 2, 1))
+
+
+Maps = tuple[np.ndarray, np.ndarray, np.ndarray]  # `_crop_maps`: (lower, upper, weight)
+
+
+@functools.cache
+def _crop_maps(side: int) -> Maps:
+    """Linear resamplings of a side-long axis, identity first: (lower, upper, weight), each
+    (K, side), output pixel i = (1 - weight) * input[lower] + weight * input[upper]. Map k
+    is the axis a copy cropped by (start, end) shares of its side, 0 to CROP each, and
+    scaled back would have."""
+    shares = np.linspace(0.0, CROP, _CROP_STEPS)
+    out = np.arange(side)
+    lower, upper, weight = [], [], []
+    for start, end in itertools.product(shares, shares):
+        where = (start + (1 - start - end) * (out + 0.5) / side) * side - 0.5
+        where = np.clip(where, 0, side - 1)
+        lo = np.floor(where).astype(np.intp)
+        lower.append(lo)
+        upper.append(np.minimum(lo + 1, side - 1))
+        weight.append((where - lo).astype(np.float32))
+    return np.stack(lower), np.stack(upper), np.stack(weight)
+
+
+def _warp(rows: np.ndarray, maps: Maps, ky: np.ndarray, kx: np.ndarray) -> np.ndarray:
+    """(m, w, h): (m, h, w) rows, row i resampled by map ky[i] along y and map kx[i] along
+    x, transposed (two gathers of whole lines; callers compare it with transposed rows)."""
+    return _warp_lines(_warp_lines(rows, maps, ky).transpose(0, 2, 1), maps, kx)
+
+
+def _warp_lines(rows: np.ndarray, maps: Maps, k: np.ndarray) -> np.ndarray:
+    """(m, h, w) rows resampled along axis 1, row i by map k[i]."""
+    lower, upper, weight = maps
+    pick = np.arange(len(rows))[:, None]
+    w = weight[k][:, :, None]
+    out = rows[pick, upper[k]]
+    out -= rows[pick, lower[k]]
+    out *= w
+    out += rows[pick, lower[k]]
+    return out
+
+
+def _best_maps(maps: Maps, source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Per pair, the index of the map whose warped `source` profile, standardised, is
+    closest (mean absolute difference) to the standardised `target` profile."""
+    lower, upper, weight = maps
+    warped = source[:, lower] * (1 - weight) + source[:, upper] * weight  # (m, K, side)
+    warped = _standardised_last(warped)
+    target = _standardised_last(target)[:, None, :]
+    return np.abs(warped - target).mean(axis=2).argmin(axis=1)
+
+
+def _standardised_last(x: np.ndarray) -> np.ndarray:
+    """x with its mean along the last axis removed, divided by its std there (floored)."""
+    x = x - x.mean(axis=-1, keepdims=True)
+    return x / np.maximum(np.sqrt((x * x).mean(axis=-1, keepdims=True)), np.float32(1e-3))
 
 
 def confirmed_pairs(
@@ -309,12 +557,16 @@ def confirmed_pairs(
     """
     pairs = near_duplicate_pairs(hashes[rows], max_distance)
     confirmed = [np.empty((0, 2), dtype=np.int64)]
-    for lo in range(0, len(pairs), _CONFIRM_STEP):
-        part = pairs[lo : lo + _CONFIRM_STEP]
+    step = max(1, _CONFIRM_FLOATS // max(1, thumbs.shape[1]))
+    for lo in range(0, len(pairs), step):
+        part = pairs[lo : lo + step]
         members, index = np.unique(part, return_inverse=True)
         index = index.reshape(part.shape)
-        difference, ratio = pair_differences(thumbs[rows[members]], index[:, 0], index[:, 1])
-        confirmed.append(part[(difference <= max_difference) & (ratio <= max_contrast)])
+        difference, ratio, colour = pair_differences(
+            thumbs[rows[members]], index[:, 0], index[:, 1], max_difference
+        )
+        same = (difference <= max_difference) & (ratio <= max_contrast) & (colour <= COLOUR)
+        confirmed.append(part[same])
     return np.concatenate(confirmed)
 
 

@@ -18,7 +18,7 @@ from tasks.clean import (
     pixel_hash,
     resolve_duplicates,
 )
-from tasks.near_duplicates import dhash, near_duplicate_pairs, thumbnail
+from tasks.near_duplicates import dhash, near_duplicate_pairs, row_width, thumbnail
 
 CFG = CleanConfig(
     image_size=8, channels=1, max_pixels=10_000, labels=["a", "b"], label_map={"A": "a"}
@@ -187,10 +187,12 @@ def test_split_is_stratified_deterministic_and_independent_of_order():
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-def test_thumbnail_is_side_squared_grey_bytes(channels):
+def test_thumbnail_is_grey_bytes_plus_colour_planes_for_rgb(channels):
     shape = (32, 24) if channels == 1 else (32, 24, 3)
-    assert thumbnail(noise(shape), 8).shape == (64,)
-    assert thumbnail(noise(shape), 16).shape == (256,)
+    colour = 0 if channels == 1 else 1
+    assert thumbnail(noise(shape), 8).shape == (64 + colour * 2 * 2 * 2,)
+    assert thumbnail(noise(shape), 16).shape == (256 + colour * 2 * 4 * 4,)
+    assert row_width(16, channels) == 256 + colour * 2 * 4 * 4
 
 
 def test_a_short_class_keeps_its_minimum_test_set():

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from synthloop.config import CleanConfig
 from synthloop.dataset import IMAGE_SCHEMA
-from tasks.clean.hashing import row_numbers, thumbnail_side
+from tasks.clean.hashing import row_numbers, thumbnail_side, thumbnail_width
 from tasks.clean.rules import Converted, Rejection, blank_flags, convert_image, map_label
 from tasks.clean.splits import split_keys
 
@@ -39,7 +39,7 @@ def chunk_rows(cfg: CleanConfig) -> int:
 def empty_numbers(name: str, cfg: CleanConfig) -> np.ndarray:
     """A `NUMBERS` field with no rows: the dtype and width of a full one."""
     if name == "thumbnails":
-        return np.empty((0, thumbnail_side(cfg) ** 2), np.uint8)
+        return np.empty((0, thumbnail_width(cfg)), np.uint8)
     return np.empty(0, np.uint64)
 
 
@@ -56,7 +56,7 @@ class DecodedChunk:
     channels_converted: int
     pixel_hashes: np.ndarray  # per kept row (m,) uint64
     dhashes: np.ndarray  # (m,) uint64
-    thumbnails: np.ndarray  # (m, s * s) uint8, s = near_duplicates.thumbnail_side
+    thumbnails: np.ndarray  # (m, thumbnail_width(cfg)) uint8
 
 
 def decode_chunk(labels: list[str | None], images: list[bytes], cfg: CleanConfig) -> DecodedChunk:
@@ -97,7 +97,7 @@ def decode_chunk(labels: list[str | None], images: list[bytes], cfg: CleanConfig
         numbers = row_numbers(kept_pixels, side)
     else:
         empty = np.empty(0, dtype=np.uint64)
-        numbers = (empty, empty, np.empty((0, side * side), dtype=np.uint8))
+        numbers = (empty, empty, empty_numbers("thumbnails", cfg))
     return DecodedChunk(out_labels, rejected, kept, pngs, resized, channels_converted, *numbers)
 
 
@@ -115,7 +115,7 @@ class StagedBatch:
     channels_converted: int
     pixel_hashes: np.ndarray  # (m,) uint64
     dhashes: np.ndarray  # (m,) uint64
-    thumbnails: np.ndarray  # (m, s * s) uint8, s = near_duplicates.thumbnail_side
+    thumbnails: np.ndarray  # (m, thumbnail_width(cfg)) uint8
 
 
 def stage_batch(batch: pa.RecordBatch, staging_file: str, cfg: CleanConfig) -> StagedBatch:

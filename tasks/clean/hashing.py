@@ -4,8 +4,8 @@ tasks/near_duplicates.py).
 
 Contract: pure functions; `pixel_hashes` and `row_numbers` equal, row by row, the per-image
 functions (`pixel_hash`, `near_duplicates.dhash`, `near_duplicates.thumbnail`), vectorised
-when the images share a shape. Hashes are (m,) uint64; thumbnails (m, side * side) uint8
-with side = `thumbnail_side(cfg)`.
+when the images share a shape. Hashes are (m,) uint64; thumbnails (m, `thumbnail_width`)
+uint8: side x side grey (side = `thumbnail_side(cfg)`), plus colour planes for RGB.
 """
 
 from __future__ import annotations
@@ -38,21 +38,24 @@ def thumbnail_side(cfg: CleanConfig) -> int:
     return near_duplicates.thumbnail_side(cfg.image_size, cfg.near_duplicate_size)
 
 
+def thumbnail_width(cfg: CleanConfig) -> int:
+    """Bytes a row's thumbnail takes (grey, plus the colour planes of RGB images)."""
+    return near_duplicates.row_width(thumbnail_side(cfg), cfg.channels)
+
+
 def row_numbers(pixels: list[np.ndarray], side: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(pixel hashes, dHashes, side x side thumbnails) of kept rows, vectorised when they
-    share a shape."""
+    """(pixel hashes, dHashes, thumbnails of `near_duplicates.row_width` bytes) of kept
+    rows, vectorised when they share a shape."""
     shape = pixels[0].shape
     if all(p.shape == shape for p in pixels):
-        gray = near_duplicates.grays(np.stack(pixels))
+        stack = np.stack(pixels)
         return (
             pixel_hashes(pixels),
-            near_duplicates.dhashes(gray),
-            near_duplicates.thumbnails(gray, side),
+            near_duplicates.dhashes(near_duplicates.grays(stack)),
+            near_duplicates.thumbnails(stack, side),
         )
     return (
         np.array([pixel_hash(p) for p in pixels], dtype=np.uint64),
         np.array([near_duplicates.dhash(p) for p in pixels], dtype=np.uint64),
-        np.array([near_duplicates.thumbnail(p, side) for p in pixels], dtype=np.uint8).reshape(
-            -1, side * side
-        ),
+        np.stack([near_duplicates.thumbnail(p, side) for p in pixels]),
     )

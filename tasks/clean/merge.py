@@ -41,7 +41,7 @@ from synthloop.dataset import (
     write_table,
 )
 from synthloop.sharding import cached_result
-from tasks.clean.hashing import thumbnail_side
+from tasks.clean.hashing import thumbnail_width
 from tasks.clean.report import (
     build_report,
     kept_metadata,
@@ -100,9 +100,9 @@ def merge_clean(
     """The shards' pass-1 results in shard order, then the whole-dataset decisions
     (duplicates, conflicting labels, split), pass 2, the expectations and the report."""
     remove_stale_temporaries(cfg.output)
-    # (n, s * s) uint8 thumbnails go to a file (256 B a row at s = 16): only near-duplicate
-    # candidates' are read back.
-    thumbnails = RowFile(thumbnail_side(cfg) ** 2)
+    # (n, thumbnail_width) uint8 thumbnails go to a file (784 B a row for 28x28 grey): only
+    # near-duplicate candidates' are read back.
+    thumbnails = RowFile(thumbnail_width(cfg))
     with atomic_dir(cfg.output) as out_dir, thumbnails:
         staging = out_dir / "_staging"
         staging.mkdir()
