@@ -146,6 +146,10 @@ def synthesize(params, train: ImageTensors, seed: int, steps: int, per_class: in
             "seed": seed,
             "device": "cpu",
             "resume": False,
+            # No best-checkpoint selection: it would score against params.yaml's evaluator
+            # and val split, trained on data this user does not have (a leak); the last
+            # weights are the output.
+            "eval_every": 0,
             "input": write_fused(work / "fused", train),
             "output": work / "generator",
             "checkpoints": work / "checkpoints",
