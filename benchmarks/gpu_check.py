@@ -95,6 +95,7 @@ def resume_check(family: str, cfg: tt.Config, data_dir: Path, device, steps: int
                 "checkpoint_every": max(1, steps // 2),
                 "log_every": max(1, steps // 4),
                 "resume": resume,
+                "eval_every": 0,  # no evaluator for 32x32 RGB here: the last weights
                 family: tt.train_config(argparse.Namespace(device=device.type, compile=False),
                                         family, cfg, True).get(family, {}),
                 "input": data_dir,
