@@ -37,7 +37,7 @@ trains the same weights bit for bit; repeats are for the timings):
            below the floor without being closer to real data than real data is);
   accepted validate's acceptance (evaluator confidence, near copies, memorisation,
            duplicates): the rows validate would pass on to utility;
-  utility  validate's protocol (tasks/utility.compare_arms with validate's utility_trainer:
+  utility  validate's protocol (tasks/utility.compare_arms with validate's UtilityTrainer:
            class-balanced draws, validate.utility_steps, validate.utility_seeds paired
            seeds, the baseline chosen on val as validate chooses it) on the accepted rows.
            The baseline arms, trained on the real split alone, are trained once and shared
@@ -80,7 +80,8 @@ from tasks.generators import FAMILIES  # noqa: E402
 from tasks.images import ImageTensors, encode_rows, load_image_tensors, resolve_device  # noqa: E402
 from tasks.metrics import class_consistency, near_copy_rate  # noqa: E402
 from tasks.utility import Trainer, compare_arms  # noqa: E402
-from tasks.validate import acceptance, fidelity, privacy, subset, utility_trainer  # noqa: E402
+from tasks.utility_trainer import UtilityTrainer  # noqa: E402
+from tasks.validate import acceptance, fidelity, privacy, subset  # noqa: E402
 
 
 def set_value(values: dict, assignment: str) -> None:
@@ -216,9 +217,8 @@ class Judge:
             for s in ("train", "val", "test")
         }
         self.trainer = shared_baseline(
-            utility_trainer(
-                self.splits, self.cfg.utility_steps, params.train_evaluator,
-                params.augment.policy, device, self.cfg.utility_balanced,
+            UtilityTrainer.configured(
+                self.cfg, params.train_evaluator, params.augment.policy, self.splits, device
             ),
             self.splits.train,
         )  # fmt: skip

@@ -56,7 +56,7 @@ from tasks.generate import load_model  # noqa: E402
 from tasks.images import ImageTensors, concat, encode_rows, to_float, to_uint8  # noqa: E402
 from tasks.train import run_train  # noqa: E402
 from tasks.utility import Interval, accuracy_of, t_interval, verdict  # noqa: E402
-from tasks.validate import utility_trainer  # noqa: E402
+from tasks.utility_trainer import UtilityTrainer  # noqa: E402
 
 ARMS = ("real", "real+aug", "real+aug+synthetic", "real+aug+selected")
 
@@ -198,9 +198,9 @@ def replicate(params, data: ImageTensors, test: ImageTensors, rows, seed, args) 
         ids=[i for i, keep in zip(synthetic.ids, confident.tolist(), strict=True) if keep],
         sources=["synthetic"] * int(confident.sum()),
     )
-    trainer = utility_trainer(
-        splits, params.validation.utility_steps, params.train_evaluator, params.augment.policy,
-        torch.device("cpu"), params.validation.utility_balanced,
+    trainer = UtilityTrainer.configured(
+        params.validation, params.train_evaluator, params.augment.policy, splits,
+        torch.device("cpu"),
     )  # fmt: skip
     sets = {
         "real": (splits.train, False),

@@ -630,6 +630,19 @@ class ValidateConfig(_Model):
         description="every utility arm draws each class equally often: the remedy any user "
         "has for a long tail, so synthetic data is not credited with rebalancing",
     )
+    utility_synthetic_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="at most this share of a class's draws go to its synthetic rows in the "
+        "synthetic arm, so a few real images are not drowned out (1: every row alike)",
+    )
+    utility_workers: int = Field(
+        0,
+        ge=0,
+        description="processes training the utility classifiers; 0: one per usable CPU on "
+        "the CPU when the trainings are long enough to pay a worker's start, else 1",
+    )
     short_class_share: float = Field(
         0.5,
         gt=0,

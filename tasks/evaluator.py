@@ -233,13 +233,33 @@ def small_image_cpu_threads(
     return cpu_threads(device.type, intra_op_threads(requested, size))
 
 
-def epoch_order(labels: Tensor, balanced: bool, generator: torch.Generator) -> Tensor:
-    """One epoch's row order: a permutation, or (balanced) len(labels) rows drawn with
-    replacement with weights 1/class count, so every class is drawn equally often."""
+def epoch_order(
+    labels: Tensor,
+    balanced: bool,
+    generator: torch.Generator,
+    synthetic: Tensor | None = None,
+    synthetic_share: float = 1.0,
+) -> Tensor:
+    """One epoch's row order: a permutation, or len(labels) rows drawn with replacement.
+
+    `balanced` draws every class equally often (weights 1/class count). `synthetic` (a
+    boolean mask) with `synthetic_share` < 1 caps the share of each class's draws that go
+    to its synthetic rows; its real rows share the rest equally."""
     n = len(labels)
-    if not balanced:
+    capped = synthetic is not None and synthetic_share < 1.0
+    if not balanced and not capped:
         return torch.randperm(n, generator=generator)
-    weights = 1.0 / torch.bincount(labels)[labels].double()
+    counts = torch.bincount(labels).double()
+    weights = 1.0 / counts[labels]  # within a class, every row alike
+    if capped:
+        syn = torch.bincount(labels[synthetic], minlength=len(counts)).double()
+        real = counts - syn
+        share = torch.where(real > 0, torch.clamp(syn / counts, max=synthetic_share), 1.0)
+        per_real = (1 - share) / real.clamp(min=1)
+        per_syn = share / syn.clamp(min=1)
+        weights = torch.where(synthetic, per_syn[labels], per_real[labels])
+    if not balanced:
+        weights = weights * counts[labels]  # each class as often as its rows
     return torch.multinomial(weights, n, replacement=True, generator=generator)
 
 
@@ -249,16 +269,19 @@ def train_net(
     device: torch.device,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     balanced: bool = False,
+    synthetic: Tensor | None = None,
+    synthetic_share: float = 1.0,
 ) -> tuple[EvaluatorNet, dict]:
     """Train on splits.train; keep the weights of the epoch with the best val accuracy.
 
     Seeded from cfg.seed through a forked RNG, so a run is reproducible on CPU and the
     caller's global RNG state is left as it was. `augment` (uint8 batch -> uint8 batch)
     transforms every training batch on the fly. `balanced` draws every class equally often
-    (rows with replacement, weights 1/class count), the usual remedy for a long tail.
+    (rows with replacement, weights 1/class count), the usual remedy for a long tail;
+    `synthetic` and `synthetic_share` cap the synthetic rows' share (`epoch_order`).
     """
     with small_image_cpu_threads(device, splits.train.images.shape[-1], cfg.cpu_threads):
-        return _train(cfg, splits, device, augment, balanced)
+        return _train(cfg, splits, device, augment, balanced, synthetic, synthetic_share)
 
 
 def _train(
@@ -267,6 +290,8 @@ def _train(
     device: torch.device,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     balanced: bool = False,
+    synthetic: Tensor | None = None,
+    synthetic_share: float = 1.0,
 ) -> tuple[EvaluatorNet, dict]:
     _, channels, size, _ = splits.train.images.shape
     with torch.random.fork_rng(devices=[]):
@@ -288,7 +313,9 @@ def _train(
     best_acc, best_epoch, best_state, history = -1.0, 0, None, []
     for epoch in range(1, cfg.epochs + 1):
         net.train()
-        order = epoch_order(splits.train.labels, balanced, generator).to(device)
+        order = epoch_order(
+            splits.train.labels, balanced, generator, synthetic, synthetic_share
+        ).to(device)
         total = 0.0
         for step in range(steps_per_epoch):
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]

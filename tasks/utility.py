@@ -11,7 +11,8 @@ it, on the val split (overall accuracy, seed 0; a tie means no augmentation; the
 never chooses anything):
 - `real+aug`: the real images with the project's augment policy applied on the fly;
 - `real`: the real images as they are (an augmentation that hurts is not a baseline to beat).
-`baseline+synthetic` is the same choice plus the accepted synthetic rows; the arm not chosen
+`baseline+synthetic` is the same choice plus the accepted synthetic rows (drawn at most
+`validate.utility_synthetic_share` of their class's draws); the arm not chosen
 and `tstr` (train on synthetic, test on real) are reported for reference, on seed 0.
 The two main arms are paired over `validate.utility_seeds` seeds: seed s gives both the same
 initial weights and augmentation stream. The per-seed delta (accuracy of the second minus
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,8 +35,10 @@ import torch
 from tasks.images import ImageTensors, concat
 from tasks.metrics import round_figure as _round
 
-# An arm's classifier: (training set, seed, augment) -> its predictions (val, test).
-Trainer = Callable[[ImageTensors, int, bool], tuple[torch.Tensor, torch.Tensor]]
+# An arm's classifier: (training set, seed, augment) -> its predictions (val, test). One
+# with a `submit` method of the same arguments returning a Future is used through it.
+Predictions = tuple[torch.Tensor, torch.Tensor]
+Trainer = Callable[[ImageTensors, int, bool], Predictions]
 ARMS = {True: "real+aug", False: "real"}  # augment -> the baseline arm's name
 
 
@@ -97,6 +101,15 @@ def accuracy_of(
     return float((pred[mask] == labels[mask]).float().mean())
 
 
+def _run_now(trainer: Trainer) -> Callable[[ImageTensors, int, bool], Future[Predictions]]:
+    def submit(data: ImageTensors, seed: int, augment: bool) -> Future[Predictions]:
+        done: Future[Predictions] = Future()
+        done.set_result(trainer(data, seed, augment))
+        return done
+
+    return submit
+
+
 def compare_arms(
     train: ImageTensors,
     accepted: ImageTensors,
@@ -121,21 +134,26 @@ def compare_arms(
             out[f"class:{c}"] = accuracy_of(pred, test_labels, [i])
         return out
 
+    # The trainings are submitted as soon as they are known, so a pool of workers
+    # (tasks/utility_trainer.py) runs them side by side; a plain trainer runs each at once.
+    submit = getattr(trainer, "submit", None) or _run_now(trainer)
     # The baseline, as a user picks it: with or without the augment policy, by val accuracy.
-    first = {augment: trainer(train, seeds[0], augment) for augment in (True, False)}
-    val_accuracy = {ARMS[a]: accuracy_of(pred[0], val_labels) for a, pred in first.items()}
+    first = {augment: submit(train, seeds[0], augment) for augment in (True, False)}
+    # a classifier cannot train (BatchNorm) on a single image
+    tstr = submit(accepted, seeds[0], False) if len(accepted) >= 2 else None
+    val_accuracy = {ARMS[a]: accuracy_of(f.result()[0], val_labels) for a, f in first.items()}
     # Strictly better on val, or no augmentation: a policy val cannot tell from none is not
     # one a user could be sure of (and on saturated val splits ties are common).
     augment = val_accuracy["real+aug"] > val_accuracy["real"]
-    base, plus = [], []
-    for seed in seeds:
-        base.append(
-            figures((first[augment] if seed == seeds[0] else trainer(train, seed, augment))[1])
-        )
-        plus.append(figures(trainer(plus_data, seed, augment)[1]))
-    reference = {ARMS[not augment]: figures(first[not augment][1])}
-    if len(accepted) >= 2:  # a classifier cannot train (BatchNorm) on a single image
-        reference["tstr"] = figures(trainer(accepted, seeds[0], False)[1])
+    base_runs = [
+        first[augment] if seed == seeds[0] else submit(train, seed, augment) for seed in seeds
+    ]
+    plus_runs = [submit(plus_data, seed, augment) for seed in seeds]
+    base = [figures(run.result()[1]) for run in base_runs]
+    plus = [figures(run.result()[1]) for run in plus_runs]
+    reference = {ARMS[not augment]: figures(first[not augment].result()[1])}
+    if tstr is not None:
+        reference["tstr"] = figures(tstr.result()[1])
 
     def summary(key: str) -> dict:
         deltas = [p[key] - b[key] for b, p in zip(base, plus, strict=True)]
@@ -151,7 +169,8 @@ def compare_arms(
     decisive = summary("short") if short_idx else overall
     return {
         "protocol": "paired seeds; every arm trains on the clean train split (class-balanced "
-        "draws with validate.utility_balanced); the baseline is "
+        "draws with validate.utility_balanced; in the synthetic arm at most "
+        "validate.utility_synthetic_share of a class's draws are synthetic); the baseline is "
         "real or real+aug (the augment policy on the fly), whichever scores higher on val; "
         "scored on the real test split",
         "baseline": ARMS[augment],

@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -59,9 +59,7 @@ from tasks.evaluator import (
     Evaluator,
     Splits,
     load_evaluator,
-    predict,
     small_image_cpu_threads,
-    train_net,
 )
 from tasks.feedback import requested_extra
 from tasks.images import (
@@ -81,9 +79,9 @@ from tasks.metrics import (
 from tasks.metrics import (
     round_figure as _round,
 )
-from tasks.online_augment import batch_augmenter
 from tasks.privacy import PrivacySets, membership_auc_high, privacy_figures
-from tasks.utility import Trainer, compare_arms
+from tasks.utility import compare_arms
+from tasks.utility_trainer import TrainerPool, UtilityTrainer, utility_workers
 from tasks.validate_features import features_shard, load_features, plan_features
 
 log = logging.getLogger(__name__)
@@ -202,34 +200,6 @@ def fidelity(
     return figures
 
 
-def utility_trainer(
-    splits: Splits,
-    steps: int,
-    evaluator_cfg: EvaluatorConfig,
-    policy: AugmentPolicy,
-    device: torch.device,
-    balanced: bool = False,
-) -> Trainer:
-    """The downstream classifier of every utility arm: the evaluator's architecture trained
-    for about `steps` optimizer steps whatever the size of its training set (so a larger set,
-    real + synthetic, does not win merely by training longer), best epoch on splits.val;
-    seed s gives the same initial weights and augmentation stream to every arm; `balanced`
-    draws every class equally often in every arm."""
-
-    def trainer(train: ImageTensors, seed: int, augment: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        steps_per_epoch = max(1, math.ceil(len(train) / evaluator_cfg.batch_size))
-        epochs = max(1, math.ceil(steps / steps_per_epoch))
-        net_cfg = evaluator_cfg.model_copy(update={"epochs": epochs, "seed": seed})
-        stream = torch.Generator().manual_seed(seed)
-        online = batch_augmenter(policy, stream) if augment else None
-        net, _ = train_net(net_cfg, replace(splits, train=train), device, online, balanced)
-        return predict(net, splits.val, net_cfg.batch_size), predict(
-            net, splits.test, net_cfg.batch_size
-        )
-
-    return trainer
-
-
 def utility(
     cfg: ValidateConfig,
     splits: Splits,
@@ -238,20 +208,24 @@ def utility(
     evaluator_cfg: EvaluatorConfig,
     policy: AugmentPolicy,
 ) -> dict:
-    """The paired-seed utility protocol of `tasks/utility.py` with `utility_trainer`."""
-    trainer = utility_trainer(
-        splits, cfg.utility_steps, evaluator_cfg, policy, device, cfg.utility_balanced
-    )
+    """The paired-seed utility protocol of `tasks/utility.py`, its classifiers trained by
+    `tasks/utility_trainer.py` (in worker processes where that pays)."""
+    trainer = UtilityTrainer.configured(cfg, evaluator_cfg, policy, splits, device)
     seeds = [cfg.seed + s for s in range(cfg.utility_seeds)]
-    return compare_arms(
-        splits.train,
-        accepted,
-        splits.val.labels,
-        splits.test.labels,
-        trainer,
-        seeds,
-        cfg.short_class_share,
-    )
+    trainings = 2 * len(seeds) + 2  # both main arms per seed, the other baseline, tstr
+    workers = utility_workers(cfg.utility_workers, trainer, trainings)
+    with TrainerPool(trainer, workers) as pool:
+        result = compare_arms(
+            splits.train,
+            accepted,
+            splits.val.labels,
+            splits.test.labels,
+            pool,
+            seeds,
+            cfg.short_class_share,
+        )
+    log.info("validate: %d utility classifiers in %d process(es)", trainings, workers)
+    return result
 
 
 def privacy(
