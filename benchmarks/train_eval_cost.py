@@ -96,14 +96,14 @@ def main() -> None:
         print(f"loop seconds, median of {args.repeats}: without {without:.1f}, with {with_:.1f}")
         print(f"ratio with / without: {with_ / without:.3f}")
         print(f"eval seconds / training seconds (with-arm): {statistics.median(eval_share):.3f}")
-        print(f"\ncurve (step, kid), every {args.eval_every} steps:")
+        print(f"\ncurve (step, score, kid, rejected), every {args.eval_every} steps:")
         for point in card["eval_curve"]:
-            print(f"  {point['step']:>6}  {point['kid']}")
-        print(f"best step {card['best_step']}, kid {card['best_score']}")
+            print(f"  {point['step']:>6}  {point['score']}  {point['kid']}  {point['rejected']}")
+        print(f"best step {card['best_step']}, score {card['best_score']}")
 
         replay = EarlyStopping(args.patience)
         for point in card["eval_curve"]:
-            score = point["kid"] if point["kid"] is not None else float("nan")
+            score = point["score"] if point["score"] is not None else float("nan")
             if replay.update(point["step"], score).stop:
                 break
         stop = replay.curve[-1][0] if replay.stopped else None

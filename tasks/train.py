@@ -9,7 +9,8 @@ inside the families; losses stay on the device and are fetched once per log inte
 
 Best checkpoint and early stopping: every train.eval_every steps and at the last step, the
 EMA (export) weights sample a fixed, seeded batch that is scored by KID against the real val
-split in the evaluator's feature space (tasks/train_eval.py: the code validate uses). The
+split in the evaluator's feature space plus the share of the batch validate would reject for
+its class (validate.min_confidence; tasks/train_eval.py: the code validate uses). The
 best-scoring weights (a CPU copy) are the output, not the last ones; after train.patience
 evaluations without improvement training stops (tasks/early_stopping.py decides). The card
 records best_step, best_score, the metric and the curve; eval.csv holds the curve. With
@@ -44,8 +45,8 @@ Outputs (train.output, replaced atomically as a whole by tasks/model_dir.py):
   model_card.json      family, steps, data version, per-class counts, losses, speed, sizes,
                        best_step, best_score, eval_metric, stopped_early, eval_curve,
                        model_version (a hash of weights.safetensors)
-Reports (train.reports): losses.csv (one row per step) and eval.csv (step, kid per
-evaluation), both for `dvc plots`; summary.json.
+Reports (train.reports): losses.csv (one row per step) and eval.csv (step, score, kid,
+rejected per evaluation), both for `dvc plots`; summary.json.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from synthloop.config import PARAMS_ENV, PARAMS_FILE, Params, TrainConfig
+from synthloop.config import PARAMS_ENV, PARAMS_FILE, Params, TrainConfig, ValidateConfig
 from synthloop.dataset import (
     atomic_file,
     remove_stale_temporaries,
@@ -84,6 +85,7 @@ from tasks.images import dataset_version, load_image_tensors, resolve_device, to
 from tasks.model_dir import write_model
 from tasks.train_eval import (
     METRIC,
+    PARTS,
     Evaluations,
     FixedBatchScorer,
     check_inputs,
@@ -95,6 +97,8 @@ from tasks.train_eval import (
 
 log = logging.getLogger(__name__)
 
+# validate.min_confidence's default, for callers without params (the stage passes its own)
+MIN_CONFIDENCE = ValidateConfig.model_fields["min_confidence"].default
 SUMMARY_KEYS = (  # reports/train/summary.json: the model card's numbers, for `dvc metrics`
     "family", "model_version", "steps", "final_losses", "images_per_second", "train_seconds",
     "wall_seconds", "resumed_from_step", "device", "world_size",
@@ -124,20 +128,27 @@ def draw_batch(
     return torch.multinomial(weights, size, replacement=True, generator=generator)
 
 
-def run_train(cfg: TrainConfig) -> dict:
+def run_train(cfg: TrainConfig, min_confidence: float = MIN_CONFIDENCE) -> dict:
     """Train `cfg.family` on `cfg.input`; write the model to `cfg.output`; return its card.
+    `min_confidence` is validate's acceptance line, which the evaluations score against.
     Inside torchrun, this process is one rank of a data-parallel run."""
     rank, world, device = init_distributed(resolve_device(cfg.device), cfg.distributed.backend)
     threads = torch.get_num_threads()  # train() sets its own for the CPU
     try:
-        return train(cfg, device, rank, world)
+        return train(cfg, device, rank, world, min_confidence)
     finally:
         torch.set_num_threads(threads)
         if world > 1:  # also on error, so the other ranks are not left waiting
             dist.destroy_process_group()
 
 
-def train(cfg: TrainConfig, device: torch.device, rank: int = 0, world: int = 1) -> dict:
+def train(
+    cfg: TrainConfig,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
+    min_confidence: float = MIN_CONFIDENCE,
+) -> dict:
     """The training run of one process: rank `rank` of `world` (0 of 1 without DDP)."""
     started = time.perf_counter()
     main = rank == 0  # only rank 0 logs and writes
@@ -181,10 +192,12 @@ def train(cfg: TrainConfig, device: torch.device, rank: int = 0, world: int = 1)
     if evaluating and main:  # the val features are computed once, here
         scorer = FixedBatchScorer(
             cfg.evaluator, cfg.val_data, len(classes), cfg.eval_per_class, cfg.seed, device,
-            cfg.batch_size,
+            cfg.batch_size, min_confidence,
         )  # fmt: skip
         scorer.check_images(channels, height)
-    eval_version = inputs_version(cfg.evaluator, cfg.val_data) if evaluating else None
+    eval_version = (
+        inputs_version(cfg.evaluator, cfg.val_data, min_confidence) if evaluating else None
+    )
     fingerprint = make_fingerprint(cfg, data_version, device, images.device, world, eval_version)
     ckpt_path = cfg.checkpoints / CHECKPOINT
     rows: list[dict[str, float]] = []  # one per step: {"step": s, loss name: value, ...}
@@ -260,7 +273,7 @@ def train(cfg: TrainConfig, device: torch.device, rank: int = 0, world: int = 1)
     stopping = evals.stopping
     if main:
         write_losses(cfg.reports / "losses.csv", rows)
-        write_curve(cfg.reports / "eval.csv", stopping.curve)
+        write_curve(cfg.reports / "eval.csv", evals.curve())
 
     # --- outputs -------------------------------------------------------------------------
     steps_run = steps_done - start
@@ -283,9 +296,9 @@ def train(cfg: TrainConfig, device: torch.device, rank: int = 0, world: int = 1)
         "final_losses": final,
         "best_step": stopping.best_step,  # the step of the output weights (None: the last)
         "best_score": figure(stopping.best_score),
-        "eval_metric": METRIC if evaluating else None,
+        "eval_metric": " + ".join(PARTS) if evaluating else None,
         "stopped_early": stopping.stopped,
-        "eval_curve": [{"step": s, METRIC: figure(v)} for s, v in stopping.curve],
+        "eval_curve": evals.curve(),
         "eval_seconds": round(evals.seconds, 2),
         "images_per_second": round(steps_done * global_batch / loop_seconds, 1),
         "train_seconds": round(train_seconds, 2),
@@ -392,4 +405,4 @@ def run_stage(params: Params) -> dict:
     on the same params file, whose processes run this again, inside."""
     if params.train.distributed.enabled and not inside_torchrun():
         return launch_torchrun(params.train, Path(os.environ.get(PARAMS_ENV, PARAMS_FILE)))
-    return run_train(params.train)
+    return run_train(params.train, params.validation.min_confidence)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from synthloop.config import EvaluatorConfig, TrainConfig
 from synthloop.dataset import IMAGE_SCHEMA, ShardWriter, content_id
 from tasks.evaluator import run_train_evaluator
+from tasks.generate import load_model
 from tasks.images import dataset_version, encode_rows
 from tasks.model_dir import model_version
 from tasks.train import run_train
@@ -135,13 +136,16 @@ def test_writes_model_card_config_weights_and_reports(tmp_path: Path, data: Path
     assert (cfg.checkpoints / "last.pt").is_file()
 
     # evaluated at steps 3 and 6; the output is the best of the two, as the curve says
-    assert card["eval_metric"] == "kid" and card["eval_seconds"] >= 0
-    curve = [(row["step"], row["kid"]) for row in card["eval_curve"]]
+    assert card["eval_metric"] == "kid + rejected" and card["eval_seconds"] >= 0
+    curve = [(row["step"], row["score"]) for row in card["eval_curve"]]
+    for row in card["eval_curve"]:  # the score is its parts summed; a share is a share
+        assert row["score"] == pytest.approx(row["kid"] + row["rejected"], abs=1e-7)
+        assert 0.0 <= row["rejected"] <= 1.0
     assert [step for step, _ in curve] == [3, 6] and all(np.isfinite(k) for _, k in curve)
     best = min(curve, key=lambda point: point[1])  # min keeps the first of a tie, as training
     assert (card["best_step"], card["best_score"]) == best
     with open(cfg.reports / "eval.csv") as fh:
-        on_csv = [(int(r["step"]), float(r["kid"])) for r in csv.DictReader(fh)]
+        on_csv = [(int(r["step"]), float(r["score"])) for r in csv.DictReader(fh)]
     assert on_csv == curve
     ckpt = torch.load(cfg.checkpoints / "last.pt", weights_only=True)
     assert ckpt["evaluations"]["stopping"]["best_step"] == card["best_step"]
@@ -252,20 +256,22 @@ def test_class_balance_draws_every_class_equally_often():
         assert short == pytest.approx(share_of_short, abs=0.02), balance
 
 
-# KID by the family's step: best at 4, then two evaluations without improvement
+# KID by the family's step (no rejected samples): best at 4, then two evaluations without
+# improvement
 SCRIPTED = {2: 3.0, 4: 1.0, 6: 2.0, 8: 1.0, 10: 0.5, 12: 0.1}
 
 
 @pytest.fixture
 def scripted_scores(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The scorer returns SCRIPTED[step]; the list records the steps it scored."""
+    """The scorer measures KID SCRIPTED[step], nothing rejected; the list records the steps
+    it scored."""
     scored: list[int] = []
 
-    def score(self: FixedBatchScorer, family) -> float:
+    def measure(self: FixedBatchScorer, family) -> dict[str, float]:
         scored.append(family.steps)
-        return SCRIPTED[family.steps]
+        return {"kid": SCRIPTED[family.steps], "rejected": 0.0}
 
-    monkeypatch.setattr(FixedBatchScorer, "score", score)
+    monkeypatch.setattr(FixedBatchScorer, "measure", measure)
     return scored
 
 
@@ -280,11 +286,13 @@ def test_the_output_is_the_best_evaluation_and_patience_stops_training(
     assert "early stop at step 8" in caplog.text
     assert (card["steps"], card["best_step"], card["best_score"]) == (8, 4, 1.0)
     assert card["stopped_early"] is True
-    assert card["eval_curve"] == [{"step": s, "kid": SCRIPTED[s]} for s in (2, 4, 6, 8)]
+    assert card["eval_curve"] == [
+        {"step": s, "score": SCRIPTED[s], "kid": SCRIPTED[s], "rejected": 0.0} for s in (2, 4, 6, 8)
+    ]
     with open(cfg.reports / "losses.csv") as fh:
         assert [int(r["step"]) for r in csv.DictReader(fh)] == list(range(1, 9))
     assert (cfg.reports / "eval.csv").read_text().splitlines() == [
-        "step,kid", "2,3", "4,1", "6,2", "8,1",
+        "step,score,kid,rejected", "2,3,3,0", "4,1,1,0", "6,2,2,0", "8,1,1,0",
     ]  # fmt: skip
     summary = json.loads((cfg.reports / "summary.json").read_text())
     assert (summary["best_step"], summary["stopped_early"], summary["steps"]) == (4, True, 8)
@@ -334,4 +342,28 @@ def test_a_missing_evaluator_is_refused_unless_evaluation_is_off(tmp_path: Path)
     cfg = tiny_cfg(tmp_path, data, steps=2, eval_every=0)
     card = run_train(cfg)
     assert (card["best_step"], card["eval_curve"], card["stopped_early"]) == (None, [], False)
-    assert (cfg.reports / "eval.csv").read_text().splitlines() == ["step,kid"]
+    assert (cfg.reports / "eval.csv").read_text().splitlines() == ["step,score,kid,rejected"]
+
+
+def test_the_score_counts_the_samples_validate_would_reject_for_their_class(
+    tmp_path: Path, data: Path
+) -> None:
+    """The rejected share follows the acceptance line: none under a line of 0, all over a
+    line no probability reaches, and in between the share the evaluator itself gives."""
+    cfg = tiny_cfg(tmp_path, data, steps=3, eval_every=0)
+    run_train(cfg)
+    family = load_model(cfg.output, torch.device("cpu")).family
+
+    def scorer(line: float) -> FixedBatchScorer:
+        return FixedBatchScorer(
+            cfg.evaluator, cfg.val_data, len(CLASSES), 8, 0, torch.device("cpu"), 16, line
+        )
+
+    assert scorer(0.0).measure(family)["rejected"] == 0.0
+    assert scorer(1.5).measure(family)["rejected"] == 1.0
+    half = scorer(0.5)
+    images = half.samples(family)
+    intended = half.evaluator.probabilities(images)[torch.arange(len(images)), half.labels]
+    parts = half.measure(family)
+    assert parts["rejected"] == pytest.approx(float((intended < 0.5).float().mean()))
+    assert parts["kid"] == scorer(0.0).measure(family)["kid"]  # the line moves only its part
