@@ -552,8 +552,9 @@ def confirmed_pairs(
     (`relative_difference`).
 
     `hashes` and `thumbs` are per row of the dataset; `rows` picks and orders the rows
-    compared. `thumbs` may be a memory map: only candidates' rows are read, a block of
-    pairs at a time.
+    compared. `thumbs` may be anything with a `shape` that an index array of rows gives an
+    array of (a memory map, tasks/clean/merge.py's `RowReader`): only candidates' rows are
+    read, a block of pairs at a time.
     """
     pairs = near_duplicate_pairs(hashes[rows], max_distance)
     confirmed = [np.empty((0, 2), dtype=np.int64)]

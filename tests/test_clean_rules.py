@@ -209,3 +209,19 @@ def test_a_short_class_keeps_its_minimum_test_set():
     assert (count["short", "test"], count["short", "val"], count["short", "train"]) == (36, 5, 10)
     # A class too small for the minimum still keeps 2 rows to train on.
     assert SplitConfig(test_min_per_class=36).counts(10) == (1, 7)
+
+
+def test_row_file_reads_back_the_rows_asked_for(tmp_path):
+    from tasks.clean.merge import RowFile
+
+    rows = np.random.default_rng(0).integers(0, 256, (1000, 5), dtype=np.uint8)
+    with RowFile(5) as row_file:
+        row_file.open(tmp_path / "rows.u8")
+        row_file.write(rows[:400])
+        row_file.write(rows[400:])
+        reader = row_file.read()
+        assert reader.shape == (1000, 5)
+        # Unsorted, repeated, runs and gaps, empty, two-dimensional: as numpy indexes.
+        for index in ([3, 2, 2, 999, 0, 1, 500], [], list(range(1000)), [[1, 2], [3, 999]]):
+            index = np.array(index, dtype=np.int64)
+            np.testing.assert_array_equal(reader[index], rows[index])

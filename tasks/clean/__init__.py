@@ -33,7 +33,8 @@ The package, in the order a row goes through it (each module states its own cont
   hashing.py  pixel hashes, dHashes and thumbnails: what duplicates are compared by
   splits.py   the seeded, stratified train/val/test assignment
   decode.py   pass 1 on a batch of rows: rules, conversion, staging, numbers
-  workers.py  the decode worker processes, and the Great Expectations import beside them
+  workers.py  the decode worker processes, the Great Expectations import beside them, and
+              the Arrow allocator clean's processes use
   stage.py    the sharded stage (plan, one shard's pass 1, a run's shared pool): `SHARDING`,
               `run_stage(params)` (what tasks/stages.py runs) and `run_clean(cfg)`
   merge.py    the merge, in named steps: gather, decide, route, conclude

@@ -11,6 +11,8 @@ shard decodes in the thread that runs it. A run of the stage in this process
 (`run_stage`, `run_clean`) is a `StageRun`: its shards, computed one after another in the
 main thread, share one pool of decode workers, and the Great Expectations import runs
 beside them; both are the run's own attributes, handed to its merge, never module state.
+Both entry points allocate Arrow buffers from the system allocator while they run
+(`workers.system_arrow_memory`: less resident memory than pyarrow's default).
 """
 
 from __future__ import annotations
@@ -31,7 +33,12 @@ from synthloop.dataset import QUARANTINE_SCHEMA, shard_paths, write_table
 from synthloop.sharding import Shard, StageSpec, chunks, digest, run_inline, run_uncached
 from tasks.clean.decode import BATCH_ROWS, NUMBERS, empty_numbers
 from tasks.clean.merge import merge_clean
-from tasks.clean.workers import DecodePool, decode_workers, start_gx_import
+from tasks.clean.workers import (
+    DecodePool,
+    decode_workers,
+    start_gx_import,
+    system_arrow_memory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -163,9 +170,11 @@ class StageRun:
 
 def run_clean(cfg: CleanConfig, validate: bool = True) -> dict:
     """Clean `cfg.input` into `cfg.output/{train,val,test}`; returns the report it writes."""
-    return run_uncached(StageRun(validate).spec(), cfg)
+    with system_arrow_memory():
+        return run_uncached(StageRun(validate).spec(), cfg)
 
 
 def run_stage(params: Params) -> dict:
     """The DVC stage: reuse the shards the flow computed beforehand, compute the rest."""
-    return run_inline(StageRun().spec(), params)
+    with system_arrow_memory():
+        return run_inline(StageRun().spec(), params)

@@ -7,10 +7,16 @@ flight). The pool is an object its owner passes around (tasks/clean/stage.py's `
 nothing here is module state. Leaving its `with` block waits for the workers to exit; on an
 error it cancels what is queued and waits for what runs, so no worker outlives the stage.
 `start_gx_import` returns its thread; whoever validates joins it first.
+
+Arrow memory: clean's processes allocate Arrow buffers from the system allocator
+(`system_arrow_memory`, and each worker from its start): pyarrow's default, mimalloc, kept
+~40 MiB more resident per process for the same batches (16x16 PNGs, 4096-row batches), and
+more in the merge's process (100,000 rows: 478 -> 379 MiB peak), at no cost in time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -74,7 +80,7 @@ class DecodePool:
             self._pool = ProcessPoolExecutor(
                 workers,
                 mp_context=multiprocessing.get_context("spawn"),
-                initializer=_ignore_sigint,
+                initializer=_init_worker,
             )
 
     def stage(
@@ -127,9 +133,23 @@ def _compact(batch: pa.RecordBatch) -> pa.RecordBatch:
     )
 
 
-def _ignore_sigint() -> None:
-    """Workers leave Ctrl-C to the parent, which stops the pool and cleans up."""
+def _init_worker() -> None:
+    """Workers leave Ctrl-C to the parent, which stops the pool and cleans up; they
+    allocate Arrow buffers as the stage's own process does (`system_arrow_memory`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    pa.set_memory_pool(pa.system_memory_pool())
+
+
+@contextlib.contextmanager
+def system_arrow_memory() -> Iterator[None]:
+    """Arrow buffers allocated within come from the system allocator (the previous default
+    pool is restored on leaving; a buffer is freed to the pool it came from)."""
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(previous)
 
 
 def start_gx_import() -> threading.Thread:
