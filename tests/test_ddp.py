@@ -54,7 +54,9 @@ def test_train_stage_launches_torchrun_only_outside_it(
     params = parse_params(raw, root=tmp_path, check_paths=False)
     calls: list[str] = []
     monkeypatch.setattr(train, "launch_torchrun", lambda cfg, path: calls.append(str(path)))
-    monkeypatch.setattr(train, "run_train", lambda cfg: calls.append("run_train"))
+    monkeypatch.setattr(  # with validate's acceptance line, which its evaluations use
+        train, "run_train", lambda cfg, line: calls.append(f"run_train {line}")
+    )
     monkeypatch.setenv(PARAMS_ENV, "/p/params.yaml")
     for var in ("WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
@@ -65,7 +67,8 @@ def test_train_stage_launches_torchrun_only_outside_it(
     monkeypatch.delenv("WORLD_SIZE")
     one_process = params.train.model_copy(update={"distributed": DistributedConfig()})
     train.run_stage(params.model_copy(update={"train": one_process}))
-    assert calls == ["/p/params.yaml", "run_train", "run_train"]
+    line = params.validation.min_confidence
+    assert calls == ["/p/params.yaml", f"run_train {line}", f"run_train {line}"]
 
 
 def test_a_failed_torchrun_names_the_stage_and_its_exit_code(
