@@ -36,9 +36,9 @@ from tasks.online_augment import batch_augmenter
 Predictions = tuple[torch.Tensor, torch.Tensor]  # (val, test) predicted label indices
 
 # A worker is a fresh interpreter importing torch and this package (about 3-5 s of CPU on
-# a shared core). Below this many training images per classifier (steps x batch size:
-# ~10 s of one core on 8x8 images) starting one costs more than it saves; tests' short
-# trainings stay in this process.
+# a shared core). Below this many training images per classifier (steps x batch size; the
+# default 200 x 128 took ~11 s of one core on 8x8 images) starting one costs more than it
+# saves; tests' short trainings stay in this process.
 POOL_MIN_IMAGES = 12_800
 
 

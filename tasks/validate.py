@@ -13,7 +13,8 @@ real clean data only, `tasks/evaluator.py`):
 - utility (`tasks/utility.py`): a downstream classifier trained on the real train split
   with the augment policy on the fly, alone vs plus the accepted synthetic rows, over paired
   seeds, scored on the real test split: the mean gain with a 95% interval, overall, per
-  class and on the short classes;
+  class and on the short classes (the classifiers: tasks/utility_trainer.py, in worker
+  processes where that pays);
 - a Great Expectations suite on the synthetic rows.
 Per sample, an image is accepted when the evaluator gives its intended class at least
 `min_confidence`, it is not a near copy, it is not memorised (its nearest training image
