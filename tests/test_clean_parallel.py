@@ -7,6 +7,7 @@ import io
 import multiprocessing
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -61,8 +62,10 @@ def make_dirty_folder(root: Path, per_class: int = 60, seed: int = 3) -> Path:
 def set_in_clean(monkeypatch: pytest.MonkeyPatch, name: str, value: object) -> None:
     """Set `name` in every module of tasks/clean/ that has it (a constant is imported by
     the modules that read it, so the package's own copy alone would change nothing)."""
+    # A copy of sys.modules: clean's background Great Expectations import may still be
+    # adding modules while this runs.
     modules = [
-        m for n, m in sys.modules.items() if n.startswith("tasks.clean.") and hasattr(m, name)
+        m for n, m in list(sys.modules.items()) if n.startswith("tasks.clean.") and hasattr(m, name)
     ]
     assert modules, f"no tasks.clean module has {name}"
     for module in modules:
@@ -100,9 +103,15 @@ def test_worker_processes_write_the_same_bytes_as_one_process(tmp_path, monkeypa
     assert clean_module.decode_workers(params[2].clean, 200) == 2
     assert clean_module.decode_workers(params[1].clean, 200) == 1
     caplog.set_level("INFO", logger="tasks.clean")
+    gx_imports: list[int] = []
+    monkeypatch.setattr(
+        "tasks.clean.stage.start_gx_import",
+        lambda: gx_imports.append(1) or threading.Thread(target=lambda: None),
+    )
     reports = {w: run_clean(p.clean, validate=False) for w, p in params.items()}
     used = [r.getMessage() for r in caplog.records if "pass 1 used" in r.getMessage()]
     assert used == ["clean: pass 1 used 1 process(es)", "clean: pass 1 used 2 process(es)"]
+    assert gx_imports == []  # no validation: no GX import left running in the background
 
     assert reports[1] == reports[2]
     assert set(reports[1]["quarantined"]) >= {

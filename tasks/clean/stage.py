@@ -148,7 +148,8 @@ class StageRun:
             return run_clean_shard(cfg, shard, out)
         if self.pool is None:
             self.pool = DecodePool(decode_workers(cfg, shard.work.total_rows))
-            if self.pool.workers > 1 and self.gx_import is None:
+            # only a run that validates imports GX: an unjoined import would outlive the run
+            if self.validate and self.pool.workers > 1 and self.gx_import is None:
                 self.gx_import = start_gx_import()
         try:
             return stage_shard(cfg, shard.work, out, self.pool)
