@@ -171,6 +171,11 @@ class Evaluator:
         """(N, C, H, W) uint8 -> (N, num_classes) softmax probabilities."""
         return self._batched(images, lambda x: self.net(x).softmax(1))
 
+    @torch.no_grad()
+    def probabilities_of_features(self, features: Tensor) -> Tensor:
+        """`probabilities` from `features`' output, without a second pass through the body."""
+        return self.net.head(features.to(self.device)).softmax(1).float().to(features.device)
+
     def feature_extractor(self) -> FeatureExtractor:
         """A module for torchmetrics' `feature=` argument, sharing this evaluator's weights."""
         return FeatureExtractor(self.net, self.channels, self.size)

@@ -18,7 +18,7 @@ last one (KID 0.129) drew 74-84% of them; for a class-conditional generator whos
 come for the short classes, the label is half of what is measured. Both parts are lower-is-
 better shares of the same batch, and each is kept in eval.csv and the card's curve.
 
-The metric is KID (lower is better). With ~150 val images and a few hundred samples, FID
+The KID part (lower is better): with ~150 val images and a few hundred samples, FID
 is biased upwards by an amount that depends on the sample sizes (its covariance estimates
 are noisy at n close to the feature dimension); KID's estimator is unbiased at any n, and
 its subsets are drawn from the same seed at every evaluation, so two evaluations differ
@@ -128,11 +128,10 @@ class FixedBatchScorer:
 
     def measure(self, family: Family) -> dict[str, float]:
         """Each of PARTS for the fixed batch."""
-        images = self.samples(family)
-        _, kid, _ = fid_kid_features(
-            self.val_features, self.evaluator.features(images), seed=self.seed
-        )
-        intended = self.evaluator.probabilities(images)[torch.arange(len(images)), self.labels]
+        features = self.evaluator.features(self.samples(family))
+        _, kid, _ = fid_kid_features(self.val_features, features, seed=self.seed)
+        probabilities = self.evaluator.probabilities_of_features(features)
+        intended = probabilities[torch.arange(len(features)), self.labels]
         return {"kid": kid, "rejected": float((intended < self.min_confidence).float().mean())}
 
 

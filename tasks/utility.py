@@ -101,13 +101,21 @@ def accuracy_of(
     return float((pred[mask] == labels[mask]).float().mean())
 
 
-def _run_now(trainer: Trainer) -> Callable[[ImageTensors, int, bool], Future[Predictions]]:
+def run_now(trainer: Trainer) -> Callable[[ImageTensors, int, bool], Future[Predictions]]:
+    """`trainer` as a `submit` that trains at once and returns the finished Future."""
+
     def submit(data: ImageTensors, seed: int, augment: bool) -> Future[Predictions]:
         done: Future[Predictions] = Future()
         done.set_result(trainer(data, seed, augment))
         return done
 
     return submit
+
+
+def trainings(seeds: int) -> int:
+    """Classifiers `compare_arms` trains: both main arms per seed (seed 0's baseline is one
+    of the two val candidates), the candidate not chosen, and tstr."""
+    return 2 * seeds + 2
 
 
 def compare_arms(
@@ -136,7 +144,7 @@ def compare_arms(
 
     # The trainings are submitted as soon as they are known, so a pool of workers
     # (tasks/utility_trainer.py) runs them side by side; a plain trainer runs each at once.
-    submit = getattr(trainer, "submit", None) or _run_now(trainer)
+    submit = getattr(trainer, "submit", None) or run_now(trainer)
     # The baseline, as a user picks it: with or without the augment policy, by val accuracy.
     first = {augment: submit(train, seeds[0], augment) for augment in (True, False)}
     # a classifier cannot train (BatchNorm) on a single image

@@ -32,8 +32,7 @@ from synthloop.threads import SMALL_IMAGE, usable_cpus
 from tasks.evaluator import Splits, predict, small_image_cpu_threads, train_net
 from tasks.images import ImageTensors
 from tasks.online_augment import batch_augmenter
-
-Predictions = tuple[torch.Tensor, torch.Tensor]  # (val, test) predicted label indices
+from tasks.utility import Predictions, run_now
 
 # A worker is a fresh interpreter importing torch and this package (about 3-5 s of CPU on
 # a shared core). Below this many training images per classifier (steps x batch size; the
@@ -124,7 +123,7 @@ class TrainerPool:
 
     def __init__(self, trainer: UtilityTrainer, workers: int) -> None:
         self.workers = workers
-        self._trainer = trainer
+        self._inline = run_now(trainer)
         self._pool: ProcessPoolExecutor | None = None
         if workers > 1:
             size = trainer.splits.train.images.shape[-1]
@@ -144,12 +143,7 @@ class TrainerPool:
     def submit(self, data: ImageTensors, seed: int, augment: bool) -> Future[Predictions]:
         if self._pool is not None:
             return self._pool.submit(_train_in_worker, data, seed, augment)
-        done: Future[Predictions] = Future()
-        done.set_result(self._trainer(data, seed, augment))
-        return done
-
-    def __call__(self, data: ImageTensors, seed: int, augment: bool) -> Predictions:
-        return self.submit(data, seed, augment).result()
+        return self._inline(data, seed, augment)
 
     def __enter__(self) -> TrainerPool:
         return self

@@ -81,7 +81,7 @@ from tasks.metrics import (
     round_figure as _round,
 )
 from tasks.privacy import PrivacySets, membership_auc_high, privacy_figures
-from tasks.utility import compare_arms
+from tasks.utility import compare_arms, trainings
 from tasks.utility_trainer import TrainerPool, UtilityTrainer, utility_workers
 from tasks.validate_features import features_shard, load_features, plan_features
 
@@ -213,8 +213,7 @@ def utility(
     `tasks/utility_trainer.py` (in worker processes where that pays)."""
     trainer = UtilityTrainer.configured(cfg, evaluator_cfg, policy, splits, device)
     seeds = [cfg.seed + s for s in range(cfg.utility_seeds)]
-    trainings = 2 * len(seeds) + 2  # both main arms per seed, the other baseline, tstr
-    workers = utility_workers(cfg.utility_workers, trainer, trainings)
+    workers = utility_workers(cfg.utility_workers, trainer, trainings(len(seeds)))
     with TrainerPool(trainer, workers) as pool:
         result = compare_arms(
             splits.train,
@@ -225,7 +224,7 @@ def utility(
             seeds,
             cfg.short_class_share,
         )
-    log.info("validate: %d utility classifiers in %d process(es)", trainings, workers)
+    log.info("validate: %d utility classifiers in %d process(es)", trainings(len(seeds)), workers)
     return result
 
 

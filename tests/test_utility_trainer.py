@@ -55,7 +55,7 @@ def test_a_worker_process_predicts_exactly_what_this_process_does():
 def test_the_pool_of_one_runs_in_this_process_and_raises_here():
     t = trainer()
     with TrainerPool(t, workers=1) as pool:
-        val, test = pool(t.splits.train, 0, False)
+        val, test = pool.submit(t.splits.train, 0, False).result()
         assert val.shape == (12,) and test.shape == (15,)
         one = dataset([1, 0, 0], "x", 5)
         with pytest.raises(ValueError, match="at least 2 training images"):
