@@ -2,10 +2,16 @@
 
 Three real GX validations run on three real pandas batches:
 
-* ``rows``    - the row table itself (schema, nulls, label/split sets, image shape, unique ids);
+* ``rows``    - the row table itself (schema, nulls, label/split sets, image shape, unique ids),
+  as one frame or as a stream of frames, each validated as its own batch of the one suite
+  (memory stays one frame's, whatever the dataset's size; the caller keeps each id in one
+  frame, so uniqueness within each is uniqueness over all);
 * ``splits``  - a one-row-per-split summary (count, fraction, target, abs_error); the fraction
   check is a *warning* (non-critical) because GX has no built-in for shares on the row table;
 * ``classes`` - a one-row-per-known-label summary (label, count; absent labels count 0).
+
+The summaries count the rows as the ``rows`` batches pass. A batched suite's result is one per
+expectation: it succeeds when every batch does, its counts are the batches' sums.
 
 Every expectation carries ``meta={"critical": bool}``. :func:`validate_clean_dataset` never
 raises on failed expectations; :func:`raise_on_critical` turns critical failures into an error.
@@ -19,6 +25,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +58,9 @@ def _import_gx():
     return gx
 
 
-def _split_summary(rows: pd.DataFrame, split_fractions: dict[str, float]) -> pd.DataFrame:
-    counts = rows["split"].value_counts() if "split" in rows else pd.Series(dtype="int64")
-    names = list(split_fractions) + [s for s in counts.index if s not in split_fractions]
-    total = len(rows)
+def _split_summary(counts: Counter, split_fractions: dict[str, float]) -> pd.DataFrame:
+    names = list(split_fractions) + [s for s in counts if s not in split_fractions]
+    total = sum(counts.values())
     out = pd.DataFrame({"split": [str(s) for s in names]})
     out["count"] = [int(counts.get(s, 0)) for s in names]
     out["fraction"] = out["count"] / total if total else 0.0
@@ -62,8 +69,7 @@ def _split_summary(rows: pd.DataFrame, split_fractions: dict[str, float]) -> pd.
     return out
 
 
-def _class_summary(rows: pd.DataFrame, known_labels: list[str]) -> pd.DataFrame:
-    counts = rows["label"].value_counts() if "label" in rows else pd.Series(dtype="int64")
+def _class_summary(counts: Counter, known_labels: list[str]) -> pd.DataFrame:
     return pd.DataFrame(
         {"label": list(known_labels), "count": [int(counts.get(lb, 0)) for lb in known_labels]}
     )
@@ -102,16 +108,20 @@ def _suites(
 def _run_suite(
     context,
     name: str,
-    df: pd.DataFrame,
+    batches: Iterable[pd.DataFrame],
     expectations: list[tuple[Any, bool]],
     key: str | None,
     dataset: str = "clean_dataset",
-):
-    """Validate ``df`` against ``expectations`` as one GX ValidationDefinition run.
+) -> list[list]:
+    """Validate each of ``batches`` against ``expectations``: one GX ValidationDefinition,
+    run once per batch (runs after the first are named ``batch-K``). Returns, per
+    expectation (in the order GX reports them), its result on each batch.
 
     ``key`` names the column that identifies a failing row in the result (summary batches).
     """
     gx = _import_gx()
+    from great_expectations.core.run_identifier import RunIdentifier
+
     batch_def = (
         context.data_sources.add_pandas(name=f"{name}_source")
         .add_dataframe_asset(name=name)
@@ -127,7 +137,15 @@ def _run_suite(
     result_format: dict[str, Any] = {"result_format": "SUMMARY"}
     if key:
         result_format["unexpected_index_column_names"] = [key]
-    return vd.run(batch_parameters={"dataframe": df}, result_format=result_format)
+    per_expectation: dict[str, list] = {}  # by the expectation's id in the suite
+    for k, df in enumerate(batches):
+        run_id = RunIdentifier(run_name=f"batch-{k + 1}") if k else None
+        result = vd.run(
+            batch_parameters={"dataframe": df}, result_format=result_format, run_id=run_id
+        )
+        for res in result.results:
+            per_expectation.setdefault(res.expectation_config.id, []).append(res)
+    return list(per_expectation.values())
 
 
 def _json_safe(value: Any) -> Any:
@@ -150,46 +168,57 @@ def _exception_message(info: dict) -> str | None:
     return None
 
 
-def _observed(res) -> Any:
-    error = _exception_message(res.exception_info or {})
-    if error is not None:
-        return {"exception": error}
-    out = {k: res.result[k] for k in _OBSERVED_KEYS if k in (res.result or {})}
+def _observed(results: list) -> Any:
+    """What one expectation saw over its batches: the failing batches' examples (at most
+    10), the counts summed over every batch."""
+    failing = [r for r in results if not r.success]
+    for res in failing:
+        error = _exception_message(res.exception_info or {})
+        if error is not None:
+            return {"exception": error}
+    first = failing[0].result or {}
+    out = {k: first[k] for k in _OBSERVED_KEYS if k in first}
     for k in ("partial_unexpected_list", "partial_unexpected_index_list"):
         if k in out:
-            out[k] = out[k][:10]
+            out[k] = [v for r in failing for v in (r.result or {}).get(k, [])][:10]
+    if "unexpected_count" in out:
+        for k in ("element_count", "unexpected_count", "missing_count"):
+            out[k] = sum((r.result or {}).get(k, 0) for r in results)
+        nonmissing = out["element_count"] - out.pop("missing_count")
+        out["unexpected_percent"] = 100 * out["unexpected_count"] / nonmissing if nonmissing else 0
     if not all(isinstance(i, dict) for i in out.get("partial_unexpected_index_list", [])):
         del out["partial_unexpected_index_list"]  # bare pandas index positions: noise
     return _json_safe(out)
 
 
-def _summarise(results: list, docs_index: Path) -> dict:
-    failed, evaluated = [], 0
-    for suite_result in results:
-        for res in suite_result.results:
-            evaluated += 1
-            if res.success:
-                continue
-            cfg = res.expectation_config
-            kwargs = {k: v for k, v in cfg.kwargs.items() if k not in ("batch_id", "result_format")}
-            failed.append(
-                {
-                    "expectation": cfg.type,
-                    "kwargs": _json_safe(kwargs),
-                    "critical": bool((cfg.meta or {}).get("critical", True)),
-                    "observed": _observed(res),
-                }
-            )
+def _summarise(results: list[list], docs_index: Path) -> dict:
+    failed = []
+    for batches in results:
+        if all(res.success for res in batches):
+            continue
+        cfg = batches[0].expectation_config
+        kwargs = {k: v for k, v in cfg.kwargs.items() if k not in ("batch_id", "result_format")}
+        failed.append(
+            {
+                "expectation": cfg.type,
+                "kwargs": _json_safe(kwargs),
+                "critical": bool((cfg.meta or {}).get("critical", True)),
+                "observed": _observed(batches),
+            }
+        )
     return {
         "success": not failed,
-        "evaluated": evaluated,
+        "evaluated": len(results),
         "failed": failed,
         "data_docs": str(docs_index),
     }
 
 
+Batches = pd.DataFrame | Iterable[pd.DataFrame] | Callable[[], pd.DataFrame]
+
+
 def run_suites(
-    frames: dict[str, pd.DataFrame],
+    frames: dict[str, Batches],
     suites: dict[str, list[tuple[Any, bool]]],
     keys: dict[str, str | None],
     docs_dir: Path,
@@ -197,8 +226,11 @@ def run_suites(
 ) -> dict:
     """Validate each named frame against its suite in one fresh GX context; build Data Docs.
 
-    Returns ``{"success", "evaluated", "failed": [...], "data_docs"}``; never raises on
-    failed expectations (see :func:`raise_on_critical`).
+    A frame may be a stream of frames (each validated as a batch of the suite) or a
+    function that makes it when its suite's turn comes (in ``suites``' order: a summary of
+    an earlier suite's stream). Returns ``{"success", "evaluated", "failed": [...],
+    "data_docs"}`` with one entry per expectation; never raises on failed expectations (see
+    :func:`raise_on_critical`).
     """
     gx = _import_gx()
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -219,15 +251,20 @@ def run_suites(
                 },
             },
         )
-        results = [
-            _run_suite(context, n, frames[n], suites[n], keys.get(n), dataset) for n in suites
-        ]
+        results = []
+        for name, suite in suites.items():
+            batches = frames[name]
+            if callable(batches):
+                batches = batches()
+            if isinstance(batches, pd.DataFrame):
+                batches = [batches]
+            results += _run_suite(context, name, batches, suite, keys.get(name), dataset)
         context.build_data_docs(site_names=[site])
     return _summarise(results, docs_dir / "index.html")
 
 
 def validate_clean_dataset(
-    rows: pd.DataFrame,
+    rows: pd.DataFrame | Iterable[pd.DataFrame],
     *,
     known_labels: list[str],
     height: int,
@@ -238,7 +275,10 @@ def validate_clean_dataset(
     min_class_count: int,
     docs_dir: Path,
 ) -> dict:
-    """Run the clean-dataset expectation suites and build GX Data Docs into ``docs_dir``."""
+    """Run the clean-dataset expectation suites and build GX Data Docs into ``docs_dir``.
+
+    ``rows`` is the row table, or a stream of frames that holds each id in one frame (each
+    frame is a batch of the rows suite; the summaries count them all)."""
     suites = _suites(
         known_labels=known_labels,
         height=height,
@@ -248,10 +288,20 @@ def validate_clean_dataset(
         split_tolerance=split_tolerance,
         min_class_count=min_class_count,
     )
-    frames = {
-        "rows": rows,
-        "splits": _split_summary(rows, split_fractions),
-        "classes": _class_summary(rows, known_labels),
+    splits: Counter = Counter()
+    labels: Counter = Counter()
+
+    def counted(frames: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for df in frames:
+            for column, counts in (("split", splits), ("label", labels)):
+                if column in df:
+                    counts.update(df[column].value_counts().to_dict())
+            yield df
+
+    frames: dict[str, Batches] = {
+        "rows": counted([rows] if isinstance(rows, pd.DataFrame) else rows),
+        "splits": lambda: _split_summary(splits, split_fractions),
+        "classes": lambda: _class_summary(labels, known_labels),
     }
     return run_suites(frames, suites, _KEYS, docs_dir, "clean_dataset")
 

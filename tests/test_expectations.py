@@ -159,3 +159,25 @@ def test_known_label_with_no_rows_counts_as_zero(tmp_path):
     assert item["label"] == "owl"
     with pytest.raises(CriticalExpectationFailed, match="owl"):
         raise_on_critical(result)
+
+
+def test_a_stream_of_frames_is_one_suite_with_the_whole_tables_result(tmp_path):
+    rows = make_rows(200)
+    rows.loc[11, "id"] = rows.loc[10, "id"]  # a duplicate within one frame below
+    rows.loc[[30, 170], "height"] = 16  # a wrong height in two frames
+    # min_class_count 40: each frame holds 12-13 of a class, the whole table 50
+    whole = run(rows, tmp_path / "whole", min_class_count=40)
+    frames = [rows.iloc[i : i + 50] for i in range(0, 200, 50)]
+    batched = run(iter(frames), tmp_path / "batched", min_class_count=40)
+    assert batched["evaluated"] == whole["evaluated"]
+    assert batched["failed"] == whole["failed"]
+    observed = {f["kwargs"]["column"]: f["observed"] for f in batched["failed"]}
+    assert set(observed) == {"id", "height"}
+    assert observed["height"]["element_count"] == 200
+    assert observed["height"]["unexpected_count"] == 2
+    assert observed["height"]["partial_unexpected_list"] == [16, 16]
+    assert observed["id"]["unexpected_count"] == 2
+    # the class counts are the whole stream's: one frame alone has too few of each class
+    short = run(iter(frames[:1]), tmp_path / "short", min_class_count=40)
+    assert ("expect_column_values_to_be_between", "count", True) in failed_types(short)
+    assert "batch-4" in "".join(p.name for p in (tmp_path / "batched").rglob("*"))

@@ -2,16 +2,18 @@
 
 import hashlib
 import os
+import shutil
 import struct
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 import tasks.clean as clean_module
 from synthloop.config import load_params, parse_params
-from synthloop.dataset import read_columns
+from synthloop.dataset import read_columns, shard_paths
 from tasks.clean import run_clean
 from tasks.ingest import run_ingest
 from tasks.sources import SourceError
@@ -274,3 +276,36 @@ def test_the_demo_is_long_tailed_as_documented(demo_run):
     n_val, n_test = params.clean.split.counts(source.short_keep)
     assert (source.short_keep - n_val - n_test, n_val, n_test) == (10, 5, 36)
     assert params.clean.split.counts(180) == (18, 36)  # a rich class: the fractions
+
+
+def test_the_kept_rows_are_validated_in_frames_grouped_by_id(demo_run, tmp_path, monkeypatch):
+    from tasks.clean import report as clean_report
+
+    params, report = demo_run
+    monkeypatch.setattr(clean_report, "EXPECTATION_ROWS", 64)
+    spill = tmp_path / "spill"
+    frames = list(clean_report.kept_batches(params.clean.output, spill))
+    assert not spill.exists()
+    assert len(frames) == -(-report["kept"] // 64)  # every frame has rows at this size
+    ids = [i for f in frames for i in f["id"]]
+    assert sorted(ids) == sorted(
+        i
+        for s in ("train", "val", "test")
+        for i in read_columns(params.clean.output / s, ["id"]).column("id").to_pylist()
+    )
+    assert max(len(f) for f in frames) < 2 * 64
+    # a copy of an id in another split's file lands in the same frame as the id
+    copy = tmp_path / "copy"
+    shutil.copytree(params.clean.output, copy)
+    first = pq.read_table(shard_paths(copy / "train")[0]).slice(0, 1)
+    pq.write_table(first, copy / "test" / "part-99999.parquet")
+    twice = first["id"][0].as_py()
+    holding = [f for f in clean_report.kept_batches(copy, spill) if twice in set(f["id"])]
+    assert len(holding) == 1 and (holding[0]["id"] == twice).sum() == 2
+    # the stage validates that way with the same result as in one frame
+    again = run_clean(params.clean)
+    assert again["expectations"]["evaluated"] == report["expectations"]["evaluated"]
+    assert again["expectations"]["success"] is True
+    assert {k: v for k, v in again.items() if k != "expectations"} == {
+        k: v for k, v in report.items() if k != "expectations"
+    }

@@ -15,7 +15,8 @@ them: staged rows as part-*.parquet, per-image rejections as quarantine.parquet,
 Everything lands in one `atomic_dir` of clean.output, so a failure part-way (a failed
 critical expectation included) leaves the previous clean data as it was. Memory stays a few
 numbers per kept row: ids and labels as compact arrays, thumbnails in a file read back by
-row (`RowReader`: only candidates' rows, none kept resident), the images streamed.
+row (`RowReader`: only candidates' rows, none kept resident), the images streamed, and the
+kept rows read back in streams for the report and the expectations (report.py).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ from synthloop.sharding import cached_result
 from tasks.clean.hashing import thumbnail_width
 from tasks.clean.report import (
     build_report,
-    kept_metadata,
+    kept_batches,
+    kept_counts,
     nothing_kept_message,
     raise_on_critical,
     sheet_pairs,
@@ -205,13 +207,14 @@ def conclude(
     """Step 4: the report (with the expectations' results when validating), the sheet and
     the quarantine, written; then raises if nothing was kept or a critical expectation
     failed (inside the merge's atomic_dir: the previous clean data stays)."""
-    kept = kept_metadata(out_dir)
+    kept = kept_counts(out_dir)
     report = build_report(cfg, gathered.ingested, kept, gathered.reasons, gathered.converted)
     nothing_kept = nothing_kept_message(
         gathered.ingested, gathered.reasons, gathered.quarantine, cfg
     )
     if validate and nothing_kept is None:
-        report["expectations"] = validate_kept(cfg, kept, decided.known_labels, gx_import)
+        batches = kept_batches(out_dir, out_dir / "_expectations")
+        report["expectations"] = validate_kept(cfg, batches, decided.known_labels, gx_import)
     write_sheet(cfg.near_duplicate_sheet, decided.sheet_pairs, images)
     report["near_duplicate_sheet"] = {
         "path": os.path.relpath(cfg.near_duplicate_sheet, cfg.report.parent),

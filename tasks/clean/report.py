@@ -5,25 +5,32 @@ kept.
 Contract: `build_report` checks its own arithmetic (every ingested row is kept or
 quarantined, once). The sheet shows the first clean.near_duplicate_sheet_pairs
 near-duplicates in the order of the removed rows' ids, each beside the kept image it
-matched. Great Expectations is imported only when validating (seconds): a caller that
-started the import in the background (`workers.start_gx_import`) hands its thread in.
+matched. The kept rows are read back from the split folders as streams, never as one frame:
+counted for the report (`kept_counts`) and validated in frames of at most EXPECTATION_ROWS
+rows (`kept_batches`), so memory does not grow with the dataset. Great Expectations is
+imported only when validating (seconds): a caller that started the import in the background
+(`workers.start_gx_import`) hands its thread in.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
+import shutil
 import threading
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
 from synthloop.config import CleanConfig
-from synthloop.dataset import atomic_file, read_columns
+from synthloop.dataset import atomic_file, shard_paths
 from tasks import near_duplicates
 from tasks.clean.rules import Rejection
 from tasks.clean.splits import SPLITS
@@ -32,39 +39,87 @@ if TYPE_CHECKING:
     import pandas as pd  # imported where used: decode workers never need it (~0.3 s each)
 
 
-def kept_metadata(out_dir: Path) -> pd.DataFrame:
-    """The kept rows' small columns, every split, as one frame."""
+# The most kept rows Great Expectations validates as one batch: its frame is what validation
+# holds in memory, whatever the dataset's size.
+EXPECTATION_ROWS = 100_000
+KEPT_COLUMNS = ["id", "label", "split", "source", "parent_id", "height", "width", "channels"]
+
+
+def kept_counts(out_dir: Path) -> Counter[tuple[str, str]]:
+    """(label, split) -> kept rows, counted from the split folders' rows (streamed)."""
+    counts: Counter[tuple[str, str]] = Counter()
+    for path in _kept_files(out_dir):
+        for batch in pq.ParquetFile(path).iter_batches(columns=["label", "split"]):
+            groups = pa.Table.from_batches([batch]).group_by(["label", "split"])
+            for row in groups.aggregate([([], "count_all")]).to_pylist():
+                counts[(row["label"], row["split"])] += row["count_all"]
+    return counts
+
+
+def kept_batches(out_dir: Path, spill: Path) -> Iterator[pd.DataFrame]:
+    """The kept rows' KEPT_COLUMNS, every split, as frames of about EXPECTATION_ROWS rows.
+
+    More kept rows than that are spread over ceil(rows / EXPECTATION_ROWS) frames by a hash
+    of the id (so each id, and every copy of it, is in one frame: uniqueness within each
+    frame is uniqueness over all), through one Parquet file per frame under `spill`, which
+    is removed once read."""
     import pandas as pd
 
-    columns = ["id", "label", "split", "source", "parent_id", "height", "width", "channels"]
-    tables = [read_columns(out_dir / s, columns) for s in SPLITS]
-    tables = [t for t in tables if t.num_rows]
-    if not tables:
-        return pd.DataFrame(columns=columns)
-    # One conversion of the concatenated table: the frame pd.concat of one frame per split
-    # gives, without holding both.
-    return pa.concat_tables(tables).to_pandas()
+    files = _kept_files(out_dir)
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
+    parts = max(1, math.ceil(rows / EXPECTATION_ROWS))
+    if parts == 1:
+        tables = [pq.read_table(p, columns=KEPT_COLUMNS) for p in files]
+        yield pa.concat_tables(tables).to_pandas() if tables else pd.DataFrame(columns=KEPT_COLUMNS)
+        return
+    spill.mkdir()
+    try:
+        paths = [spill / f"part-{k:05d}.parquet" for k in range(parts)]
+        writers: dict[int, pq.ParquetWriter] = {}
+        for path in files:
+            for batch in pq.ParquetFile(path).iter_batches(columns=KEPT_COLUMNS):
+                ids = batch.column("id").to_numpy(zero_copy_only=False)
+                part = pd.util.hash_array(ids, categorize=False) % parts
+                for k in np.unique(part).tolist():
+                    if k not in writers:
+                        writers[k] = pq.ParquetWriter(paths[k], batch.schema)
+                    writers[k].write_batch(batch.take(pa.array(np.flatnonzero(part == k))))
+        for writer in writers.values():
+            writer.close()
+        for k in sorted(writers):
+            frame = pq.read_table(paths[k]).to_pandas()
+            paths[k].unlink()
+            yield frame
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
+
+
+def _kept_files(out_dir: Path) -> list[Path]:
+    return [p for s in SPLITS for p in shard_paths(out_dir / s)]
 
 
 def build_report(
     cfg: CleanConfig,
     ingested: int,
-    kept: pd.DataFrame,
+    kept: Counter[tuple[str, str]],
     reasons: Counter[str],
     converted: Counter[str],
 ) -> dict:
-    per_class = {  # grouping the split column alone: no copy of the whole frame per class
-        str(label): {s: int((split == s).sum()) for s in SPLITS} | {"total": len(split)}
-        for label, split in kept.groupby("label", sort=True)["split"]
+    """reports/clean.json's content; `kept` counts the kept rows by (label, split)."""
+    labels = sorted({label for label, _ in kept})
+    per_class = {
+        str(label): {s: kept[(label, s)] for s in SPLITS}
+        | {"total": sum(kept[(label, s)] for s in SPLITS)}
+        for label in labels
     }
     quarantined = dict(sorted(reasons.items()))
     report = {
         "ingested": ingested,
-        "kept": len(kept),
+        "kept": sum(kept.values()),
         "quarantined": quarantined,
         "quarantined_total": sum(quarantined.values()),
         "per_class": per_class,
-        "per_split": {s: int((kept["split"] == s).sum()) for s in SPLITS},
+        "per_split": {s: sum(n for (_, split), n in kept.items() if split == s) for s in SPLITS},
         "converted": dict(converted),
         "image": {"height": cfg.image_size, "width": cfg.image_size, "channels": cfg.channels},
     }
@@ -95,12 +150,13 @@ def nothing_kept_message(
 
 def validate_kept(
     cfg: CleanConfig,
-    kept: pd.DataFrame,
+    kept: Iterable[pd.DataFrame],
     known_labels: list[str],
     gx_import: threading.Thread | None,
 ) -> dict:
-    """The expectations' results on the kept rows (Data Docs written to clean.data_docs,
-    their path made relative to the report's folder); raises nothing on a failed one."""
+    """The expectations' results on the kept rows (`kept_batches`; Data Docs written to
+    clean.data_docs, their path made relative to the report's folder); raises nothing on a
+    failed one."""
     if gx_import is not None:
         gx_import.join()
     from tasks.expectations import validate_clean_dataset
