@@ -55,7 +55,7 @@ from tasks.clean.report import (
 )
 from tasks.clean.route import route_staged, staged_batches, staged_files
 from tasks.clean.rules import Rejection, resolve_duplicates
-from tasks.clean.splits import assign_splits
+from tasks.clean.splits import split_codes
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class Decisions:
 
     keep: np.ndarray  # (n,) bool
     rejections: list[Rejection | None]  # why a row is not kept
-    splits: np.ndarray  # (n,) object: "train", "val" or "test" where kept
+    splits: np.ndarray  # (n,) int8: an index into SPLITS where kept, -1 where not
     known_labels: list[str]  # what the expectations accept
     sheet_pairs: np.ndarray  # (k, 2) positions (removed, kept) on the near-duplicate sheet
 
@@ -165,10 +165,10 @@ def decide(cfg: CleanConfig, gathered: Gathered, thumbnails: np.ndarray) -> Deci
         cfg.near_duplicate_difference,
         cfg.near_duplicate_contrast,
     )
-    splits = np.empty(len(ids), dtype=object)
-    splits[keep] = assign_splits(
-        ids[keep], labels[keep], cfg.split, cfg.seed, _take(numbers["split_keys"], np.uint64)[keep]
-    )
+    splits = np.full(len(ids), -1, dtype=np.int8)
+    keys = _take(numbers["split_keys"], np.uint64)
+    splits[keep] = split_codes(labels[keep], cfg.split, keys[keep])
+    del keys
     known = cfg.labels if cfg.labels is not None else sorted(set(labels[keep]))
     pairs = sheet_pairs(ids, rejections, cfg.near_duplicate_sheet_pairs)
     return Decisions(keep, rejections, splits, list(known), pairs)

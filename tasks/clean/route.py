@@ -1,10 +1,10 @@
 """Pass 2: stream the staged rows into `train/`, `val/` and `test/` by the merge's decisions.
 
 Contract: the staged rows are read in pass-1 order (shard by shard, file by file) and row i
-of that order is routed by `keep[i]` and `splits[i]`: a kept row is written, with its split,
-to out_dir/<split> by `ShardWriter` (as Arrow batches: no row becomes Python objects); a
-dropped row becomes a quarantine row with its rejection. Nothing is decoded: the PNG bytes
-staged in pass 1 are what lands in the dataset.
+of that order is routed by `keep[i]` and `splits[i]` (an index into SPLITS): a kept row is
+written, with its split, to out_dir/<split> by `ShardWriter` (as Arrow batches: no row
+becomes Python objects); a dropped row becomes a quarantine row with its rejection. Nothing
+is decoded: the PNG bytes staged in pass 1 are what lands in the dataset.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ def route_staged(
             images.update((int(r), column[int(r) - position].as_py()) for r in wanted[lo:hi])
         kept_here = keep[position : position + n]
         split_here = splits[position : position + n]
-        for split in SPLITS:
-            rows = np.flatnonzero(kept_here & (split_here == split))
+        for code, split in enumerate(SPLITS):
+            rows = np.flatnonzero(kept_here & (split_here == code))
             if len(rows):
                 part = batch.take(pa.array(rows))
                 split_column = pa.array([split] * len(rows), pa.string())

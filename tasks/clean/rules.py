@@ -167,9 +167,10 @@ def resolve_duplicates(
     keep = np.ones(n, dtype=bool)
     rejections: list[Rejection | None] = [None] * n
     # Only rows whose pixel hash repeats can be exact duplicates: group just those.
-    hashes = pixel_hashes.astype(np.uint64)
+    hashes = pixel_hashes.astype(np.uint64, copy=False)
     _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
     repeated = np.flatnonzero(counts[inverse.reshape(-1)] > 1)
+    del inverse, counts  # row-sized: not held through the near-duplicate search
     import pandas as pd  # here: decode workers import this module and never need pandas
 
     frame = pd.DataFrame(
@@ -188,8 +189,9 @@ def resolve_duplicates(
                 keep[r] = False
                 rejections[r] = Rejection("exact_duplicate", f"same pixels as {ids[rows[0]]}")
 
-    survivors = np.flatnonzero(keep)
-    survivors = survivors[np.argsort(ids[survivors], kind="stable")]
+    by_id = np.argsort(ids, kind="stable")  # not ids[survivors]: a copy of every id
+    survivors = by_id[keep[by_id]]
+    del by_id
     # Positions in `survivors`, which is id-ordered: a pair's first row ranks first.
     pairs = near_duplicates.confirmed_pairs(
         dhashes, thumbnails, survivors, max_distance, max_difference, max_contrast

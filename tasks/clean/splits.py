@@ -29,20 +29,24 @@ def assign_splits(
     labels: np.ndarray,
     split: SplitConfig,
     seed: int,
-    keys: np.ndarray | None = None,
 ) -> np.ndarray:
     """Deterministic stratified split: within each class, rows ordered by a seeded hash of
-    their id; the first share goes to val, the next to test (at least
-    `split.test_min_per_class`), the rest to train. `keys`, if given, is
-    `split_keys(ids, seed)` computed beforehand."""
-    if keys is None:
-        keys = split_keys(ids, seed)
-    splits = np.empty(len(ids), dtype=object)
+    their id (`split_keys`); the first share goes to val, the next to test (at least
+    `split.test_min_per_class`), the rest to train. (n,) object: a SPLITS name per row."""
+    codes = split_codes(labels, split, split_keys(ids, seed))
+    return np.array(SPLITS, dtype=object)[codes]
+
+
+def split_codes(labels: np.ndarray, split: SplitConfig, keys: np.ndarray) -> np.ndarray:
+    """`assign_splits` from the rows' `split_keys` computed beforehand: (n,) int8, an index
+    into SPLITS per row (a byte a row, where names would take eight)."""
+    codes = np.empty(len(labels), dtype=np.int8)
+    val, test, train = (SPLITS.index(s) for s in ("val", "test", "train"))
     for label in np.unique(labels):
         rows = np.flatnonzero(labels == label)
         rows = rows[np.argsort(keys[rows], kind="stable")]
         n_val, n_test = split.counts(len(rows))
-        splits[rows[:n_val]] = "val"
-        splits[rows[n_val : n_val + n_test]] = "test"
-        splits[rows[n_val + n_test :]] = "train"
-    return splits
+        codes[rows[:n_val]] = val
+        codes[rows[n_val : n_val + n_test]] = test
+        codes[rows[n_val + n_test :]] = train
+    return codes
