@@ -14,8 +14,10 @@ them: staged rows as part-*.parquet, per-image rejections as quarantine.parquet,
 
 Everything lands in one `atomic_dir` of clean.output, so a failure part-way (a failed
 critical expectation included) leaves the previous clean data as it was. Memory stays a few
-numbers per kept row: ids and labels as compact arrays, thumbnails in a file read back by
-row (`RowReader`: only candidates' rows, none kept resident), the images streamed, and the
+numbers per kept row: ids as their ranks (`id_ranks`: every ordering decision is made on
+them; the few id strings the rejections' details name are read back from the staged files,
+`read_ids`), labels as a compact array, thumbnails in a file read back by row
+(`RowReader`: only candidates' rows, none kept resident), the images streamed, and the
 kept rows read back in streams for the report and the expectations (report.py).
 """
 
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from synthloop.config import CleanConfig, ConfigError
@@ -69,8 +72,9 @@ class Gathered:
     quarantine: list[dict] = field(default_factory=list)
     reasons: Counter[str] = field(default_factory=Counter)
     converted: Counter[str] = field(default_factory=Counter)
-    # An id as a numpy StringDType string: about half of a Python str in a list.
-    ids: list[np.ndarray] = field(default_factory=list)  # (m,) StringDType
+    ids: list[pa.ChunkedArray] = field(default_factory=list)  # (m,) strings, until ranked
+    # The staged files, in pass-1 order, with their row counts: where `read_ids` reads.
+    files: list[tuple[Path, int]] = field(default_factory=list)
     labels: list[np.ndarray] = field(default_factory=list)  # (m,) object, a str per label
     numbers: dict[str, list[np.ndarray]] = field(  # (m,) uint64 each
         default_factory=lambda: {"split_keys": [], "pixel_hashes": [], "dhashes": []}
@@ -136,10 +140,11 @@ def gather(folders: list[Path], thumbnails: RowFile) -> Gathered:
             continue
         gathered.converted["resized"] += summary["resized"]
         gathered.converted["channels_converted"] += summary["channels_converted"]
-        kept = pa.concat_tables(
-            pq.read_table(p, columns=["id", "label"]) for p in staged_files(folder)
-        )
-        gathered.ids.append(np.array(kept["id"].to_pylist(), dtype=np.dtypes.StringDType()))
+        parts = [(p, pq.read_table(p, columns=["id", "label"])) for p in staged_files(folder)]
+        gathered.files.extend((p, part.num_rows) for p, part in parts)
+        kept = pa.concat_tables(part for _, part in parts)
+        del parts
+        gathered.ids.append(kept["id"])
         label = kept["label"].combine_chunks().dictionary_encode()
         names = np.array(label.dictionary.to_pylist(), dtype=object)
         gathered.labels.append(names[label.indices.to_numpy()])
@@ -151,12 +156,17 @@ def gather(folders: list[Path], thumbnails: RowFile) -> Gathered:
 
 def decide(cfg: CleanConfig, gathered: Gathered, thumbnails: np.ndarray) -> Decisions:
     """Step 2: the whole-dataset rules on the gathered numbers (which it consumes: each is
-    held once, joined); ids and labels are dropped on return, pass 2 reads them back."""
-    ids = _take(gathered.ids, np.dtypes.StringDType())
+    held once, joined); ids and labels are dropped on return, pass 2 reads them back.
+
+    The rules order rows by the ids' ranks, not the id strings (the same decisions, with
+    no string array sorted or copied); the ids the rejections' details name are read back
+    from the staged files."""
+    ranks = id_ranks(gathered.ids)
+    gathered.ids.clear()
     labels = _take(gathered.labels, object)
     numbers = gathered.numbers
     keep, rejections = resolve_duplicates(
-        ids,
+        ranks,
         labels,
         _take(numbers["pixel_hashes"], np.uint64),
         _take(numbers["dhashes"], np.uint64),
@@ -164,13 +174,14 @@ def decide(cfg: CleanConfig, gathered: Gathered, thumbnails: np.ndarray) -> Deci
         cfg.near_duplicate_distance,
         cfg.near_duplicate_difference,
         cfg.near_duplicate_contrast,
+        names=lambda rows: read_ids(gathered.files, rows),
     )
-    splits = np.full(len(ids), -1, dtype=np.int8)
+    splits = np.full(len(ranks), -1, dtype=np.int8)
     keys = _take(numbers["split_keys"], np.uint64)
     splits[keep] = split_codes(labels[keep], cfg.split, keys[keep])
     del keys
     known = cfg.labels if cfg.labels is not None else sorted(set(labels[keep]))
-    pairs = sheet_pairs(ids, rejections, cfg.near_duplicate_sheet_pairs)
+    pairs = sheet_pairs(ranks, rejections, cfg.near_duplicate_sheet_pairs)
     return Decisions(keep, rejections, splits, list(known), pairs)
 
 
@@ -227,6 +238,34 @@ def conclude(
     if validate:
         raise_on_critical(report["expectations"])
     return report
+
+
+def id_ranks(ids: list[pa.ChunkedArray]) -> np.ndarray:
+    """(n,) int64: each id's dense rank among all of `ids` (joined in order): equal ids
+    share a rank, and ranks order as the ids do (by code point, as Python's str, numpy and
+    pandas compare them). Arrow ranks the compact string columns as read, so no string
+    array is built, copied or sorted here."""
+    if not ids:
+        return np.empty((0,), dtype=np.int64)
+    chunks = pa.chunked_array([c for part in ids for c in part.chunks], type=ids[0].type)
+    return pc.rank(chunks, sort_keys="ascending", tiebreaker="dense").to_numpy().astype(np.int64)
+
+
+def read_ids(files: list[tuple[Path, int]], rows: np.ndarray) -> list[str]:
+    """The ids at pass-1 positions `rows`, read back from the staged `files` ((path, row
+    count) in pass-1 order): only the id column of the files that hold one of them."""
+    rows = np.asarray(rows, dtype=np.int64)
+    starts = np.cumsum([0] + [count for _, count in files])
+    out: list[str] = [""] * len(rows)
+    which = np.searchsorted(starts, rows, side="right") - 1
+    for f in np.unique(which).tolist():
+        at = np.flatnonzero(which == f)
+        column = pq.read_table(files[f][0], columns=["id"])["id"]
+        for k, value in zip(
+            at.tolist(), column.take(rows[at] - starts[f]).to_pylist(), strict=True
+        ):
+            out[k] = value
+    return out
 
 
 def _take(parts: list[np.ndarray], dtype) -> np.ndarray:

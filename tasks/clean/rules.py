@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -152,6 +153,7 @@ def resolve_duplicates(
     max_distance: int,
     max_difference: float,
     max_contrast: float,
+    names: Callable[[np.ndarray], list[str]] | None = None,
 ) -> tuple[np.ndarray, list[Rejection | None]]:
     """Decide which rows survive de-duplication.
 
@@ -160,15 +162,20 @@ def resolve_duplicates(
     (`near_duplicates.relative_difference`: relative to their own pixel std). A hash alone
     is too coarse: distinct 8x8 digits and distinct sparse drawings of one character often
     share a dHash.
-    Rows are ranked by id so the survivor of a group does not depend on file order.
+    Rows are ranked by id so the survivor of a group does not depend on file order. `ids`
+    may be the ids or anything that orders and groups rows as they do (their ranks); then
+    `names(rows)` gives the ids of those rows (default: `str(ids[row])`), called once, for
+    the keepers that the details name.
     Returns (keep mask, a Rejection or None per row); a dropped row's detail names its keeper.
     """
+    if names is None:
+        names = lambda rows: [str(ids[r]) for r in rows]  # noqa: E731
     n = len(ids)
     keep = np.ones(n, dtype=bool)
     rejections: list[Rejection | None] = [None] * n
     # Only rows whose pixel hash repeats can be exact duplicates: group just those.
     hashes = pixel_hashes.astype(np.uint64, copy=False)
-    _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
+    inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)[1:]
     repeated = np.flatnonzero(counts[inverse.reshape(-1)] > 1)
     del inverse, counts  # row-sized: not held through the near-duplicate search
     import pandas as pd  # here: decode workers import this module and never need pandas
@@ -177,6 +184,7 @@ def resolve_duplicates(
         {"id": ids[repeated], "label": labels[repeated], "h": hashes[repeated]}, index=repeated
     )
     frame = frame.sort_values("id", kind="stable")
+    copies: list[tuple[int, int]] = []  # (exact duplicate, its keeper)
     for _, group in frame.groupby("h", sort=False):
         rows = group.index.to_numpy()
         if group["label"].nunique() > 1:
@@ -187,7 +195,7 @@ def resolve_duplicates(
         else:
             for r in rows[1:]:
                 keep[r] = False
-                rejections[r] = Rejection("exact_duplicate", f"same pixels as {ids[rows[0]]}")
+                copies.append((int(r), int(rows[0])))
 
     by_id = np.argsort(ids, kind="stable")  # not ids[survivors]: a copy of every id
     survivors = by_id[keep[by_id]]
@@ -197,8 +205,13 @@ def resolve_duplicates(
         dhashes, thumbnails, survivors, max_distance, max_difference, max_contrast
     )
     dropped, keepers = near_duplicates.drop_order(pairs, len(survivors))
-    for j, i in zip(survivors[dropped].tolist(), survivors[keepers].tolist(), strict=True):
+    near = list(zip(survivors[dropped].tolist(), survivors[keepers].tolist(), strict=True))
+    named = np.unique(np.array([i for _, i in copies + near], dtype=np.int64))
+    name = dict(zip(named.tolist(), names(named), strict=True))
+    for j, i in copies:
+        rejections[j] = Rejection("exact_duplicate", f"same pixels as {name[i]}")
+    for j, i in near:
         keep[j] = False
-        detail = f"within {max_distance} dHash bits of {ids[i]}"
+        detail = f"within {max_distance} dHash bits of {name[i]}"
         rejections[j] = Rejection("near_duplicate", detail, keeper=i)
     return keep, rejections
