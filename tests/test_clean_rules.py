@@ -4,6 +4,8 @@ import io
 from itertools import combinations
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -225,3 +227,70 @@ def test_row_file_reads_back_the_rows_asked_for(tmp_path):
         for index in ([3, 2, 2, 999, 0, 1, 500], [], list(range(1000)), [[1, 2], [3, 999]]):
             index = np.array(index, dtype=np.int64)
             np.testing.assert_array_equal(reader[index], rows[index])
+
+
+def test_resolve_duplicates_on_id_ranks_decides_and_names_as_on_the_ids():
+    # The merge passes the ids' ranks and reads back only the ids the details name.
+    from tasks.clean.merge import id_ranks
+
+    img, other = noise(), noise(seed=9)
+    nudged = img.copy()
+    nudged[3, 3] = max(0, int(nudged[3, 3]) - 4)
+    ids = ["é9", "b2", "d5", "B3", "z0", "c4"]  # code point order: B3 < b2 < c4 < d5 < z0 < é9
+    labels = ["x", "x", "x", "x", "x", "y"]
+    images = [img, img, nudged, other, noise(seed=4), noise(seed=4)]
+    on_ids = resolve(ids, labels, images)
+    ranks = id_ranks([pa.chunked_array([ids[:2], ids[2:]])])
+    asked = []
+
+    def names(rows):
+        asked.extend(rows.tolist())
+        return [ids[r] for r in rows.tolist()]
+
+    on_ranks = resolve_duplicates(
+        ranks,
+        np.array(labels, dtype=object),
+        np.array([pixel_hash(p) for p in images], dtype=np.uint64),
+        np.array([dhash(p) for p in images], dtype=np.uint64),
+        np.stack([thumbnail(p, 8) for p in images]),
+        max_distance=4,
+        max_difference=CFG.near_duplicate_difference,
+        max_contrast=CFG.near_duplicate_contrast,
+        names=names,
+    )
+    assert on_ranks[0].tolist() == on_ids[0].tolist() == [False, True, False, True, False, False]
+    assert on_ranks[1] == on_ids[1]
+    assert [w.reason if w else None for w in on_ids[1]] == [
+        "exact_duplicate",
+        None,
+        "near_duplicate",
+        None,
+        "conflicting_labels",
+        "conflicting_labels",
+    ]
+    assert "b2" in on_ranks[1][0].detail and "b2" in on_ranks[1][2].detail
+    assert asked == [1]  # only the keeper both details name, once
+
+
+def test_id_ranks_share_equal_ids_and_order_as_sorted():
+    from tasks.clean.merge import id_ranks
+
+    parts = [["b", "a", "é", "b"], [], ["z", "A", "a", "aa"]]
+    ranks = id_ranks([pa.chunked_array([p], type=pa.string()) for p in parts])
+    ids = [i for p in parts for i in p]
+    assert ranks.dtype == np.int64
+    for (i, x), (j, y) in combinations(enumerate(ids), 2):
+        assert (ranks[i] < ranks[j]) == (x < y) and (ranks[i] == ranks[j]) == (x == y)
+    assert id_ranks([]).shape == (0,)
+
+
+def test_read_ids_reads_back_the_ids_at_pass1_positions(tmp_path):
+    from tasks.clean.merge import read_ids
+
+    files = []
+    for k, ids in enumerate((["p", "q", "r"], [], ["s"], ["t", "u"])):
+        path = tmp_path / f"part-{k}.parquet"
+        pq.write_table(pa.table({"id": pa.array(ids, type=pa.string())}), path)
+        files.append((path, len(ids)))
+    assert read_ids(files, np.array([5, 0, 3, 2, 4, 0])) == ["u", "p", "s", "r", "t", "p"]
+    assert read_ids(files, np.array([], dtype=np.int64)) == []
