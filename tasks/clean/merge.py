@@ -66,7 +66,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class Gathered:
     """The shards' pass-1 results, shard by shard: the counts, the quarantine so far and,
-    per kept row, what the whole-dataset rules need (a part per shard; `take` joins them)."""
+    per kept row, what the whole-dataset rules need (a part per shard; `_take` joins them,
+    `id_ranks` the ids)."""
 
     ingested: int = 0
     quarantine: list[dict] = field(default_factory=list)
