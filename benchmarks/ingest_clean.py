@@ -2,7 +2,7 @@
 
     python benchmarks/ingest_clean.py [--images 100000] [--size 16] [--classes 6]
                                       [--workdir DIR] [--repeats 1] [--skip-floor]
-                                      [--workers 0]
+                                      [--workers 0] [--flat-from N]
 
 A procedural image folder of N small PNGs (synthloop.procedural.make_image_folder) is made
 once under the work dir and reused by later runs with the same N/size/classes. Then, each
@@ -17,8 +17,10 @@ in its own fresh child process (so each phase's peak RSS is its own):
 and prints images/s per phase, the ratio (ingest + clean time) / (floor time) next to its
 goal (<= 2.0x), in wall time and in CPU time (clean's includes its worker processes), and
 each phase's peak RSS (VmHWM) next to its goal (< 1 GiB, flat in N), with clean's workers'
-own peak beside it. The floor is one process: with workers, clean may use more than one
-core where the floor uses one, which the CPU-time ratio shows.
+own peak beside it. With --flat-from N, ingest and clean first run once on N images, and
+the growth of their peaks from there to --images is printed, clean's process group beside
+its goal (< 10%). The floor is one process: with workers, clean may use more than one core
+where the floor uses one, which the CPU-time ratio shows.
 Generation time is printed apart and is in no figure. Figures only: nothing is asserted.
 """
 
@@ -52,6 +54,7 @@ from memory import peak_rss_mib  # noqa: E402 (benchmarks/memory.py, beside this
 PHASES = ("floor", "ingest", "clean")
 RATIO_GOAL = 2.0
 RSS_GOAL_MIB = 1024.0
+FLAT_GOAL = 0.10  # clean's peak may grow by less than this from --flat-from to --images
 RESULT_PREFIX = "BENCH-RESULT "
 
 
@@ -281,6 +284,14 @@ def spawn_phase(args: argparse.Namespace, phase: str) -> dict:
 # --- report ------------------------------------------------------------------------------
 
 
+def clean_total_mib(results: list[dict]) -> float:
+    """Clean's process group at its peak: the main process's peak plus each decode worker's
+    (the largest of the repeats)."""
+    workers = results[-1].get("workers", 1)
+    worker_rss = max(r["workers_peak_rss_mib"] for r in results) if workers > 1 else 0.0
+    return max(r["peak_rss_mib"] for r in results) + workers * worker_rss
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -333,20 +344,31 @@ def parent_main(args: argparse.Namespace) -> None:
 
     phases = [p for p in PHASES if not (args.skip_floor and p == "floor")]
     results: dict[str, list[dict]] = {p: [] for p in phases}
+    smaller: dict[str, list[dict]] = {p: [] for p in ("ingest", "clean")}
     # Stage outputs go to a folder of this run's own, so runs sharing a work dir (and its
     # cached datasets) do not clean up each other's temporaries; removed at the end.
     args.run = f"run/{os.getpid()}"
     try:
+        if args.flat_from:
+            small = argparse.Namespace(**{**vars(args), "images": args.flat_from})
+            small_folder, _ = ensure_dataset(args.workdir, args.flat_from, args.size, args.classes)
+            warm_page_cache(list_files(small_folder))
+            print(f"baseline for memory growth: {args.flat_from:,} images, once")
+            run_phases(small, list(smaller), smaller, repeats=1)
+            warm_page_cache(paths)
         run_phases(args, phases, results)
     finally:
         import shutil
 
         shutil.rmtree(args.workdir / args.run, ignore_errors=True)
-    report(args, command, paths, phases, results)
+    report(args, command, paths, phases, results, smaller if args.flat_from else None)
 
 
-def run_phases(args: argparse.Namespace, phases: list[str], results: dict) -> None:
-    for rep in range(args.repeats):
+def run_phases(
+    args: argparse.Namespace, phases: list[str], results: dict, repeats: int | None = None
+) -> None:
+    repeats = args.repeats if repeats is None else repeats
+    for rep in range(repeats):
         for phase in phases:
             r = spawn_phase(args, phase)
             results[phase].append(r)
@@ -357,7 +379,7 @@ def run_phases(args: argparse.Namespace, phases: list[str], results: dict) -> No
                     f"{r['workers_peak_rss_mib']:.0f} MiB)"
                 )
             print(
-                f"[{rep + 1}/{args.repeats}] {phase:<6} {r['seconds']:8.2f}s"
+                f"[{rep + 1}/{repeats}] {phase:<6} {r['seconds']:8.2f}s"
                 f"  {fmt_rate(r['images'], r['seconds']):>9} img/s"
                 f"  peak RSS {r['peak_rss_mib']:7.1f} MiB{extra}",
                 flush=True,
@@ -370,6 +392,7 @@ def report(
     paths: list[str],
     phases: list[str],
     results: dict[str, list[dict]],
+    smaller: dict[str, list[dict]] | None = None,
 ) -> None:
     sec = {p: median([r["seconds"] for r in results[p]]) for p in phases}
     cpu = {p: median([r["cpu"] for r in results[p]]) for p in phases}
@@ -420,8 +443,8 @@ def report(
                 "",
                 "",
                 "",
-                f"{rss['clean'] + workers * worker_rss:.0f}",
-                "yes" if rss["clean"] + workers * worker_rss < RSS_GOAL_MIB else "NO",
+                f"{clean_total_mib(results['clean']):.0f}",
+                "yes" if clean_total_mib(results["clean"]) < RSS_GOAL_MIB else "NO",
             )
         )
     both = sec["ingest"] + sec["clean"]
@@ -472,7 +495,22 @@ def report(
             )
     else:
         print("(ingest+clean) / floor: floor skipped (--skip-floor)")
-    print(f"peak RSS goal < {RSS_GOAL_MIB:.0f} MiB and flat in N: compare runs at two --images")
+    if smaller is None:
+        print(f"peak RSS goal < {RSS_GOAL_MIB:.0f} MiB; flat in N: add --flat-from N")
+    else:
+        for phase, label in (("clean", "clean, all processes"), ("ingest", "ingest")):
+            if phase == "clean":
+                before, after = clean_total_mib(smaller["clean"]), clean_total_mib(results["clean"])
+            else:
+                before = smaller[phase][-1]["peak_rss_mib"]
+                after = max(r["peak_rss_mib"] for r in results[phase])
+            growth = after / before - 1
+            goal = f"   goal < {FLAT_GOAL:.0%}: {'meets' if growth < FLAT_GOAL else 'MISSES'}"
+            print(
+                f"peak RSS growth, {label}: {before:.0f} MiB at {args.flat_from:,} images -> "
+                f"{after:.0f} MiB at {n['clean']:,}: {growth:+.1%}"
+                + (goal if phase == "clean" else " (no goal)")
+            )
     print()
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"machine: {os.cpu_count()} CPUs, load average {load} (1/5/15 min) at the end")
@@ -503,6 +541,13 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=0,
         help="clean.workers: decode processes (0: one per CPU core; 1: none)",
+    )
+    parser.add_argument(
+        "--flat-from",
+        type=int,
+        default=0,
+        help="also run ingest and clean once on this many images first, and print the peak "
+        "RSS growth from there to --images (goal: clean's < 10%%)",
     )
     parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     parser.add_argument("--run", default="run", help=argparse.SUPPRESS)

@@ -76,10 +76,22 @@ class Gathered:
     ids: list[pa.ChunkedArray] = field(default_factory=list)  # (m,) strings, until ranked
     # The staged files, in pass-1 order, with their row counts: where `read_ids` reads.
     files: list[tuple[Path, int]] = field(default_factory=list)
-    labels: list[np.ndarray] = field(default_factory=list)  # (m,) object, a str per label
+    labels: list[np.ndarray] = field(default_factory=list)  # (m,) int32: label_names codes
+    label_names: list[str] = field(default_factory=list)  # in the order first met
     numbers: dict[str, list[np.ndarray]] = field(  # (m,) uint64 each
         default_factory=lambda: {"split_keys": [], "pixel_hashes": [], "dhashes": []}
     )
+
+    def label_codes(self, labels: pa.ChunkedArray) -> np.ndarray:
+        """(m,) int32: each label's index in `label_names` (new names appended)."""
+        encoded = labels.combine_chunks().dictionary_encode()
+        known = {name: code for code, name in enumerate(self.label_names)}
+        for name in encoded.dictionary.to_pylist():
+            if name not in known:
+                known[name] = len(self.label_names)
+                self.label_names.append(name)
+        codes = np.array([known[n] for n in encoded.dictionary.to_pylist()], dtype=np.int32)
+        return codes[encoded.indices.to_numpy()]
 
     def add_quarantine(self, rows: list[dict]) -> None:
         for row in rows:
@@ -146,9 +158,7 @@ def gather(folders: list[Path], thumbnails: RowFile) -> Gathered:
         kept = pa.concat_tables(part for _, part in parts)
         del parts
         gathered.ids.append(kept["id"])
-        label = kept["label"].combine_chunks().dictionary_encode()
-        names = np.array(label.dictionary.to_pylist(), dtype=object)
-        gathered.labels.append(names[label.indices.to_numpy()])
+        gathered.labels.append(gathered.label_codes(kept["label"]))
         for name, parts in gathered.numbers.items():
             parts.append(np.load(folder / f"{name}.npy"))
         thumbnails.write(np.load(folder / "thumbnails.npy"))
@@ -164,7 +174,11 @@ def decide(cfg: CleanConfig, gathered: Gathered, thumbnails: np.ndarray) -> Deci
     from the staged files."""
     ranks = id_ranks(gathered.ids)
     gathered.ids.clear()
-    labels = _take(gathered.labels, object)
+    import pandas as pd  # here: decode workers import this package and never need pandas
+
+    codes = _take(gathered.labels, np.int32)
+    # The labels as pandas categories: a name where the rules print one, a code a row.
+    labels = pd.Categorical.from_codes(codes, categories=gathered.label_names)
     numbers = gathered.numbers
     keep, rejections = resolve_duplicates(
         ranks,
@@ -179,9 +193,11 @@ def decide(cfg: CleanConfig, gathered: Gathered, thumbnails: np.ndarray) -> Deci
     )
     splits = np.full(len(ranks), -1, dtype=np.int8)
     keys = _take(numbers["split_keys"], np.uint64)
-    splits[keep] = split_codes(labels[keep], cfg.split, keys[keep])
+    kept_codes = codes[keep]
+    splits[keep] = split_codes(kept_codes, cfg.split, keys[keep])
     del keys
-    known = cfg.labels if cfg.labels is not None else sorted(set(labels[keep]))
+    seen = [gathered.label_names[c] for c in np.unique(kept_codes)]
+    known = cfg.labels if cfg.labels is not None else sorted(seen)
     pairs = sheet_pairs(ranks, rejections, cfg.near_duplicate_sheet_pairs)
     return Decisions(keep, rejections, splits, list(known), pairs)
 
