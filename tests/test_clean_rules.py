@@ -294,3 +294,49 @@ def test_read_ids_reads_back_the_ids_at_pass1_positions(tmp_path):
         files.append((path, len(ids)))
     assert read_ids(files, np.array([5, 0, 3, 2, 4, 0])) == ["u", "p", "s", "r", "t", "p"]
     assert read_ids(files, np.array([], dtype=np.int64)) == []
+
+
+def test_the_quarantine_is_streamed_to_its_file_and_replaces_it_only_on_commit(
+    tmp_path, monkeypatch
+):
+    import hashlib
+
+    from synthloop.dataset import QUARANTINE_SCHEMA, write_table
+    from tasks.clean import quarantine as q
+
+    def row(i: int, reason: str) -> dict:
+        label = f"x{i % 3}"
+        return {"id": str(i), "source": "s", "path": f"/p/{i}", "label": label,
+                "reason": reason, "detail": None}  # fmt: skip
+
+    def digest(path):
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    rows = [row(i, "label_not_allowed" if i % 2 else "blank") for i in range(10)]
+    target = tmp_path / "quarantine.parquet"
+    with q.QuarantineSink(target) as sink:
+        sink.add(rows[:4])
+        sink.add(rows[4:])
+        sink.commit()
+    write_table(tmp_path / "whole.parquet", rows, QUARANTINE_SCHEMA)
+    assert digest(target) == digest(tmp_path / "whole.parquet")  # the same bytes
+    assert sink.reasons == {"label_not_allowed": 5, "blank": 5} and sink.total == 10
+    assert sink.not_allowed_labels == {"x0", "x1", "x2"}
+
+    # more rows than it holds: row groups as it goes, every row once, in order
+    monkeypatch.setattr(q, "QUARANTINE_ROWS", 3)
+    with q.QuarantineSink(target) as sink:
+        for r in rows:
+            sink.add([r])
+        assert sink._rows == [rows[9]]  # 9 written already
+        sink.commit()
+    assert pq.read_table(target).column("id").to_pylist() == [r["id"] for r in rows]
+    assert pq.ParquetFile(target).metadata.num_row_groups == 4
+
+    # a failure before the commit leaves the previous file and no temporary
+    before = digest(target)
+    with pytest.raises(RuntimeError), q.QuarantineSink(target) as sink:
+        sink.add(rows)
+        raise RuntimeError("merge failed")
+    assert digest(target) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["quarantine.parquet", "whole.parquet"]

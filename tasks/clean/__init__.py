@@ -39,6 +39,7 @@ The package, in the order a row goes through it (each module states its own cont
               `run_stage(params)` (what tasks/stages.py runs) and `run_clean(cfg)`
   merge.py    the merge, in named steps: gather, decide, route, conclude
   route.py    pass 2: the staged rows into the split folders
+  quarantine.py  the quarantine file, written as its rows come
   report.py   reports/clean.json, the near-duplicate sheet, the expectations
 
 Sizes (BATCH_ROWS, POOL_MIN_ROWS, ...) are not re-exported here: each is read where it is

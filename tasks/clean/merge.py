@@ -17,8 +17,9 @@ critical expectation included) leaves the previous clean data as it was. Memory 
 numbers per kept row: ids as their ranks (`id_ranks`: every ordering decision is made on
 them; the few id strings the rejections' details name are read back from the staged files,
 `read_ids`), labels as a compact array, thumbnails in a file read back by row
-(`RowReader`: only candidates' rows, none kept resident), the images streamed, and the
-kept rows read back in streams for the report and the expectations (report.py).
+(`RowReader`: only candidates' rows, none kept resident), the images streamed, the
+quarantine streamed to its file (quarantine.py), and the kept rows read back in streams for
+the report and the expectations (report.py).
 """
 
 from __future__ import annotations
@@ -38,14 +39,13 @@ import pyarrow.parquet as pq
 
 from synthloop.config import CleanConfig, ConfigError
 from synthloop.dataset import (
-    QUARANTINE_SCHEMA,
     atomic_dir,
     remove_stale_temporaries,
     write_json,
-    write_table,
 )
 from synthloop.sharding import cached_result
 from tasks.clean.hashing import thumbnail_width
+from tasks.clean.quarantine import QuarantineSink
 from tasks.clean.report import (
     build_report,
     kept_batches,
@@ -65,13 +65,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Gathered:
-    """The shards' pass-1 results, shard by shard: the counts, the quarantine so far and,
-    per kept row, what the whole-dataset rules need (a part per shard; `_take` joins them,
-    `id_ranks` the ids)."""
+    """The shards' pass-1 results, shard by shard: the counts, the quarantine (streamed to
+    its file as it comes) and, per kept row, what the whole-dataset rules need (a part per
+    shard; `_take` joins them, `id_ranks` the ids)."""
 
+    quarantine: QuarantineSink
     ingested: int = 0
-    quarantine: list[dict] = field(default_factory=list)
-    reasons: Counter[str] = field(default_factory=Counter)
     converted: Counter[str] = field(default_factory=Counter)
     ids: list[pa.ChunkedArray] = field(default_factory=list)  # (m,) strings, until ranked
     # The staged files, in pass-1 order, with their row counts: where `read_ids` reads.
@@ -92,11 +91,6 @@ class Gathered:
                 self.label_names.append(name)
         codes = np.array([known[n] for n in encoded.dictionary.to_pylist()], dtype=np.int32)
         return codes[encoded.indices.to_numpy()]
-
-    def add_quarantine(self, rows: list[dict]) -> None:
-        for row in rows:
-            self.reasons[row["reason"]] += 1
-        self.quarantine.extend(rows)
 
 
 @dataclass(frozen=True)
@@ -122,11 +116,12 @@ def merge_clean(
     # (n, thumbnail_width) uint8 thumbnails go to a file (784 B a row for 28x28 grey): only
     # near-duplicate candidates' are read back.
     thumbnails = RowFile(thumbnail_width(cfg))
-    with atomic_dir(cfg.output) as out_dir, thumbnails:
+    quarantine = QuarantineSink(cfg.quarantine)
+    with atomic_dir(cfg.output) as out_dir, thumbnails, quarantine:
         staging = out_dir / "_staging"
         staging.mkdir()
         thumbnails.open(staging / "thumbnails.u8")  # removed with the staging area
-        gathered = gather(folders, thumbnails)
+        gathered = gather(folders, thumbnails, quarantine)
         decided = decide(cfg, gathered, thumbnails.read())
         images = route(cfg, folders, out_dir, decided, gathered)
         shutil.rmtree(staging)
@@ -135,20 +130,20 @@ def merge_clean(
         "clean: %d ingested -> %d kept, %d quarantined %s",
         gathered.ingested,
         report["kept"],
-        sum(gathered.reasons.values()),
-        dict(sorted(gathered.reasons.items())),
+        quarantine.total,
+        dict(sorted(quarantine.reasons.items())),
     )
     return report
 
 
-def gather(folders: list[Path], thumbnails: RowFile) -> Gathered:
-    """Step 1: the shards' counts, quarantine rows and per-kept-row numbers, in shard order;
-    the thumbnails are appended to `thumbnails`."""
-    gathered = Gathered()
+def gather(folders: list[Path], thumbnails: RowFile, quarantine: QuarantineSink) -> Gathered:
+    """Step 1: the shards' counts, quarantine rows (to `quarantine`) and per-kept-row
+    numbers, in shard order; the thumbnails are appended to `thumbnails`."""
+    gathered = Gathered(quarantine)
     for folder in folders:
         summary = cached_result(folder) or {}
         gathered.ingested += summary["rows"]
-        gathered.add_quarantine(pq.read_table(folder / "quarantine.parquet").to_pylist())
+        quarantine.add(pq.read_table(folder / "quarantine.parquet").to_pylist())
         if not summary["kept"]:
             continue
         gathered.converted["resized"] += summary["resized"]
@@ -210,7 +205,7 @@ def route(
 
     (Run beside the validation in a thread it saved 0.2 s at 100,000 rows, lost time at
     1,000,000 and raised the peak RSS by 100 MiB there.)"""
-    duplicates, images = route_staged(
+    return route_staged(
         staged_batches(folders),
         out_dir,
         decided.keep,
@@ -218,9 +213,8 @@ def route(
         decided.rejections,
         cfg.shard_rows,
         np.unique(decided.sheet_pairs.ravel()),
+        gathered.quarantine.add,
     )
-    gathered.add_quarantine(duplicates)
-    return images
 
 
 def conclude(
@@ -236,9 +230,10 @@ def conclude(
     the quarantine, written; then raises if nothing was kept or a critical expectation
     failed (inside the merge's atomic_dir: the previous clean data stays)."""
     kept = kept_counts(out_dir)
-    report = build_report(cfg, gathered.ingested, kept, gathered.reasons, gathered.converted)
+    quarantine = gathered.quarantine
+    report = build_report(cfg, gathered.ingested, kept, quarantine.reasons, gathered.converted)
     nothing_kept = nothing_kept_message(
-        gathered.ingested, gathered.reasons, gathered.quarantine, cfg
+        gathered.ingested, quarantine.reasons, quarantine.not_allowed_labels, cfg
     )
     if validate and nothing_kept is None:
         batches = kept_batches(out_dir, out_dir / "_expectations")
@@ -248,7 +243,7 @@ def conclude(
         "path": os.path.relpath(cfg.near_duplicate_sheet, cfg.report.parent),
         "pairs": len(decided.sheet_pairs),
     }
-    write_table(cfg.quarantine, gathered.quarantine, QUARANTINE_SCHEMA)
+    quarantine.commit()
     write_json(cfg.report, report)
     if nothing_kept is not None:
         raise ConfigError(nothing_kept)  # the quarantine says why, row by row

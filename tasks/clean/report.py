@@ -128,7 +128,7 @@ def build_report(
 
 
 def nothing_kept_message(
-    ingested: int, reasons: Counter[str], quarantine: list[dict], cfg: CleanConfig
+    ingested: int, reasons: Counter[str], not_allowed_labels: set[str], cfg: CleanConfig
 ) -> str | None:
     """What to tell the user when every ingested row was quarantined (None: some were kept).
     The usual cause, an allow-list that matches none of the labels, is named as such."""
@@ -137,7 +137,7 @@ def nothing_kept_message(
     where = f"see {cfg.quarantine} for each row"
     not_allowed = reasons.get("label_not_allowed", 0)
     if not_allowed == ingested:
-        seen = sorted({str(r["label"]) for r in quarantine if r["reason"] == "label_not_allowed"})
+        seen = sorted(not_allowed_labels)
         shown = ", ".join(seen[:10]) + (f" (+{len(seen) - 10} more)" if len(seen) > 10 else "")
         return (
             f"no ingested label is in clean.labels ({', '.join(cfg.labels or [])}); "

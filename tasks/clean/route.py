@@ -9,7 +9,7 @@ is decoded: the PNG bytes staged in pass 1 are what lands in the dataset.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -44,12 +44,12 @@ def route_staged(
     rejections: list[Rejection | None],
     shard_rows: int,
     wanted: np.ndarray,
-) -> tuple[list[dict], dict[int, bytes]]:
-    """Pass 2: write the staged rows (in pass-1 order) to out_dir/<split>; returns the
-    quarantine rows of those not kept, in order, and the converted PNG of each `wanted`
-    row (sorted pass-1 positions) by position."""
+    quarantine: Callable[[list[dict]], None],
+) -> dict[int, bytes]:
+    """Pass 2: write the staged rows (in pass-1 order) to out_dir/<split>; hands the
+    quarantine rows of those not kept, in order, to `quarantine` a batch at a time, and
+    returns the converted PNG of each `wanted` row (sorted pass-1 positions) by position."""
     writers = {s: ShardWriter(out_dir / s, IMAGE_SCHEMA, shard_rows) for s in SPLITS}
-    dropped_rows: list[dict] = []
     images: dict[int, bytes] = {}
     position = 0
     for batch in staged:
@@ -68,11 +68,11 @@ def route_staged(
                 writers[split].write_batch(part.set_column(SPLIT_COLUMN, "split", split_column))
         dropped = np.flatnonzero(~kept_here)
         if len(dropped):
-            dropped_rows.extend(_quarantine_rows(batch, dropped, rejections, position))
+            quarantine(_quarantine_rows(batch, dropped, rejections, position))
         position += n
     for writer in writers.values():
         writer.close()
-    return dropped_rows, images
+    return images
 
 
 def _quarantine_rows(
