@@ -91,7 +91,22 @@ class Generated:
     stop: int
 
 
-Entry = tuple[int, FileRef | Rejected | Generated]  # (source index, what to read)
+@dataclass(frozen=True)
+class FileRun:
+    """Consecutive listed files of one folder and label, as a planned shard keeps them: their
+    names in one string, NUL-separated (no file name holds a NUL), a dozen bytes a file
+    where a FileRef takes about 260."""
+
+    directory: str
+    label: str
+    names: str
+
+    def refs(self) -> Iterator[FileRef]:
+        for name in self.names.split("\0"):
+            yield FileRef(os.path.join(self.directory, name), self.label)
+
+
+Entry = tuple[int, FileRef | FileRun | Rejected | Generated]  # (source index, what to read)
 
 
 def list_entries(cfg: IngestConfig) -> Iterator[Entry]:
@@ -125,14 +140,46 @@ def chunk_entries(entries: Iterable[Entry], size: int) -> Iterator[list[Entry]]:
 
 
 def plan_ingest(cfg: IngestConfig) -> list[Shard]:
-    """Shards of `cfg.shard_rows` entries of the listing of all sources."""
-    parts = list(chunk_entries(list_entries(cfg), cfg.shard_rows))
+    """Shards of `cfg.shard_rows` entries of the listing of all sources. The listing is
+    walked once, a shard's entries at a time, and each shard keeps its files as `FileRun`s
+    (`compact`): the plan's memory is a few bytes per file, not the listing's objects."""
     roots: dict[int, str] = {}  # a torchvision root's digest, once per source
-    shards = []
-    for number, work in enumerate(parts):
+    planned = []
+    for work in chunk_entries(list_entries(cfg), cfg.shard_rows):
         stats = [_entry_stat(cfg, index, entry, roots) for index, entry in work]
-        shards.append(Shard("ingest", number, len(parts), digest(work, stats), tuple(work)))
-    return shards
+        planned.append((digest(work, stats), compact(work)))
+    return [
+        Shard("ingest", number, len(planned), fingerprint, work)
+        for number, (fingerprint, work) in enumerate(planned)
+    ]
+
+
+def compact(work: list[Entry]) -> tuple[Entry, ...]:
+    """The entries, in order, with each run of FileRefs that share a source, a folder and a
+    label made one `FileRun` (which gives back the same paths); other entries as they are."""
+    out: list[Entry] = []
+    run: tuple[int, str, str] | None = None  # (source index, folder, label) of `names`
+    names: list[str] = []
+
+    def close() -> None:
+        if run is not None:
+            out.append((run[0], FileRun(run[1], run[2], "\0".join(names))))
+            names.clear()
+
+    for index, entry in work:
+        if isinstance(entry, FileRef):
+            directory, name = os.path.split(entry.path)
+            if name and "\0" not in name and os.path.join(directory, name) == entry.path:
+                if run != (index, directory, entry.label):
+                    close()
+                    run = (index, directory, entry.label)
+                names.append(name)
+                continue
+        close()
+        run = None
+        out.append((index, entry))
+    close()
+    return tuple(out)
 
 
 def run_ingest_shard(cfg: IngestConfig, shard: Shard, out: Path) -> dict:
@@ -225,6 +272,8 @@ def _read_entries(cfg: IngestConfig, work: Iterable[Entry]) -> Iterator[tuple[in
     for index, entry in work:
         if isinstance(entry, FileRef):
             yield index, read_ref(entry)
+        elif isinstance(entry, FileRun):
+            yield from ((index, read_ref(ref)) for ref in entry.refs())
         elif isinstance(entry, Rejected):
             yield index, entry
         else:

@@ -309,3 +309,35 @@ def test_the_kept_rows_are_validated_in_frames_grouped_by_id(demo_run, tmp_path,
     assert {k: v for k, v in again.items() if k != "expectations"} == {
         k: v for k, v in report.items() if k != "expectations"
     }
+
+
+def test_a_planned_shard_keeps_its_files_compactly_and_reads_the_same_paths(tmp_path):
+    from synthloop.procedural import make_image_folder
+    from tasks.ingest import FileRun, compact, list_entries, plan_ingest
+    from tasks.sources import FileRef, Rejected
+
+    make_image_folder(tmp_path / "raw", classes=3, per_class=7, size=8, seed=0)
+    (tmp_path / "raw" / "stray.png").write_bytes(b"x")  # rejected: no class folder
+    params = parse_params(small_params(str(tmp_path / "raw")), root=tmp_path / "run")
+    entries = list(list_entries(params.ingest))
+    kept = compact(entries)
+    # one run per class folder, the rejected entry as it was
+    assert sorted(type(e).__name__ for _, e in kept) == ["FileRun"] * 3 + ["Rejected"]
+
+    def expand(work):
+        for index, entry in work:
+            if isinstance(entry, FileRun):
+                yield from ((index, ref) for ref in entry.refs())
+            else:
+                yield index, entry
+
+    assert list(expand(kept)) == entries
+    # a run breaks where the source, the folder or the label changes
+    mixed = [(0, FileRef("/a/1.png", "x")), (0, FileRef("/a/2.png", "y")),
+             (1, FileRef("/a/3.png", "y")), (1, FileRef("/b/4.png", "y")),
+             (1, Rejected("/b/5", "y", "r", "d")), (1, FileRef("/b/6.png", "y"))]  # fmt: skip
+    assert list(expand(compact(mixed))) == mixed
+    assert len(compact(mixed)) == len(mixed)
+    # the plan: every listed entry in exactly one shard, in order
+    plan = plan_ingest(params.ingest.model_copy(update={"shard_rows": 5}))
+    assert [e for shard in plan for e in expand(shard.work)] == entries
