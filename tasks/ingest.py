@@ -102,8 +102,9 @@ class FileRun:
     names: str
 
     def refs(self) -> Iterator[FileRef]:
+        prefix = os.path.join(self.directory, "")  # os.path.join(directory, name) = prefix + name
         for name in self.names.split("\0"):
-            yield FileRef(os.path.join(self.directory, name), self.label)
+            yield FileRef(prefix + name, self.label)
 
 
 Entry = tuple[int, FileRef | FileRun | Rejected | Generated]  # (source index, what to read)
@@ -166,13 +167,19 @@ def compact(work: list[Entry]) -> tuple[Entry, ...]:
             out.append((run[0], FileRun(run[1], run[2], "\0".join(names))))
             names.clear()
 
+    prefix = ""  # os.path.join(run's folder, "")
     for index, entry in work:
         if isinstance(entry, FileRef):
-            directory, name = os.path.split(entry.path)
-            if name and "\0" not in name and os.path.join(directory, name) == entry.path:
-                if run != (index, directory, entry.label):
-                    close()
-                    run = (index, directory, entry.label)
+            path = entry.path
+            if run is not None and run[0] == index and run[2] == entry.label:
+                name = path[len(prefix) :]
+                if path.startswith(prefix) and name and "/" not in name and "\0" not in name:
+                    names.append(name)  # the fast path: the run's folder again
+                    continue
+            directory, name = os.path.split(path)
+            if name and "\0" not in name and os.path.join(directory, name) == path:
+                close()
+                run, prefix = (index, directory, entry.label), os.path.join(directory, "")
                 names.append(name)
                 continue
         close()
