@@ -148,7 +148,8 @@ def plan_ingest(cfg: IngestConfig) -> list[Shard]:
     planned = []
     for work in chunk_entries(list_entries(cfg), cfg.shard_rows):
         stats = [_entry_stat(cfg, index, entry, roots) for index, entry in work]
-        planned.append((digest(work, stats), compact(work)))
+        compacted = compact(work)  # the same entries: digested faster than a FileRef each
+        planned.append((digest(compacted, stats), compacted))
     return [
         Shard("ingest", number, len(planned), fingerprint, work)
         for number, (fingerprint, work) in enumerate(planned)
