@@ -127,10 +127,11 @@ def test_near_duplicate_pairs_match_brute_force():
             assert expected  # the planted relatives are found
 
 
-def resolve(ids, labels, images):
+def resolve(ids, labels, images, names=None):
+    """resolve_duplicates on these images; `ids` may be an array (of ranks, say) as it is."""
     pixels = [np.asarray(i) for i in images]
     return resolve_duplicates(
-        np.array(ids, dtype=object),
+        ids if isinstance(ids, np.ndarray) else np.array(ids, dtype=object),
         np.array(labels, dtype=object),
         np.array([pixel_hash(p) for p in pixels], dtype=np.uint64),
         np.array([dhash(p) for p in pixels], dtype=np.uint64),
@@ -138,6 +139,7 @@ def resolve(ids, labels, images):
         max_distance=4,
         max_difference=CFG.near_duplicate_difference,
         max_contrast=CFG.near_duplicate_contrast,
+        names=names,
     )
 
 
@@ -247,17 +249,7 @@ def test_resolve_duplicates_on_id_ranks_decides_and_names_as_on_the_ids():
         asked.extend(rows.tolist())
         return [ids[r] for r in rows.tolist()]
 
-    on_ranks = resolve_duplicates(
-        ranks,
-        np.array(labels, dtype=object),
-        np.array([pixel_hash(p) for p in images], dtype=np.uint64),
-        np.array([dhash(p) for p in images], dtype=np.uint64),
-        np.stack([thumbnail(p, 8) for p in images]),
-        max_distance=4,
-        max_difference=CFG.near_duplicate_difference,
-        max_contrast=CFG.near_duplicate_contrast,
-        names=names,
-    )
+    on_ranks = resolve(ranks, labels, images, names=names)
     assert on_ranks[0].tolist() == on_ids[0].tolist() == [False, True, False, True, False, False]
     assert on_ranks[1] == on_ids[1]
     assert [w.reason if w else None for w in on_ids[1]] == [
