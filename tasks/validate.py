@@ -213,7 +213,8 @@ def utility(
     `tasks/utility_trainer.py` (in worker processes where that pays)."""
     trainer = UtilityTrainer.configured(cfg, evaluator_cfg, policy, splits, device)
     seeds = [cfg.seed + s for s in range(cfg.utility_seeds)]
-    workers = utility_workers(cfg.utility_workers, trainer, trainings(len(seeds)))
+    count = trainings(len(seeds))
+    workers = utility_workers(cfg.utility_workers, trainer, count)
     with TrainerPool(trainer, workers) as pool:
         result = compare_arms(
             splits.train,
@@ -224,7 +225,7 @@ def utility(
             seeds,
             cfg.short_class_share,
         )
-    log.info("validate: %d utility classifiers in %d process(es)", trainings(len(seeds)), workers)
+    log.info("validate: %d utility classifiers in %d process(es)", count, workers)
     return result
 
 

@@ -75,21 +75,18 @@ class Gathered:
     ids: list[pa.ChunkedArray] = field(default_factory=list)  # (m,) strings, until ranked
     # The staged files, in pass-1 order, with their row counts: where `read_ids` reads.
     files: list[tuple[Path, int]] = field(default_factory=list)
-    labels: list[np.ndarray] = field(default_factory=list)  # (m,) int32: label_names codes
-    label_names: list[str] = field(default_factory=list)  # in the order first met
+    labels: list[np.ndarray] = field(default_factory=list)  # (m,) int32: label_index codes
+    label_index: dict[str, int] = field(default_factory=dict)  # name -> code, first met first
     numbers: dict[str, list[np.ndarray]] = field(  # (m,) uint64 each
         default_factory=lambda: {"split_keys": [], "pixel_hashes": [], "dhashes": []}
     )
 
     def label_codes(self, labels: pa.ChunkedArray) -> np.ndarray:
-        """(m,) int32: each label's index in `label_names` (new names appended)."""
+        """(m,) int32: each label's code in `label_index` (new names get the next codes)."""
         encoded = labels.combine_chunks().dictionary_encode()
-        known = {name: code for code, name in enumerate(self.label_names)}
-        for name in encoded.dictionary.to_pylist():
-            if name not in known:
-                known[name] = len(self.label_names)
-                self.label_names.append(name)
-        codes = np.array([known[n] for n in encoded.dictionary.to_pylist()], dtype=np.int32)
+        index = self.label_index
+        names = encoded.dictionary.to_pylist()
+        codes = np.array([index.setdefault(n, len(index)) for n in names], dtype=np.int32)
         return codes[encoded.indices.to_numpy()]
 
 
@@ -173,7 +170,8 @@ def decide(cfg: CleanConfig, gathered: Gathered, thumbnails: np.ndarray) -> Deci
 
     codes = _take(gathered.labels, np.int32)
     # The labels as pandas categories: a name where the rules print one, a code a row.
-    labels = pd.Categorical.from_codes(codes, categories=gathered.label_names)
+    names = list(gathered.label_index)  # by code
+    labels = pd.Categorical.from_codes(codes, categories=names)
     numbers = gathered.numbers
     keep, rejections = resolve_duplicates(
         ranks,
@@ -191,7 +189,7 @@ def decide(cfg: CleanConfig, gathered: Gathered, thumbnails: np.ndarray) -> Deci
     kept_codes = codes[keep]
     splits[keep] = split_codes(kept_codes, cfg.split, keys[keep])
     del keys
-    seen = [gathered.label_names[c] for c in np.unique(kept_codes)]
+    seen = [names[c] for c in np.unique(kept_codes)]
     known = cfg.labels if cfg.labels is not None else sorted(seen)
     pairs = sheet_pairs(ranks, rejections, cfg.near_duplicate_sheet_pairs)
     return Decisions(keep, rejections, splits, list(known), pairs)
