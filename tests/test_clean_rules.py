@@ -139,6 +139,7 @@ def resolve(ids, labels, images, names=None):
         max_distance=4,
         max_difference=CFG.near_duplicate_difference,
         max_contrast=CFG.near_duplicate_contrast,
+        max_local=CFG.near_duplicate_local,
         names=names,
     )
 
@@ -199,10 +200,10 @@ def test_thumbnail_is_grey_bytes_plus_colour_planes_for_rgb(channels):
     assert row_width(16, channels) == 256 + colour * 2 * 4 * 4
 
 
-def test_a_short_class_keeps_its_minimum_test_set():
+def test_a_short_class_keeps_its_training_share_before_the_test_minimum():
     ids = np.array([f"id{i:03d}" for i in range(231)], dtype=object)
     labels = np.array(["rich"] * 180 + ["short"] * 51, dtype=object)
-    split = SplitConfig(train=0.7, val=0.1, test=0.2, test_min_per_class=36)
+    split = SplitConfig(train=0.7, val=0.1, test=0.2, train_min_share=0.6, test_min_per_class=36)
     splits = assign_splits(ids, labels, split, seed=0)
     count = {
         (label, s): int(((labels == label) & (splits == s)).sum())
@@ -210,9 +211,12 @@ def test_a_short_class_keeps_its_minimum_test_set():
         for s in ("train", "val", "test")
     }
     assert (count["rich", "test"], count["rich", "val"], count["rich", "train"]) == (36, 18, 126)
-    assert (count["short", "test"], count["short", "val"], count["short", "train"]) == (36, 5, 10)
-    # A class too small for the minimum still keeps 2 rows to train on.
-    assert SplitConfig(test_min_per_class=36).counts(10) == (1, 7)
+    # ceil(0.6 * 51) = 31 to train, 5 val, and the test minimum gets the 15 left
+    assert (count["short", "test"], count["short", "val"], count["short", "train"]) == (15, 5, 31)
+    # A class too small for the minimum keeps its share (6 of 10) to train on.
+    assert SplitConfig(test_min_per_class=36).counts(10) == (1, 3)
+    # Without a share, the minimum leaves 2 rows to train on, as it always did.
+    assert SplitConfig(train_min_share=0, test_min_per_class=36).counts(10) == (1, 7)
 
 
 def test_row_file_reads_back_the_rows_asked_for(tmp_path):

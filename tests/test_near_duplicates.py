@@ -99,6 +99,7 @@ def dedupe(ids: list[str], images: list[bytes], cfg: CleanConfig):
         cfg.near_duplicate_distance,
         cfg.near_duplicate_difference,
         cfg.near_duplicate_contrast,
+        cfg.near_duplicate_local,
     )
 
 
@@ -122,7 +123,13 @@ def test_reencoded_resized_alpha_and_cropped_copies_are_caught(cfg, originals):
     for k, original in enumerate(originals):
         ids.append(f"a{k}")
         images.append(encode(original))
-        for name, data in copies(original).items():
+        made = copies(original)
+        if cfg.channels == 3:
+            # A 3% crop of a noisy photo, aligned, still differs by more than
+            # clean.near_duplicate_local along its edges: the cost of keeping look-alike
+            # real photos (benchmarks/near_duplicates.py prints the crops' recall).
+            del made["cropped"]
+        for name, data in made.items():
             ids.append(f"b{k}-{name}")  # ids rank after their original's: the copy goes
             images.append(data)
             of[ids[-1]] = f"a{k}"
@@ -157,7 +164,12 @@ def test_a_shape_moved_across_its_own_brightness_is_kept(monkeypatch):
     assert colour[0] > nd.COLOUR
 
     def confirmed() -> int:  # every pair a candidate: what the confirmation decides
-        bounds = (64, DENSE.near_duplicate_difference, DENSE.near_duplicate_contrast)
+        bounds = (
+            64,
+            DENSE.near_duplicate_difference,
+            DENSE.near_duplicate_contrast,
+            DENSE.near_duplicate_local,
+        )
         return len(nd.confirmed_pairs(chunk.dhashes, chunk.thumbnails, np.arange(2), *bounds))
 
     assert confirmed() == 0
@@ -306,6 +318,7 @@ def test_near_duplicate_defaults_equal_params_yaml():
         "near_duplicate_size",
         "near_duplicate_difference",
         "near_duplicate_contrast",
+        "near_duplicate_local",
         "near_duplicate_sheet_pairs",
     ):
         assert fields[name].default == clean[name], name
@@ -322,3 +335,53 @@ def test_clean_report_artifact_shows_the_sheet_only_with_pairs(tmp_path):
     assert str(png) in shown and "data:image/png;base64," in shown
     empty = clean_summary_markdown(report | {"near_duplicate_sheet": {"pairs": 0}}, png)
     assert "data:image/png" not in empty
+
+
+def garments(side: int = 72) -> tuple[Image.Image, Image.Image]:
+    """Two product photos as a catalogue takes them: the same dress silhouette centred on
+    black, one plain, one with a printed band of dots across the waist (the issue's plain
+    and patterned dresses)."""
+    image = Image.new("L", (side, side), 0)
+    pen = ImageDraw.Draw(image)
+    s = side / 72
+    pen.polygon([(26 * s, 6 * s), (46 * s, 6 * s), (58 * s, 66 * s), (14 * s, 66 * s)], fill=170)
+    pen.rectangle((20 * s, 6 * s, 52 * s, 20 * s), fill=150)  # a bodice a shade darker
+    plain = image.copy()
+    pen = ImageDraw.Draw(image)
+    for x in range(24, 50, 7):  # a row of dots across the waist: the print
+        pen.ellipse((x * s, 30 * s, (x + 4) * s, 34 * s), fill=70)
+    return plain, image
+
+
+def test_look_alike_photos_are_kept_and_their_copies_removed():
+    """Two distinct photos with one silhouette are both kept; re-encoded, resized and
+    2-pixel-cropped copies of one of them are removed, each for that one."""
+    plain, printed = garments()
+    copies = {
+        "jpeg": encode(plain, "JPEG", quality=85),
+        "resized": encode(plain.resize((100, 100), Image.Resampling.BICUBIC)),
+        "cropped": encode(plain.crop((2, 0, plain.width, plain.height - 2))),
+    }
+    images = [encode(plain), encode(printed), *copies.values()]
+    rows = decode_chunk(["dress"] * len(images), images, SPARSE)
+    # The look-alikes are candidates (their dHashes agree): the confirmation must tell them.
+    assert int(rows.dhashes[0] ^ rows.dhashes[1]).bit_count() <= SPARSE.near_duplicate_distance
+
+    def resolve(local: float) -> tuple[np.ndarray, list]:
+        return resolve_duplicates(
+            np.array(["a", "b", "c", "d", "e"], dtype=object),
+            np.array(["dress"] * len(images), dtype=object),
+            rows.pixel_hashes,
+            rows.dhashes,
+            rows.thumbnails,
+            SPARSE.near_duplicate_distance,
+            SPARSE.near_duplicate_difference,
+            SPARSE.near_duplicate_contrast,
+            local,
+        )
+
+    keep, why = resolve(SPARSE.near_duplicate_local)
+    assert keep.tolist() == [True, True, False, False, False]
+    assert all(w.reason == "near_duplicate" and w.detail.endswith(" a") for w in why[2:])
+    # Without the local bound the print is taken for a copy of the plain dress.
+    assert not resolve(np.inf)[0][1]

@@ -15,10 +15,11 @@ Rules, in the order a row meets them (its first failure is its quarantine reason
                       standardised (mean removed, divided by its pixel std): mean absolute
                       difference within clean.near_duplicate_difference (plain, or blurred
                       and aligned for a crop of a few pixels), pixel stds within a ratio
-                      of clean.near_duplicate_contrast, and for RGB colour planes that
-                      agree (tasks/near_duplicates.py; relative, so sparse images such as
-                      handwriting are judged on their strokes, not on their white
-                      background)
+                      of clean.near_duplicate_contrast, from 24 px no 3x3 window
+                      differing by over clean.near_duplicate_local, and for RGB colour
+                      planes that agree (tasks/near_duplicates.py; relative, so sparse
+                      images such as handwriting are judged on their strokes, not on
+                      their white background)
 
 Two passes keep memory bounded: pass 1 streams the ingested shards, decodes each image
 once, writes the converted PNG to a staging area and keeps only a few numbers per row;

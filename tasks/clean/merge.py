@@ -182,6 +182,7 @@ def decide(cfg: CleanConfig, gathered: Gathered, thumbnails: np.ndarray) -> Deci
         cfg.near_duplicate_distance,
         cfg.near_duplicate_difference,
         cfg.near_duplicate_contrast,
+        cfg.near_duplicate_local,
         names=lambda rows: read_ids(gathered.files, rows),
     )
     splits = np.full(len(ranks), -1, dtype=np.int8)

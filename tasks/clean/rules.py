@@ -153,6 +153,7 @@ def resolve_duplicates(
     max_distance: int,
     max_difference: float,
     max_contrast: float,
+    max_local: float,
     names: Callable[[np.ndarray], list[str]] | None = None,
 ) -> tuple[np.ndarray, list[Rejection | None]]:
     """Decide which rows survive de-duplication.
@@ -202,7 +203,7 @@ def resolve_duplicates(
     del by_id
     # Positions in `survivors`, which is id-ordered: a pair's first row ranks first.
     pairs = near_duplicates.confirmed_pairs(
-        dhashes, thumbnails, survivors, max_distance, max_difference, max_contrast
+        dhashes, thumbnails, survivors, max_distance, max_difference, max_contrast, max_local
     )
     dropped, keepers = near_duplicates.drop_order(pairs, len(survivors))
     near = list(zip(survivors[dropped].tolist(), survivors[keepers].tolist(), strict=True))
