@@ -18,6 +18,7 @@ set in params.yaml only: a run's parameters cannot widen them.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -213,14 +214,25 @@ def check_allowed_roots(raw: dict[str, Any], root: Path) -> None:
 
 
 class SplitConfig(_Model):
+    """Per class: the training share first, then val, then test (see `counts`)."""
+
     train: float = Field(0.8, ge=0, le=1)
     val: float = Field(0.1, ge=0, le=1)
     test: float = Field(0.1, ge=0, le=1)
+    train_min_share: float = Field(
+        0.6,
+        ge=0,
+        le=1,
+        description="every class keeps at least this share of its rows (rounded up; 2 rows "
+        "at least) for training, whatever test_min_per_class asks: the generator and the "
+        "classifiers learn a short class from its train split",
+    )
     test_min_per_class: int = Field(
         0,
         ge=0,
-        description="hold out at least this many test images of every class (leaving 2 for "
-        "train at least), so a short class still has a test set that can resolve a gain",
+        description="hold out at least this many test images of every class, as far as "
+        "train_min_share and the val share leave rows for them, so a short class's test set "
+        "can resolve a gain",
     )
 
     @model_validator(mode="after")
@@ -233,11 +245,23 @@ class SplitConfig(_Model):
     def fractions(self) -> dict[str, float]:
         return {"train": self.train, "val": self.val, "test": self.test}
 
+    def train_floor(self, n: int) -> int:
+        """Rows of a class of n that training keeps whatever else asks:
+        min(n - v, max(2, ceil(train_min_share * n))), where v = 1 when the val fraction gives
+        the class a val row (round(n * val) >= 1), else 0. Two rows at least, as the test
+        minimum always left; the one val row stays, as a class without one is invisible to
+        what val decides (early stopping, the utility baseline's choice)."""
+        share = math.ceil(self.train_min_share * n - 1e-9)  # 0.7 * 10 is 7.000000000000001
+        keep_val = min(1, round(n * self.val))
+        return min(n - keep_val, max(2, share))
+
     def counts(self, n: int) -> tuple[int, int]:
-        """(val, test) rows of a class of n: the fractions, then the test minimum."""
-        n_val = int(round(n * self.val))
-        n_test = int(round(n * self.test))
-        n_test = max(n_test, min(self.test_min_per_class, n - n_val - 2))
+        """(val, test) rows of a class of n; train gets the rest. In order: the train floor
+        (`train_floor`); val, round(n * val) of what is left; test, max(round(n * test),
+        test_min_per_class) of what is left; the rest to train."""
+        left = n - self.train_floor(n)
+        n_val = min(round(n * self.val), left)
+        n_test = min(max(round(n * self.test), self.test_min_per_class), left - n_val)
         return n_val, n_test
 
 
@@ -268,6 +292,14 @@ class CleanConfig(_Model):
     )
     near_duplicate_contrast: float = Field(
         1.25, ge=1, description="max ratio of two thumbnails' pixel stds (larger/smaller)"
+    )
+    near_duplicate_local: float = Field(
+        0.16,
+        ge=0,
+        description="max local difference of two thumbnails of 24 px or more: the largest "
+        "mean absolute difference over a 3x3 window of the blurred, standardised, aligned "
+        "comparison (in stds). A copy differs little everywhere; two photos of look-alike "
+        "things differ somewhere (a print, a strap)",
     )
     near_duplicate_sheet_pairs: int = Field(
         32, ge=0, le=1024, description="removed/kept pairs shown in near_duplicate_sheet"
@@ -649,6 +681,14 @@ class ValidateConfig(_Model):
         le=1,
         description="a class with fewer real train images than this share of the largest "
         "class is short: the utility gate reads the short classes when there are any",
+    )
+    utility_max_points_per_test_image: float = Field(
+        5.0,
+        gt=0,
+        le=100,
+        description="the decisive classes' test split resolves a gain only when one of its "
+        "images is worth at most this many points of their accuracy (100 / test images, so "
+        "5 asks for 20 images); a smaller one gives the verdict `no evidence` and says so",
     )
     memorisation_distance_ratio: float = Field(
         0.3333,

@@ -20,6 +20,13 @@ the first) gives a mean and a 95% Student-t interval, overall, per class, and on
 classes*: those with fewer real training images than `validate.short_class_share` of the
 largest class, the ones users come for. The verdict reads the interval: `helped` when its
 lower bound is above 0, `hurt` when its upper bound is below 0, else `no evidence`.
+
+A verdict is only as fine as its test split: each figure reports its test images and the
+accuracy points one of them is worth (100 / images). When one image is worth more than
+`validate.utility_max_points_per_test_image` (the one owner of that rule), the test split
+cannot resolve a gain: the verdict is `no evidence`, whatever the interval, and
+`verdict_text` says why (the split keeps short classes' training images, so their test
+split may be small; clean's report gives it per class).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from synthloop.config import ValidateConfig
 from tasks.images import ImageTensors, concat
 from tasks.metrics import round_figure as _round
 
@@ -40,6 +48,9 @@ from tasks.metrics import round_figure as _round
 Predictions = tuple[torch.Tensor, torch.Tensor]
 Trainer = Callable[[ImageTensors, int, bool], Predictions]
 ARMS = {True: "real+aug", False: "real"}  # augment -> the baseline arm's name
+MAX_POINTS_PER_TEST_IMAGE: float = ValidateConfig.model_fields[
+    "utility_max_points_per_test_image"
+].default
 
 
 @dataclass(frozen=True)
@@ -79,6 +90,50 @@ def verdict(interval: Interval) -> str:
     if interval.high is not None and interval.high < 0:
         return "hurt"
     return "no evidence"
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What a test split of `test_images` can tell apart: one image is `points` of accuracy."""
+
+    test_images: int
+    max_points: float
+
+    @property
+    def points(self) -> float | None:
+        return 100 / self.test_images if self.test_images else None
+
+    @property
+    def resolves(self) -> bool:
+        return self.points is not None and self.points <= self.max_points
+
+    def as_dict(self) -> dict:
+        points = self.points
+        return {
+            "test_images": self.test_images,
+            "points_per_test_image": None if points is None else round(points, 2),
+            "resolves": self.resolves,
+        }
+
+
+def resolved_verdict(interval: Interval, resolution: Resolution) -> str:
+    """The interval's verdict where the test split can resolve a gain, else `no evidence`."""
+    return verdict(interval) if resolution.resolves else "no evidence"
+
+
+def verdict_text(name: str, reading: str, resolution: Resolution) -> str:
+    """The verdict in words with the resolution behind it; `name` says whose test split
+    ("the short classes'", "the")."""
+    n, points = resolution.test_images, resolution.points
+    if points is None:
+        return f"no evidence: {name} test split has no images"
+    size = f"{name} test split has {n} images ({points:.1f} points each)"
+    if resolution.resolves:
+        return f"{reading}: {size}"
+    return (
+        f"no evidence: {size}, too few to resolve a gain (at most "
+        f"{resolution.max_points:g} points an image, validate.utility_max_points_per_test_image)"
+    )
 
 
 def short_classes(train_counts: dict[str, int], share: float) -> list[str]:
@@ -126,6 +181,7 @@ def compare_arms(
     trainer: Trainer,
     seeds: list[int],
     short_share: float,
+    max_points_per_test_image: float = MAX_POINTS_PER_TEST_IMAGE,
 ) -> dict:
     """The protocol above, for any `trainer`; returns the report's `utility` section."""
     classes = list(train.classes)
@@ -133,6 +189,13 @@ def compare_arms(
     short = short_classes(counts, short_share)
     short_idx = [classes.index(c) for c in short]
     plus_data = concat(train, accepted) if len(accepted) else train
+    # each figure's test rows: what its verdict can resolve
+    test_rows = {"overall": len(test_labels)}
+    if short_idx:
+        test_rows["short"] = int(
+            torch.isin(test_labels, torch.tensor(short_idx, dtype=test_labels.dtype)).sum()
+        )
+    test_rows |= {f"class:{c}": int((test_labels == i).sum()) for i, c in enumerate(classes)}
 
     def figures(pred: torch.Tensor) -> dict:
         out = {"overall": accuracy_of(pred, test_labels)}
@@ -166,15 +229,20 @@ def compare_arms(
     def summary(key: str) -> dict:
         deltas = [p[key] - b[key] for b, p in zip(base, plus, strict=True)]
         interval = t_interval(deltas)
+        resolution = Resolution(test_rows[key], max_points_per_test_image)
         return {
             "baseline": _round(float(np.nanmean([b[key] for b in base]))),
             "baseline+synthetic": _round(float(np.nanmean([p[key] for p in plus]))),
             "delta": interval.as_dict(),
-            "verdict": verdict(interval),
+            "verdict": resolved_verdict(interval, resolution),
+            **resolution.as_dict(),
         }
 
     overall = summary("overall")
-    decisive = summary("short") if short_idx else overall
+    short_summary = summary("short") if short_idx else None
+    decisive_key = "short" if short_idx else "overall"
+    decisive = short_summary or overall
+    resolution = Resolution(test_rows[decisive_key], max_points_per_test_image)
     return {
         "protocol": "paired seeds; every arm trains on the clean train split (class-balanced "
         "draws with validate.utility_balanced; in the synthetic arm at most "
@@ -190,14 +258,19 @@ def compare_arms(
         "short_classes": short,
         "short_class_share": short_share,
         "overall": overall,
-        "short": summary("short") if short_idx else None,
+        "short": short_summary,
         "per_class": {c: summary(f"class:{c}") for c in classes},
         "reference": {
             arm: {"overall": _round(f["overall"]), "short": _round(f.get("short"))}
             for arm, f in reference.items()
         },
-        # What the gate and the headline read: the short classes when there are any.
-        "decisive": "short" if short_idx else "overall",
+        # What the gate (the interval's lower bound) and the headline read: the short
+        # classes when there are any.
+        "decisive": decisive_key,
         "delta": decisive["delta"],
         "verdict": decisive["verdict"],
+        "resolution": resolution.as_dict() | {"max_points_per_test_image": resolution.max_points},
+        "verdict_text": verdict_text(
+            "the short classes'" if short_idx else "the", decisive["verdict"], resolution
+        ),
     }

@@ -13,14 +13,18 @@ real clean data only, `tasks/evaluator.py`):
 - utility (`tasks/utility.py`): a downstream classifier trained on the real train split
   with the augment policy on the fly, alone vs plus the accepted synthetic rows, over paired
   seeds, scored on the real test split: the mean gain with a 95% interval, overall, per
-  class and on the short classes (the classifiers: tasks/utility_trainer.py, in worker
-  processes where that pays);
+  class and on the short classes, each with its test images and the points one is worth; a
+  decisive test split too small to resolve a gain (`validate.utility_max_points_per_test_image`)
+  gives `no evidence` and `verdict_text` says so (the classifiers: tasks/utility_trainer.py,
+  in worker processes where that pays);
 - a Great Expectations suite on the synthetic rows.
 Per sample, an image is accepted when the evaluator gives its intended class at least
 `min_confidence`, it is not a near copy, it is not memorised (its nearest training image
 much closer than the second nearest, in pixels) and it is not a duplicate of an accepted
 image.
 The gates decide whether the loop may promote the accepted rows; this stage only reports.
+The utility gate reads the decisive interval's lower bound, not the verdict: a test split
+too small to resolve a gain is reported (`no evidence`, `verdict_text`), not gated.
 
 Sharded (synthloop/sharding.py): the evaluator features of the real train, val and test
 splits and of the synthetic images are computed in shards of whole batches
@@ -122,6 +126,7 @@ def evaluate_gates(gates: GateConfig, figures: dict) -> dict:
     """Each gate's threshold, value and verdict, and `passed` overall."""
     floor = max(figures["fid_real_floor"], 1e-6)
     privacy = figures.get("privacy") or {}
+    resolution = figures["utility"].get("resolution") or {}
     checks = {
         "class_consistency": (figures["class_consistency"], ">=", gates.min_class_consistency),
         "near_copy_rate": (figures["near_copy_rate"], "<=", gates.max_near_copy_rate),
@@ -131,6 +136,12 @@ def evaluate_gates(gates: GateConfig, figures: dict) -> dict:
             figures["utility"]["delta"]["low"],
             ">=",
             gates.min_utility_delta,
+        ),
+        # A test split too small to resolve a gain promotes nothing, whatever its interval.
+        "utility_resolution": (
+            resolution.get("points_per_test_image"),
+            "<=",
+            resolution.get("max_points_per_test_image"),
         ),
         "expectations": (float(figures["expectations_critical_ok"]), ">=", 1.0),
         # Not measured (None) fails, as for every gate.
@@ -224,6 +235,7 @@ def utility(
             pool,
             seeds,
             cfg.short_class_share,
+            cfg.utility_max_points_per_test_image,
         )
     log.info("validate: %d utility classifiers in %d process(es)", count, workers)
     return result
@@ -392,7 +404,7 @@ def _validate(
         figures["utility"]["delta"]["mean"] or 0.0,
         figures["utility"]["delta"]["low"],
         figures["utility"]["delta"]["high"],
-        figures["utility"]["verdict"],
+        figures["utility"]["verdict_text"],
         "passed" if gates["passed"] else f"FAILED: {', '.join(failed)}",
     )
     return report

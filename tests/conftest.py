@@ -76,6 +76,9 @@ def small_params(source_path: str = "data/raw/shapes", **clean: object) -> dict:
             "k": 3,
             "utility_steps": 10,
             "utility_seeds": 2,
+            # A handful of test images resolves no gain; these workspaces test the loop's
+            # paths, so the resolution gate is opened as far as it goes.
+            "utility_max_points_per_test_image": 100.0,
             "min_confidence": 0.0,
             "gates": {
                 "min_class_consistency": 0.0,

@@ -39,6 +39,18 @@ def test_relative_paths_resolve_against_the_params_folder(tmp_path, shapes_folde
             "clean.split",
             "must be 1",
         ),
+        (
+            lambda p: p["clean"].update(
+                split={"train": 0.8, "val": 0.1, "test": 0.1, "train_min_share": 1.2}
+            ),
+            "clean.split.train_min_share",
+            "less than or equal to 1",
+        ),
+        (
+            lambda p: p["validate"].update(utility_max_points_per_test_image=0),
+            "validate.utility_max_points_per_test_image",
+            "greater than 0",
+        ),
         (lambda p: p.update(trian={}), "trian", "unknown key"),
     ],
 )

@@ -260,12 +260,12 @@ def test_labels_that_allow_nothing_say_so_and_keep_the_old_data(demo_run):
 def test_the_demo_is_long_tailed_as_documented(demo_run):
     from tasks.demo import digit_images, long_tail
 
-    _, report = demo_run
+    demo_params, report = demo_run
     totals = {label: c["total"] for label, c in report["per_class"].items()}
     for label in ("3", "5", "8"):  # 51 kept; a defect may take one away
         assert totals[label] in (50, 51), totals
     assert min(v for k, v in totals.items() if k not in ("3", "5", "8")) >= 170
-    # The default params give a short class 10 train, 5 val and 36 test images.
+    # The default params give a short class 31 train (its 0.6 share), 5 val and 15 test images.
     params = load_params(REPO / "params.yaml")
     (source,) = params.ingest.sources
     _, targets = digit_images()
@@ -274,8 +274,13 @@ def test_the_demo_is_long_tailed_as_documented(demo_run):
     assert [per_digit[d] for d in (3, 5, 8)] == [51, 51, 51]
     assert all(per_digit[d] == (targets == d).sum() for d in (0, 1, 2, 4, 6, 7, 9))
     n_val, n_test = params.clean.split.counts(source.short_keep)
-    assert (source.short_keep - n_val - n_test, n_val, n_test) == (10, 5, 36)
+    assert (source.short_keep - n_val - n_test, n_val, n_test) == (31, 5, 15)
     assert params.clean.split.counts(180) == (18, 36)  # a rich class: the fractions
+    # The report gives each class its split and the points one test image is worth.
+    for label, c in report["per_class"].items():
+        assert c["train"] + c["val"] + c["test"] == c["total"], label
+        assert c["train"] >= demo_params.clean.split.train_floor(c["total"]), (label, c)
+        assert c["points_per_test_image"] == round(100 / c["test"], 2), (label, c)
 
 
 def test_the_kept_rows_are_validated_in_frames_grouped_by_id(demo_run, tmp_path, monkeypatch):

@@ -62,13 +62,16 @@ def test_acceptance_rules_in_order():
     assert reasons == [None, "low_confidence", "near_copy", "duplicate", None]
 
 
+RESOLVED = {"points_per_test_image": 2.0, "max_points_per_test_image": 5.0}
+
+
 def figures(**over):
     base = {
         "class_consistency": 0.9,
         "near_copy_rate": 0.01,
         "fid": 2.0,
         "fid_real_floor": 1.0,
-        "utility": {"delta": {"mean": 0.02, "low": 0.01, "high": 0.03}},
+        "utility": {"delta": {"mean": 0.02, "low": 0.01, "high": 0.03}, "resolution": RESOLVED},
         "expectations_critical_ok": True,
         "privacy": privacy(),
     }
@@ -91,7 +94,16 @@ def test_gates_pass_and_each_can_fail():
         "near_copy_rate": {"near_copy_rate": 0.5},
         "fid_ratio": {"fid": 10.0},
         # the lower bound decides: a positive mean whose interval reaches below 0 fails
-        "utility_lower_bound": {"utility": {"delta": {"mean": 0.02, "low": -0.01, "high": 0.05}}},
+        "utility_lower_bound": {
+            "utility": {"delta": {"mean": 0.02, "low": -0.01, "high": 0.05}, "resolution": RESOLVED}
+        },
+        # 12 test images: one is 8.3 points, more than the gain the split can resolve
+        "utility_resolution": {
+            "utility": {
+                "delta": {"mean": 0.2, "low": 0.1, "high": 0.3},
+                "resolution": {"points_per_test_image": 8.33, "max_points_per_test_image": 5.0},
+            }
+        },
         "expectations": {"expectations_critical_ok": False},
         "memorisation_ratio": {"privacy": privacy(memorised=0.5)},
         # the upper bound decides: an interval that reaches above the line fails

@@ -50,7 +50,8 @@ def test_the_gate_uses_the_lower_bound():
         "expectations_critical_ok": True,
     }
     for low, passed in ((0.001, True), (-0.001, False), (None, False)):
-        utility = {"delta": {"mean": 0.05, "low": low, "high": 0.1}}
+        resolution = {"points_per_test_image": 2.0, "max_points_per_test_image": 5.0}
+        utility = {"delta": {"mean": 0.05, "low": low, "high": 0.1}, "resolution": resolution}
         result = evaluate_gates(gates, figures | {"utility": utility})
         assert result["utility_lower_bound"]["passed"] is passed, low
 
@@ -87,8 +88,16 @@ def test_every_arm_trains_on_the_generators_real_images_and_pairs_its_seeds():
             val[0] = 1  # the policy is better on val: it is the baseline
         return val, pred
 
+    # 2 short-class test images (50 points each): resolvable only under a lax threshold
     result = compare_arms(
-        train, accepted, val_labels, test_labels, trainer, [0, 1, 2], short_share=0.5
+        train,
+        accepted,
+        val_labels,
+        test_labels,
+        trainer,
+        [0, 1, 2],
+        short_share=0.5,
+        max_points_per_test_image=50,
     )
     real_ids, synthetic_ids = set(train.ids), set(accepted.ids)
     for ids, _, _ in calls:
@@ -104,6 +113,13 @@ def test_every_arm_trains_on_the_generators_real_images_and_pairs_its_seeds():
     assert result["delta"] == {"mean": 0.5, "low": 0.5, "high": 0.5, "seeds": 3}
     assert result["verdict"] == "helped" and result["overall"]["verdict"] == "helped"
     assert result["per_class"]["a"]["verdict"] == "no evidence"  # no change there
+    assert result["resolution"] == {
+        "test_images": 2,
+        "points_per_test_image": 50.0,
+        "resolves": True,
+        "max_points_per_test_image": 50,
+    }
+    assert result["overall"]["test_images"] == 4 and result["per_class"]["c"]["test_images"] == 2
 
 
 def test_the_baseline_is_chosen_on_val_never_on_test():
@@ -180,3 +196,65 @@ def test_one_accepted_image_has_no_tstr_arm_and_the_main_arms_still_run():
     assert result["synthetic_images"] == 1 and sorted(set(sizes)) == [12, 13]
     with pytest.raises(ValueError, match="at least 2 training images, got 1"):
         train_net(EvaluatorConfig(epochs=1), Splits(accepted, train, train), torch.device("cpu"))
+
+
+def short_class_case(short_test_images: int, seeds: list[int]) -> dict:
+    """Class c is short (4 train images); the synthetic rows put 3 of its test images right
+    on every seed, a gain the seeds agree on exactly."""
+    classes = ["a", "b", "c"]
+    train = images([0] * 20 + [1] * 20 + [2] * 4, 0, classes)
+    accepted = images([2] * 6, 100, classes)
+    val_labels = torch.tensor([0, 1, 2])
+    test_labels = torch.tensor([0] * 10 + [1] * 10 + [2] * short_test_images)
+
+    def trainer(data: ImageTensors, seed: int, augment: bool):  # noqa: ANN202
+        pred = test_labels.clone()
+        if len(data) == len(train):  # no synthetic rows: three of c's images wrong
+            pred[20:23] = 0
+        return val_labels.clone(), pred
+
+    return compare_arms(train, accepted, val_labels, test_labels, trainer, seeds, 0.5)
+
+
+def test_a_short_test_split_too_small_to_resolve_a_gain_is_no_evidence_and_says_so():
+    from flows.summaries import helped_verdict, utility_table_markdown
+
+    small = short_class_case(15, [0, 1, 2])
+    assert small["delta"]["low"] == pytest.approx(0.2)  # the interval alone would say helped
+    assert small["verdict"] == "no evidence" and small["short"]["verdict"] == "no evidence"
+    assert small["resolution"] == {
+        "test_images": 15,
+        "points_per_test_image": 6.67,
+        "resolves": False,
+        "max_points_per_test_image": 5.0,  # validate.utility_max_points_per_test_image
+    }
+    assert small["verdict_text"].startswith(
+        "no evidence: the short classes' test split has 15 images (6.7 points each), "
+        "too few to resolve a gain"
+    ), small["verdict_text"]
+    sentence = helped_verdict({"utility": small})
+    assert "**no evidence**" in sentence and "on 15 test images (6.67 points each)" in sentence
+    assert "too few to resolve a gain" in sentence
+    assert "| test split | 35 test images (2.86 points each) | 15 test images (6.67 points" in (
+        utility_table_markdown(small)
+    )
+    # The overall figure has 35 test images (2.9 points each): resolvable, so it reads the
+    # interval.
+    assert small["overall"]["resolves"] and small["overall"]["verdict"] == "helped"
+
+    # 20 images are 5 points each, at the threshold: the same gain is resolvable.
+    enough = short_class_case(20, [0, 1, 2])
+    assert enough["verdict"] == "helped" and enough["resolution"]["resolves"]
+    assert (
+        enough["verdict_text"]
+        == "helped: the short classes' test split has 20 images (5.0 points each)"
+    )
+    assert "too few" not in helped_verdict({"utility": enough})
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice")  # c has no test rows to score
+def test_no_test_images_of_the_decisive_classes_is_no_evidence():
+    none = short_class_case(0, [0, 1])
+    assert none["resolution"]["points_per_test_image"] is None
+    assert none["verdict"] == "no evidence"
+    assert none["verdict_text"] == "no evidence: the short classes' test split has no images"

@@ -3,12 +3,14 @@ sheet, the Great Expectations validation of the kept rows, and the message when 
 kept.
 
 Contract: `build_report` checks its own arithmetic (every ingested row is kept or
-quarantined, once). The sheet shows the first clean.near_duplicate_sheet_pairs
-near-duplicates in the order of the removed rows' ids, each beside the kept image it
-matched. The kept rows are read back from the split folders as streams, never as one frame:
-counted for the report (`kept_counts`) and validated in frames of at most EXPECTATION_ROWS
-rows (`kept_batches`), so memory does not grow with the dataset. Great Expectations is
-imported only when validating (seconds): a caller that started the import in the background
+quarantined, once) and gives each class its train/val/test counts and the accuracy points
+one of its test images is worth (`points_per_test_image`: the resolution the split leaves).
+The sheet shows the first clean.near_duplicate_sheet_pairs near-duplicates in the order of
+the removed rows' ids, each beside the kept image it matched. The kept rows are read back
+from the split folders as streams, never as one frame: counted for the report
+(`kept_counts`) and validated in frames of at most EXPECTATION_ROWS rows (`kept_batches`),
+so memory does not grow with the dataset. Great Expectations is imported only when
+validating (seconds): a caller that started the import in the background
 (`workers.start_gx_import`) hands its thread in.
 """
 
@@ -105,11 +107,17 @@ def build_report(
     reasons: Counter[str],
     converted: Counter[str],
 ) -> dict:
-    """reports/clean.json's content; `kept` counts the kept rows by (label, split)."""
+    """reports/clean.json's content; `kept` counts the kept rows by (label, split). Per
+    class: its train, val and test rows, their total, and `points_per_test_image`, the
+    accuracy points one test image is worth (100 / test rows; None without test rows): the
+    resolution the split leaves for judging that class."""
     labels = sorted({label for label, _ in kept})
     per_class = {
         str(label): {s: kept[(label, s)] for s in SPLITS}
-        | {"total": sum(kept[(label, s)] for s in SPLITS)}
+        | {
+            "total": sum(kept[(label, s)] for s in SPLITS),
+            "points_per_test_image": points_per_test_image(kept[(label, "test")]),
+        }
         for label in labels
     }
     quarantined = dict(sorted(reasons.items()))
@@ -125,6 +133,11 @@ def build_report(
     }
     assert report["ingested"] == report["kept"] + report["quarantined_total"], report
     return report
+
+
+def points_per_test_image(test_rows: int) -> float | None:
+    """Accuracy points (of 100) that one of `test_rows` test images is worth."""
+    return round(100 / test_rows, 2) if test_rows else None
 
 
 def nothing_kept_message(

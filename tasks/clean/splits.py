@@ -1,9 +1,15 @@
 """Split assignment: which kept row goes to train, val or test.
 
 Contract: deterministic and stratified. Within each class, rows are ordered by a seeded
-hash of their id (`split_keys`); the first share goes to val, the next to test (at least
-`split.test_min_per_class`), the rest to train. The same ids, labels, split params and seed
-give the same splits whatever the file order or the number of shards.
+hash of their id (`split_keys`); the first rows go to val, the next to test, the rest to
+train, in the numbers `SplitConfig.counts` gives a class of n rows: training keeps
+`train_floor(n)` = min(n - v, max(2, ceil(split.train_min_share * n))) rows whatever else
+asks (v: the class's one val row, where the val fraction gives one); val gets round(n * val)
+of the rest, test max(round(n * test), split.test_min_per_class) of what is then left, and
+train the remainder. A short class thus keeps its training data and its test split is what
+remains: clean's report gives each class's test count and the accuracy points one test
+image is worth. The same ids, labels, split params and seed give the same splits whatever
+the file order or the number of shards.
 """
 
 from __future__ import annotations
@@ -31,8 +37,9 @@ def assign_splits(
     seed: int,
 ) -> np.ndarray:
     """Deterministic stratified split: within each class, rows ordered by a seeded hash of
-    their id (`split_keys`); the first share goes to val, the next to test (at least
-    `split.test_min_per_class`), the rest to train. (n,) object: a SPLITS name per row."""
+    their id (`split_keys`); the first `split.counts` val rows go to val, the next test rows
+    to test, the rest (at least `split.train_floor`) to train. (n,) object: a SPLITS name
+    per row."""
     codes = split_codes(labels, split, split_keys(ids, seed))
     return np.array(SPLITS, dtype=object)[codes]
 
