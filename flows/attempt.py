@@ -9,6 +9,7 @@ other fails fast. Sharded stages compute their shards as parallel tasks first.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from flows.bakeoff import bakeoff_row, run_bakeoff
 from flows.loop import apply_overrides, dvc_add, dvc_hashes, stale_stages, tool_env
@@ -144,8 +146,9 @@ def run_attempt(
 ) -> dict:
     """One attempt: the DVC stages in order (their shards first), then the validation report.
     With `bakeoff`, the family stages run once per family of `loop.families` first
-    (flows/bakeoff.py), and params.yaml is left at the winner's family."""
-    logger = get_run_logger()
+    (flows/bakeoff.py), and params.yaml is left at the winner's family. Before fuse, the
+    drift since the start is measured (when clean reran) and a pool made from data the run
+    moved away from is retired (`retire_stale_pool`)."""
     params = load_params(params_file)
     table = None
     if not probe_drift:
@@ -156,6 +159,7 @@ def run_attempt(
 
         drift = DriftProbe(params)
     drift_fid: float | None = None
+    retired: dict | None = None
     stages: dict[str, str] = {}
     seconds: dict[str, float] = {}  # wall time of each stage that ran, its shards included
     shards: dict[str, dict] = {}
@@ -167,6 +171,14 @@ def run_attempt(
             table = _bakeoff(workspace, params_file, params.loop.families, force)
             force = False  # the winner's outputs come back from DVC's run cache
             stale = set(stale_stages(workspace))
+        if stage == "fuse":  # before fuse reads the pool
+            if drift is not None and (stages["clean"] == "ran" or drift.moved_at_start):
+                drift_fid = _measure_drift(drift, params)
+            retired = retire_stale_pool(
+                str(workspace), str(params_file), drift_fid, drift.reason if drift else None
+            )
+            if retired:
+                stale = set(stale_stages(workspace))  # the pool changed: fuse must rerun
         if not (force or stage in stale):
             stages[stage] = "skipped"
             continue
@@ -179,13 +191,6 @@ def run_attempt(
         seconds[stage] = round(time.perf_counter() - began, 2)
         if stage != STAGE_ORDER[-1]:
             stale = set(stale_stages(workspace))
-        if stage == "clean" and drift is not None:
-            drift_fid = drift.measure()
-            if drift_fid is not None:
-                logger.info("drift: evaluator FID old vs new clean train = %.3f", drift_fid)
-                if drift_fid > params.loop.drift_threshold:
-                    # New data moved the distribution: no resuming old training state.
-                    shutil.rmtree(params.train.checkpoints, ignore_errors=True)
     params = load_params(params_file)  # after a bake-off: the winner's
     validation = read_json(params.validation.report)
     record = {
@@ -209,7 +214,84 @@ def run_attempt(
     if drift_fid is not None:
         record["drift_fid"] = drift_fid
         record["drift_retrain_from_scratch"] = drift_fid > params.loop.drift_threshold
+        if drift is not None and drift.reason:
+            record["drift_reason"] = drift.reason
+    if retired:
+        record["pool_retired"] = retired
     return record
+
+
+def _measure_drift(drift, params) -> float | None:  # noqa: ANN001 (a DriftProbe, Params)
+    """The drift since the run started; beyond the threshold, the generator's training state
+    is dropped (the distribution moved: nothing to resume)."""
+    fid = drift.measure()
+    if fid is not None:
+        get_run_logger().info(
+            "drift: evaluator FID old vs new clean train = %.3f%s",
+            fid,
+            f" ({drift.reason})" if drift.reason else "",
+        )
+        if fid > params.loop.drift_threshold:
+            shutil.rmtree(params.train.checkpoints, ignore_errors=True)
+    return fid
+
+
+# Never cached: what it retires depends on the pool on disk, not on its arguments.
+@task(name="retire-stale-pool", cache_policy=NO_CACHE)
+def retire_stale_pool(
+    workspace: str, params_file: str, drift_fid: float | None, drift_reason: str | None
+) -> dict | None:
+    """Retire the live pool shards made from data the run moved away from, before fuse reads
+    them; returns the record (None: nothing retired).
+
+    Beyond `loop.drift_threshold` (infinity included) every live shard goes; within it, a
+    shard whose image size differs from the clean train split's (drift beyond measuring, and
+    fuse cannot mix it in: a run that stopped after clean leaves that). Retiring is `dvc move`
+    into `retired/` with the reason in each `.dvc` file: restorable, and git and the DVC cache
+    keep the shards; the run's commit records it.
+    """
+    from flows.pool_admin import retire_shards
+    from tasks.pool import describe_sizes, image_sizes, live_sizes
+
+    params = load_params(params_file)
+    pool, threshold = params.loop.pool, params.loop.drift_threshold
+    live = live_sizes(pool)
+    if not live:
+        return None
+    if drift_fid is not None and drift_fid > threshold:
+        names = sorted(live)
+        why = drift_reason or f"evaluator FID {drift_fid:.3f}"
+        reason = f"the real data moved beyond loop.drift_threshold ({threshold}): {why}"
+    else:
+        train = image_sizes(params.clean.output / "train")
+        names = sorted(name for name, sizes in live.items() if train and not sizes <= train)
+        if not names:
+            return None
+        drift_fid = float("inf")
+        old = set().union(*(live[name] for name in names))
+        reason = (
+            f"image size changed: the pool holds {describe_sizes(old)}, the clean train "
+            f"split {describe_sizes(train)}"
+        )
+    record = {
+        "reason": reason,
+        "drift_fid": drift_fid,
+        "drift_threshold": threshold,
+        **retire_shards(Path(workspace), pool, names, reason),
+        "restore": f"dvc move {_rel(workspace, pool)}/retired/SHARD {_rel(workspace, pool)}/SHARD",
+    }
+    get_run_logger().warning(
+        "pool: retired %d shard(s), %d rows, into %s: %s",
+        len(names),
+        record["rows"],
+        pool / "retired",
+        reason,
+    )
+    return record
+
+
+def _rel(workspace: str, path: Path) -> str:
+    return os.path.relpath(path, workspace)
 
 
 class BakeoffFailed(RuntimeError):

@@ -1,4 +1,4 @@
-"""The pool under DVC: rename legacy shards, adopt orphans, retire a shard, reset, show.
+"""The pool under DVC: rename legacy shards, adopt orphans, retire shards, reset, show.
 
 `tasks/pool.py` owns the shards' contents; this module owns their DVC records (a new
 shard is versioned with `flows.loop.dvc_add`). Every change goes through DVC (`dvc add`,
@@ -6,6 +6,8 @@ shard is versioned with `flows.loop.dvc_add`). Every change goes through DVC (`d
 `.gitignore` entries and the cache stay in step, and git keeps the history: a retired
 shard's old `.dvc` file is in the run branch's earlier commits, and its data in the DVC
 cache and remote. Callers hold the workspace lock (the flow does; so does `synthloop pool`).
+The flow retires shards itself (`retire_shards`) when the real data moved beyond
+`loop.drift_threshold` (flows/attempt.py).
 """
 
 from __future__ import annotations
@@ -87,6 +89,21 @@ def retire_shard(workspace: Path, pool: Path, name: str, reason: str) -> Path:
     else:
         shard.rename(target)
     return target
+
+
+def retire_shards(workspace: Path, pool: Path, names: list[str], reason: str) -> dict:
+    """Retire live shards with one reason, each as `retire_shard` does (restorable: `dvc
+    move` it back); returns the shards and their rows, in all and per class."""
+    live = {e["shard"]: e for e in describe_pool(pool) if not e["retired"]}
+    per_class: Counter[str] = Counter()
+    for name in names:
+        retire_shard(workspace, pool, name, reason)
+        per_class.update(live[name]["per_class"])
+    return {
+        "shards": list(names),
+        "rows": per_class.total(),
+        "per_class": dict(sorted(per_class.items())),
+    }
 
 
 def reset_pool(workspace: Path, pool: Path) -> list[str]:

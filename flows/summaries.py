@@ -106,6 +106,7 @@ def loop_summary_markdown(loop: dict) -> str:
     ]
     if reasons:
         lines += ["", "Retrains, and why:", *reasons]
+    lines += [pool_retired_markdown(r) for r in loop["attempts"] if r.get("pool_retired")]
     verdict = loop.get("verdict")
     if verdict:
         lines += ["", verdict]
@@ -118,6 +119,17 @@ def loop_summary_markdown(loop: dict) -> str:
     if privacy:
         lines += ["", privacy_table_markdown(privacy)]
     return "\n".join(lines)
+
+
+def pool_retired_markdown(record: dict) -> str:
+    """One paragraph: the pool shards an attempt retired before fuse, why, how to restore."""
+    r = record["pool_retired"]
+    return (
+        f"\n**Pool retired** (round {record['round']} attempt {record['attempt']}): "
+        f"{r['rows']} rows in {len(r['shards'])} shard(s) moved to `retired/`, because "
+        f"{r['reason']} (drift FID {r['drift_fid']:.3f}, threshold {r['drift_threshold']}). "
+        f"Restore one with `{r['restore']}`."
+    )
 
 
 def bakeoff_table_markdown(table: dict) -> str:
@@ -197,7 +209,8 @@ def _cell3(value: float | None) -> str:
 
 def utility_table_markdown(util: dict) -> str:
     """The verdict table: per arm, overall and short-class test accuracy; then the gain of
-    baseline+synthetic over the baseline with its 95% interval, and what it means."""
+    baseline+synthetic over the baseline with its 95% interval, the test images behind each
+    column (and the points one is worth), and what it means."""
     short = util.get("short_classes") or []
     overall, short_fig = util.get("overall") or {}, util.get("short") or {}
     reference = util.get("reference") or {}
@@ -233,6 +246,7 @@ def utility_table_markdown(util: dict) -> str:
         "| --- | ---: | ---: |",
         *(f"| {arm} | {_cell(a)} | {_cell(b)} |" for arm, a, b in rows),
         f"| **gain over the baseline** | {_gain(overall)} | {_gain(short_fig) if short else '-'} |",
+        f"| test split | {_images(overall)} | {_images(short_fig) if short else '-'} |",
         f"| **verdict** | {overall.get('verdict', '-')} | "
         f"{short_fig.get('verdict', '-') if short else '-'} |",
     ]
@@ -250,13 +264,29 @@ def helped_verdict(validation: dict) -> str:
         if util.get("decisive") == "short"
         else "all classes"
     )
+    resolution = util.get("resolution") or {}
+    too_small = (
+        f"; too few to resolve a gain (one image may be worth at most "
+        f"{resolution.get('max_points_per_test_image'):g} points)"
+        if resolution.get("resolves") is False
+        else ""
+    )
     return (
         f"On {where}, the accepted synthetic data: **{decisive.get('verdict')}** against the "
         f"better of real data with and without plain augmentation "
         f"({util.get('baseline', 'real+aug')}, chosen on val): {decisive.get('baseline')} -> "
         f"{decisive.get('baseline+synthetic')} test accuracy, gain {_gain(decisive)} "
-        f"over {len(util.get('seeds', []))} paired seeds."
+        f"over {len(util.get('seeds', []))} paired seeds"
+        + (f", on {_images(decisive)}{too_small}." if "test_images" in decisive else ".")
     )
+
+
+def _images(figure: dict) -> str:
+    """A figure's test images and the accuracy points one is worth."""
+    n, points = figure.get("test_images"), figure.get("points_per_test_image")
+    if n is None:
+        return "-"
+    return f"{n} test images ({points:g} points each)" if points is not None else f"{n} test images"
 
 
 def _decisive(util: dict) -> dict:

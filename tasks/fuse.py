@@ -156,7 +156,11 @@ def check_sizes(frames: dict[str, pd.DataFrame], paths: dict[str, Path]) -> dict
         )
         raise ValueError(
             f"fuse: all sources must share one image size and channel count; found {found}. "
-            "Regenerate the odd source with the current clean.image_size and clean.channels."
+            "A pool made from earlier data (another image size) goes with `synthloop pool "
+            "reset` (or `synthloop pool retire SHARD --reason TEXT`); `synthloop run` "
+            "retires it itself when the real data changed beyond loop.drift_threshold. "
+            "Regenerate any other odd source with the current clean.image_size and "
+            "clean.channels (`dvc repro`)."
         )
     ((height, width, channels),) = distinct
     return {"height": int(height), "width": int(width), "channels": int(channels)}

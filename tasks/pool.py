@@ -14,6 +14,9 @@
   `auto` is what fuse can mix in for that class) and the whole pool at `loop.max_pool_rows`.
 - Retired shards (`synthloop pool retire`) live in `retired/`: fuse does not read them, but
   their ids still count as "already in the pool", so a retired row is never promoted again.
+  The flow retires the whole live pool itself when the real data moved beyond
+  `loop.drift_threshold`, and any live shard whose image size differs from the clean train
+  split's (`live_sizes`): such rows came from other data, and fuse cannot mix them in.
 - Shards named `part-rNNNN.parquet` come from the first naming scheme (round numbers only);
   `legacy_name` gives each a name in the current scheme that sorts before every new one.
 """
@@ -31,7 +34,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from synthloop.dataset import IMAGE_SCHEMA, atomic_file, file_hash, iter_batches, shard_paths
+from synthloop.dataset import (
+    IMAGE_SCHEMA,
+    atomic_file,
+    file_hash,
+    iter_batches,
+    read_columns,
+    shard_paths,
+)
 
 POOL_SCHEMA = IMAGE_SCHEMA.append(pa.field("round", pa.int32()))
 POOL_SCHEMA = POOL_SCHEMA.append(pa.field("run", pa.string()))
@@ -83,6 +93,29 @@ def pool_counts(pool: Path) -> dict[str, int]:
     for path in _shards(pool):
         counts.update(pq.read_table(path, columns=["label"]).column("label").to_pylist())
     return dict(sorted(counts.items()))
+
+
+Size = tuple[int, int, int]  # height, width, channels
+_SIZE_COLUMNS = ["height", "width", "channels"]
+
+
+def _sizes(table: pa.Table) -> set[Size]:
+    rows = table.to_pydict()
+    return set(zip(*(rows.get(c, []) for c in _SIZE_COLUMNS), strict=True))
+
+
+def image_sizes(directory: Path) -> set[Size]:
+    """Every (height, width, channels) among a dataset's rows, read from its small columns."""
+    return _sizes(read_columns(directory, _SIZE_COLUMNS))
+
+
+def live_sizes(pool: Path) -> dict[str, set[Size]]:
+    """Per live shard, the (height, width, channels) of its rows: fuse reads one size only."""
+    return {p.name: _sizes(pq.read_table(p, columns=_SIZE_COLUMNS)) for p in _shards(pool)}
+
+
+def describe_sizes(sizes: set[Size]) -> str:
+    return ", ".join(f"{h}x{w} with {c} channel(s)" for h, w, c in sorted(sizes)) or "no rows"
 
 
 def pool_targets(
