@@ -39,12 +39,14 @@ class StageFailed(RuntimeError):
 
 
 def _retry_if_transient(task, task_run, state) -> bool:  # noqa: ANN001 (Prefect's signature)
+    """Retry only a stage failure DVC reported as transient; anything else fails fast (a
+    missing `dvc`, a bug, a crash: a retry would only repeat it)."""
     try:
         state.result()
     except StageFailed as err:
         return err.transient
     except Exception:
-        return True
+        return False
     return False
 
 
@@ -107,11 +109,12 @@ def promote_accepted(
         result["renamed_legacy_shards"] = renamed
     if result["shard"]:
         result["md5"] = dvc_add(Path(workspace), Path(pool) / result["shard"])
+    where = f"as {result['shard']}" if result["shard"] else "(no shard written)"
     get_run_logger().info(
-        "round %d: promoted %d accepted rows as %s (%d already in the pool, %d over target)",
+        "round %d: promoted %d accepted rows %s (%d already in the pool, %d over target)",
         round_no,
         result["promoted"],
-        result["shard"],
+        where,
         result["already_in_pool"],
         result["over_target"],
     )
@@ -357,7 +360,7 @@ def promote_within_room(
     pool = params.loop.pool
     train_per_class = {c: v["train"] for c, v in clean_report.get("per_class", {}).items()}
     targets = pool_targets(
-        train_per_class, params.loop.target_per_class, dict(params.fuse.max_share)
+        train_per_class, params.loop.target_per_class, params.loop.synthetic_multiple
     )
     before = pool_counts(pool)
     room, total = pool_room(before, targets, params.loop.max_pool_rows)

@@ -37,7 +37,7 @@ from flows.loop import (
 )
 from flows.parameters import RunParameters
 from flows.retrain import Retrain, choose_retrain, evidence_from
-from flows.rounds import Attempt, Finish, decide
+from flows.rounds import Attempt, Finish, decide, nothing_promoted_reason
 from flows.summaries import (
     clean_summary_markdown,
     helped_verdict,
@@ -130,7 +130,9 @@ def closed_loop(
         # Something was promoted at this data version: the next run can skip.
         _write_state(load_params(params_file), workspace, params_file, run_name)
         result["version"] = version_run(str(params_file), run_name, result)
-    return result
+    # The state's message is the end state in words ("promoted in round 1", "nothing
+    # promoted: every class at its target ..."): what the UI's run list shows.
+    return Completed(message=result["message"], data=result)
 
 
 def _run_key() -> str:
@@ -260,11 +262,12 @@ def _rounds(workspace: Path, params_file: Path, force: bool, key: str) -> dict:
             record["retrain_step"], record["retrain_overrides"] = step.retrain_step, applied
             record["retrain_reason"] = reason
             clean_report = read_json(load_params(params_file).clean.report)
-            full, pending = False, None
+            full, pending, nothing = False, None, None
             if record["passed"]:
                 record["promotion"], full = promote_within_room(
                     workspace, params_file, key, step.round, clean_report
                 )
+                nothing = nothing_promoted_reason(record["promotion"])
             else:
                 logger.warning(
                     "round %d attempt %d: gates failed: %s",
@@ -284,6 +287,7 @@ def _rounds(workspace: Path, params_file: Path, force: bool, key: str) -> dict:
                     tuple(record["failed_gates"]),
                     full,
                     retrainable=loop_cfg.retrain != "auto" or pending is not None,
+                    nothing_promoted=nothing,
                 )
             )
     except BaseException:
@@ -299,7 +303,7 @@ def _rounds(workspace: Path, params_file: Path, force: bool, key: str) -> dict:
 
     loop = {
         "run": key,
-        "result": "promoted" if finish.succeeded else "failed",
+        "result": run_result(finish),
         "end": finish.reason,
         "message": finish.message,
         "rounds": finish.rounds,
@@ -327,6 +331,7 @@ def _rounds(workspace: Path, params_file: Path, force: bool, key: str) -> dict:
             f"{finish.message}. See {loop_cfg.report} and {params.validation.report}."
         )
     return {
+        "result": loop["result"],
         "rounds": finish.rounds,
         "attempts": finish.attempts,
         "promoted_rounds": list(finish.promoted_rounds),
@@ -337,6 +342,14 @@ def _rounds(workspace: Path, params_file: Path, force: bool, key: str) -> dict:
         "ingested": clean_report.get("ingested"),
         "pool_per_class": loop["pool_per_class"],
     }
+
+
+def run_result(finish: Finish) -> str:
+    """`promoted` (rows went into the pool), `nothing promoted` (the gates passed, the pool
+    gained nothing: the message says why) or `failed`."""
+    if finish.promoted_rounds:
+        return "promoted"
+    return "nothing promoted" if finish.succeeded else "failed"
 
 
 def _next_retrain(params_file: Path, record: dict, records: list[dict], loop_cfg) -> Retrain | None:  # noqa: ANN001

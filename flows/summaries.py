@@ -74,7 +74,8 @@ def sample_grid_markdown(png: Path) -> str:
 def loop_summary_markdown(loop: dict) -> str:
     """One table for the whole run: per attempt, the gates, acceptance and whether it helped;
     then the end state in one line, and the verdict from the rounds that promoted."""
-    state = "promoted" if loop.get("result") == "promoted" else "FAILED"
+    result = loop.get("result")
+    state = {"promoted": "promoted", "nothing promoted": "nothing promoted"}.get(result, "FAILED")
     lines = [
         "# Closed loop",
         "",

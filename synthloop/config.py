@@ -395,9 +395,10 @@ class AugmentConfig(_Model):
 
 
 class FuseConfig(_Model):
-    max_share: dict[Literal["augmented", "synthetic"], float] = Field(
-        default_factory=lambda: {"augmented": 0.4, "synthetic": 0.3},
-        description="each source at most this share of any class in the fused set",
+    max_share: dict[Literal["augmented"], float] = Field(
+        default_factory=lambda: {"augmented": 0.4},
+        description="each source at most this share of any class in the fused set; a "
+        "class's synthetic rows are capped at its pool target instead (loop.target_per_class)",
     )
     seed: int = 0
     shard_rows: PositiveInt = 8192
@@ -412,6 +413,16 @@ class FuseConfig(_Model):
     @classmethod
     def _out(cls, path: Path, info: ValidationInfo) -> Path:
         return _resolve(path, info)
+
+    @field_validator("max_share", mode="before")
+    @classmethod
+    def _no_synthetic_share(cls, shares: Any) -> Any:
+        if isinstance(shares, dict) and "synthetic" in shares:
+            raise ValueError(
+                "synthetic: no longer a share; fuse mixes in at most a class's pool target "
+                "(loop.target_per_class, loop.synthetic_multiple), so remove this key"
+            )
+        return shares
 
     @field_validator("max_share")
     @classmethod
@@ -729,9 +740,16 @@ class LoopConfig(_Model):
     max_retrains: int = Field(2, ge=0)
     target_per_class: PositiveInt | Literal["auto"] | None = Field(
         "auto",
-        description="a class stops growing in the pool at this many rows; auto: what fuse "
-        "can mix in (fuse.max_share); null: no per-class bound. The run ends once every "
-        "class is there",
+        description="a class stops growing in the pool, and fuse mixes in, at most this "
+        "many synthetic rows of it; auto: its gap to the largest class, at most "
+        "synthetic_multiple times its real train rows (the largest class gets none); null: "
+        "no per-class bound. The run ends once every class is there",
+    )
+    synthetic_multiple: float = Field(
+        1.0,
+        gt=0,
+        description="target_per_class auto: a class gets at most this many synthetic rows "
+        "per real train row (1: synthetic rows never outnumber a class's real ones)",
     )
     max_pool_rows: PositiveInt | None = Field(
         50_000, description="the pool as a whole stops growing at this many rows"

@@ -6,7 +6,8 @@ pool, or one without shards, is empty). Then, in this order:
 
   duplicate_id  an id already seen in a higher-priority source (or earlier in the same one)
   feedback      rejected in `data/feedback/`, or descended (via parent_id) from a rejected row
-  cap           over the source's `fuse.max_share` of its class (below)
+  cap           over the source's cap in its class: the synthetic rows' pool target, the
+                augmented rows' `fuse.max_share` (below)
 
 Feedback: every *.csv / *.parquet file in `fuse.feedback` (listed by
 `tasks.feedback.feedback_files`, which refuses a file that resolves outside that folder;
@@ -20,18 +21,23 @@ is ignored too. Anything else (an unknown id, an unknown or empty verdict) is li
 `problems` in the report with its file and row (1 = the first data row); the valid rows
 still apply.
 
-Caps: with R real rows in a class and the kept augmented/synthetic rows k_s, every capped
-source s must satisfy k_s <= share_s * (R + sum of k), i.e. k_s <= share_s / (1 - share_s)
-* (R + the other sources' k). Fuse keeps the component-wise largest counts meeting all
-bounds at once: starting from every available row, it applies
-k_s <- min(available_s, floor(share_s / (1 - share_s) * (R + sum_{o != s} k_o))) until
-nothing changes. The map is monotone, so this stops at the greatest fixed point, which
-holds every bound and is at least as large as any other choice that does; shares are read
-as exact decimals, so 0.3 means 3/10. When the shares sum below 1, k_s never exceeds
-share_s * R / (1 - sum of shares) (e.g. R=10, shares 0.3/0.2 -> 6 and 4), so a class without
-real rows gets no capped rows; shares summing to 1 or more bound each source against the
-others only. A source missing from max_share is not capped. Which rows stay under a cap: the
-first k_s by blake2b("seed:id"), deterministic and independent of file order.
+Caps: the synthetic rows of a class are capped at its pool target, `tasks.pool.pool_targets`
+over the clean train split's rows per class (`loop.target_per_class`; auto: min(floor(m * R),
+R_max - R) with m = `loop.synthetic_multiple`, R the class's real rows, R_max the largest
+class's; 0 for a class without real rows), the number at which promotion stops the class
+growing, so fuse mixes in every pooled row (feedback aside) while the targets stand. A source in
+`fuse.max_share` (the augmented rows; a synthetic share is refused by the config) is capped
+by its share: with R real rows in a class and the kept augmented/synthetic rows k_s, every
+capped source s must satisfy k_s <= share_s * (R + sum of k), i.e. k_s <= share_s / (1 -
+share_s) * (R + the other sources' k). Fuse keeps the component-wise largest counts meeting
+all bounds at once: starting from every available row (synthetic: at most the target), it
+applies k_s <- min(available_s, floor(share_s / (1 - share_s) * (R + sum_{o != s} k_o)))
+until nothing changes. The map is monotone, so this stops at the greatest fixed point, which
+holds every bound and is at least as large as any other choice that does; shares are read as
+exact decimals, so 0.4 means 2/5. No share cuts the synthetic rows: a class keeps
+min(its pooled rows, its target); with the defaults (m = 1, augmented 0.4) real rows stay at
+least 30% of a class. Which rows stay under a cap: the first k_s by blake2b("seed:id"),
+deterministic and independent of file order.
 
 All sources must share one image size and channel count. Nothing is decoded: rows stream
 through as PNG bytes.
@@ -50,7 +56,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from synthloop.config import FuseConfig, Params
+from synthloop.config import FuseConfig, LoopConfig, Params
 from synthloop.dataset import (
     IMAGE_SCHEMA,
     ShardWriter,
@@ -62,6 +68,7 @@ from synthloop.dataset import (
     write_json,
 )
 from tasks.feedback import feedback_files
+from tasks.pool import pool_targets
 
 log = logging.getLogger(__name__)
 
@@ -233,8 +240,10 @@ def read_feedback(directory: Path) -> Feedback:
 # --- the stage ------------------------------------------------------------------------------
 
 
-def run_fuse(cfg: FuseConfig) -> dict:
-    """Fuse the sources into `cfg.output`; returns the report it writes to `cfg.report`."""
+def run_fuse(cfg: FuseConfig, loop: LoopConfig | None = None) -> dict:
+    """Fuse the sources into `cfg.output`; returns the report it writes to `cfg.report`.
+    `loop` holds the pool targets' rule (its defaults when None)."""
+    loop = loop or LoopConfig()
     remove_stale_temporaries(cfg.output)
     paths = {"real": cfg.clean, "augmented": cfg.augmented, "synthetic": cfg.pool}
     frames = {
@@ -260,11 +269,21 @@ def run_fuse(cfg: FuseConfig) -> dict:
     direct = by_feedback & rows["id"].isin(rejected)
 
     alive = ~duplicate & ~by_feedback
+    # The clean train split's rows per class, as promotion counts them (clean.json), so the
+    # synthetic cap is the pool's own target.
+    real_rows = frames["real"]["label"].value_counts()
+    targets = pool_targets(
+        {c: int(real_rows.get(c, 0)) for c in sorted(set(rows["label"]))},
+        loop.target_per_class,
+        loop.synthetic_multiple,
+    )
     capped = pd.Series(False, index=rows.index)
     keys = rank_keys(rows["id"], cfg.seed)
-    for _, group in rows[alive].groupby("label", sort=True):
+    for label, group in rows[alive].groupby("label", sort=True):
         counts = group["kind"].value_counts()
         available = {s: int(counts.get(s, 0)) for s in SOURCES[1:]}
+        if targets[label] is not None:
+            available["synthetic"] = min(available["synthetic"], targets[label])
         caps = share_caps(int(counts.get("real", 0)), available, dict(cfg.max_share))
         for source, cap in caps.items():
             members = group.index[group["kind"] == source]
@@ -299,6 +318,7 @@ def run_fuse(cfg: FuseConfig) -> dict:
         dropped = per_kind(capped & in_class)
         per_class[label] = kept | {
             "total": sum(kept.values()),
+            "synthetic_target": targets[label],
             "dropped_by_cap": {s: dropped[s] for s in SOURCES[1:]},
         }
     report = {
@@ -312,6 +332,10 @@ def run_fuse(cfg: FuseConfig) -> dict:
             "cap": per_kind(capped),
         },
         "max_share": dict(cfg.max_share),
+        "synthetic_target": {
+            "target_per_class": loop.target_per_class,
+            "synthetic_multiple": loop.synthetic_multiple,
+        },
         "feedback": {
             "files": feedback.files,
             "rows": len(feedback.rows),
@@ -352,4 +376,4 @@ def _requests(feedback: pd.DataFrame) -> int:
 
 
 def run_stage(params: Params) -> dict:
-    return run_fuse(params.fuse)
+    return run_fuse(params.fuse, params.loop)

@@ -10,8 +10,12 @@
 - A process killed between the rename and `dvc add` leaves an orphan: a complete shard
   without a `.dvc` record (`pool_orphans`). The next run adopts it
   (`flows.pool_admin.adopt_orphans`) before it reads the pool; its rows passed the gates.
-- The pool is bounded: a class stops growing at its target (`loop.target_per_class`;
-  `auto` is what fuse can mix in for that class) and the whole pool at `loop.max_pool_rows`.
+- The pool is bounded: a class stops growing at its target (`pool_targets`: by default it
+  fills the class's gap to the largest class, at most `loop.synthetic_multiple` times its real
+  rows) and the whole pool at `loop.max_pool_rows`. Fuse mixes in at most the same target
+  per class, so the pool never holds rows fuse would not read while the targets stand.
+- Which accepted rows a promotion takes is one pure function, `select_for_pool`; validate
+  scores the same rows (tasks/validate.py), so its verdict is about what the pool receives.
 - Retired shards (`synthloop pool retire`) live in `retired/`: fuse does not read them, but
   their ids still count as "already in the pool", so a retired row is never promoted again.
   The flow retires the whole live pool itself when the real data moved beyond
@@ -23,12 +27,16 @@
 
 from __future__ import annotations
 
-import math
 import re
 import secrets
 from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from fractions import Fraction
+from math import floor
 from pathlib import Path
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -120,25 +128,43 @@ def describe_sizes(sizes: set[Size]) -> str:
 
 def pool_targets(
     train_per_class: dict[str, int],
-    target_per_class: int | str | None,
-    max_share: dict[str, float],
+    target_per_class: int | Literal["auto"] | None,
+    synthetic_multiple: float,
 ) -> dict[str, int | None]:
-    """Per class, the most pooled rows worth keeping (None: no per-class bound).
+    """Per class, the most synthetic rows the pool keeps and fuse mixes in (None: no bound).
 
-    `auto` is what fuse can mix in: with shares summing below 1, fuse keeps at most
-    share_synthetic * R / (1 - sum of shares) synthetic rows of a class with R real rows, so
-    more would never be read. Without that bound (no synthetic share, or shares summing to
-    1 or more), `auto` is R: as many synthetic rows as real ones.
+    `auto` fills each class's gap to the largest class, at most `synthetic_multiple` (m)
+    times its own real training rows: min(floor(m * R), R_max - R) for a class with R rows
+    when the largest has R_max. The short classes, the ones the loop is for, get the most;
+    the largest class gets 0. An integer is the same bound for every class; None: no
+    per-class bound. Whatever the setting, a class without real training rows gets 0: the
+    generator has nothing real of it to learn from.
     """
+    largest = max(train_per_class.values(), default=0)
+    multiple = Fraction(str(synthetic_multiple))  # exact: 0.3 is 3/10, as fuse reads shares
+
+    def target(real: int) -> int | None:
+        if real <= 0:
+            return 0
+        if target_per_class == "auto":
+            return max(0, min(floor(multiple * real), largest - real))
+        return None if target_per_class is None else int(target_per_class)
+
+    return {c: target(r) for c, r in train_per_class.items()}
+
+
+def describe_targets(
+    target_per_class: int | Literal["auto"] | None, synthetic_multiple: float
+) -> str:
+    """`pool_targets`' rule in words, for reports."""
+    if target_per_class == "auto":
+        return (
+            f"loop.target_per_class auto: min(floor({synthetic_multiple:g} x R), R_max - R) "
+            "for a class of R real train rows, the largest holding R_max"
+        )
     if target_per_class is None:
-        return dict.fromkeys(train_per_class)
-    if target_per_class != "auto":
-        return dict.fromkeys(train_per_class, int(target_per_class))
-    share = max_share.get("synthetic")
-    total = sum(max_share.values())
-    if share is None or total >= 1:
-        return dict(train_per_class)
-    return {c: math.ceil(share * r / (1 - total)) for c, r in train_per_class.items()}
+        return "loop.target_per_class null: no per-class target"
+    return f"loop.target_per_class: {int(target_per_class)} rows per class"
 
 
 def pool_room(
@@ -157,6 +183,46 @@ def pool_full(counts: dict[str, int], targets: dict[str, int | None], max_rows: 
     return bool(per_class) and all(room == 0 for room in per_class.values())
 
 
+@dataclass(frozen=True)
+class Selection:
+    """The accepted rows a promotion takes, and why it leaves the others."""
+
+    chosen: list[int]  # row positions in the accepted set, in its order
+    already_in_pool: int  # ids the pool (retired shards included) or an earlier row holds
+    over_target: int  # rows past their class's room or the pool's total room
+
+
+def select_for_pool(
+    ids: Sequence[str],
+    labels: Sequence[str],
+    known: set[str],
+    room: dict[str, int | None],
+    total_room: int | None,
+) -> Selection:
+    """The rows a promotion takes: in the rows' order, skip an id already `known` (or taken
+    earlier), then take a row while its class has room (a class missing from `room`, or
+    None, is unbounded) and the whole selection stays within `total_room` (None: unbounded).
+    """
+    seen = set(known)
+    chosen: list[int] = []
+    per_class: Counter[str] = Counter()
+    duplicates = over = 0
+    for position, (row_id, label) in enumerate(zip(ids, labels, strict=True)):
+        if row_id in seen:
+            duplicates += 1
+            continue
+        left = room.get(label)
+        if (left is not None and per_class[label] >= left) or (
+            total_room is not None and len(chosen) >= total_room
+        ):
+            over += 1
+            continue
+        seen.add(row_id)
+        per_class[label] += 1
+        chosen.append(position)
+    return Selection(chosen, duplicates, over)
+
+
 def promote(
     accepted: Path,
     pool: Path,
@@ -168,42 +234,34 @@ def promote(
 ) -> dict:
     """Append the accepted rows that are new to the pool, within its room, as one shard.
 
-    `room` maps a class to the rows it may still gain (a class missing from it, or None, is
-    unbounded); `total_room` bounds the whole shard. Rows past either are counted as
-    `over_target` and left out, in the accepted set's order.
+    The rows are `select_for_pool`'s choice: `room` maps a class to the rows it may still
+    gain (a class missing from it, or None, is unbounded); `total_room` bounds the whole
+    shard. Rows past either are counted as `over_target` and left out, in the accepted set's
+    order.
     """
     pool = Path(pool)
     pool.mkdir(parents=True, exist_ok=True)
-    known = pool_ids(pool)
     target = pool / shard_name(key, round_no)
     if target.exists():
         raise FileExistsError(
             f"{target}: this run ({key}) already promoted round {round_no}; a run key is "
             "made once per run, so another process is writing this pool"
         )
-    room = dict(room or {})
+    meta = read_columns(accepted, ["id", "label"]).to_pydict()
+    ids, labels = meta.get("id", []), meta.get("label", [])
+    selection = select_for_pool(ids, labels, pool_ids(pool), dict(room or {}), total_room)
+    chosen = set(selection.chosen)
     columns: dict[str, list] = {name: [] for name in POOL_SCHEMA.names}
-    duplicates = over = 0
-    per_class: Counter[str] = Counter()
+    position = 0
     for batch in iter_batches(accepted, columns=IMAGE_SCHEMA.names):
         for row in batch.to_pylist():
-            if row["id"] in known:
-                duplicates += 1
-                continue
-            label = row["label"]
-            left = room.get(label)
-            if (left is not None and per_class[label] >= left) or (
-                total_room is not None and len(columns["id"]) >= total_room
-            ):
-                over += 1
-                continue
-            known.add(row["id"])
-            per_class[label] += 1
-            for name in IMAGE_SCHEMA.names:
-                columns[name].append(row[name])
-            columns["round"].append(round_no)
-            columns["run"].append(key)
-            columns["family"].append(family)
+            if position in chosen:
+                for name in IMAGE_SCHEMA.names:
+                    columns[name].append(row[name])
+                columns["round"].append(round_no)
+                columns["run"].append(key)
+                columns["family"].append(family)
+            position += 1
     promoted = len(columns["id"])
     if promoted:
         with atomic_file(target) as tmp:
@@ -213,9 +271,9 @@ def promote(
         "round": round_no,
         "family": family,
         "promoted": promoted,
-        "already_in_pool": duplicates,
-        "over_target": over,
-        "per_class": dict(sorted(per_class.items())),
+        "already_in_pool": selection.already_in_pool,
+        "over_target": selection.over_target,
+        "per_class": dict(sorted(Counter(columns["label"]).items())),
         "shard": target.name if promoted else None,
     }
 

@@ -11,9 +11,21 @@ it, on the val split (overall accuracy, seed 0; a tie means no augmentation; the
 never chooses anything):
 - `real+aug`: the real images with the project's augment policy applied on the fly;
 - `real`: the real images as they are (an augmentation that hurts is not a baseline to beat).
-`baseline+synthetic` is the same choice plus the accepted synthetic rows (drawn at most
-`validate.utility_synthetic_share` of their class's draws); the arm not chosen
-and `tstr` (train on synthetic, test on real) are reported for reference, on seed 0.
+`baseline+synthetic` is the same choice plus the synthetic rows the user has once this
+round is promoted, and no others (drawn at most `validate.utility_synthetic_share` of their
+class's draws). tasks/validate.py gathers them: the pool rows fuse mixes in now (the fused
+set's synthetic rows) and the accepted rows promotion would add (`tasks.pool.select_for_pool`:
+ids new to the pool, within each class's room to its pool target and the pool's total room,
+in the accepted set's order). Fuse mixes in at most a class's target and promotion fills at
+most its room, so these are the rows fuse reads after the promotion; accepted rows past a
+target or already pooled are not scored. The pool already delivered is in the arm because
+the user trains on real + pool: the verdict is on that set against the real data alone (the
+baseline holds no synthetic row), so new rows that would make the pool worse show as a
+smaller gain, and a class at its target is scored on what it holds. `delivered_per_class`
+reports the arm's synthetic rows per class. When promotion would take no row, nothing is
+trained (`nothing_to_score`): the verdict is `no evidence` and `verdict_text` says why.
+The arm not chosen and `tstr` (train on the arm's synthetic rows, test on real) are reported
+for reference, on seed 0.
 The two main arms are paired over `validate.utility_seeds` seeds: seed s gives both the same
 initial weights and augmentation stream. The per-seed delta (accuracy of the second minus
 the first) gives a mean and a 95% Student-t interval, overall, per class, and on the *short
@@ -51,6 +63,14 @@ ARMS = {True: "real+aug", False: "real"}  # augment -> the baseline arm's name
 MAX_POINTS_PER_TEST_IMAGE: float = ValidateConfig.model_fields[
     "utility_max_points_per_test_image"
 ].default
+PROTOCOL = (
+    "paired seeds; every arm trains on the clean train split (class-balanced draws with "
+    "validate.utility_balanced); the baseline is real or real+aug (the augment policy on the "
+    "fly), whichever scores higher on val; the synthetic arm adds the synthetic rows the user "
+    "has after this promotion: the pool rows fuse mixes in and the accepted rows promotion "
+    "would add (at most validate.utility_synthetic_share of a class's draws); scored on the "
+    "real test split"
+)
 
 
 @dataclass(frozen=True)
@@ -175,7 +195,7 @@ def trainings(seeds: int) -> int:
 
 def compare_arms(
     train: ImageTensors,
-    accepted: ImageTensors,
+    synthetic: ImageTensors,
     val_labels: torch.Tensor,
     test_labels: torch.Tensor,
     trainer: Trainer,
@@ -183,12 +203,12 @@ def compare_arms(
     short_share: float,
     max_points_per_test_image: float = MAX_POINTS_PER_TEST_IMAGE,
 ) -> dict:
-    """The protocol above, for any `trainer`; returns the report's `utility` section."""
+    """The protocol above, for any `trainer`; returns the report's `utility` section.
+    `synthetic`: the rows the synthetic arm adds to `train`."""
     classes = list(train.classes)
-    counts = {c: int((train.labels == i).sum()) for i, c in enumerate(classes)}
-    short = short_classes(counts, short_share)
+    short = short_classes(per_class_counts(train), short_share)
     short_idx = [classes.index(c) for c in short]
-    plus_data = concat(train, accepted) if len(accepted) else train
+    plus_data = concat(train, synthetic) if len(synthetic) else train
     # each figure's test rows: what its verdict can resolve
     test_rows = {"overall": len(test_labels)}
     if short_idx:
@@ -211,7 +231,7 @@ def compare_arms(
     # The baseline, as a user picks it: with or without the augment policy, by val accuracy.
     first = {augment: submit(train, seeds[0], augment) for augment in (True, False)}
     # a classifier cannot train (BatchNorm) on a single image
-    tstr = submit(accepted, seeds[0], False) if len(accepted) >= 2 else None
+    tstr = submit(synthetic, seeds[0], False) if len(synthetic) >= 2 else None
     val_accuracy = {ARMS[a]: accuracy_of(f.result()[0], val_labels) for a, f in first.items()}
     # Strictly better on val, or no augmentation: a policy val cannot tell from none is not
     # one a user could be sure of (and on saturated val splits ties are common).
@@ -244,16 +264,13 @@ def compare_arms(
     decisive = short_summary or overall
     resolution = Resolution(test_rows[decisive_key], max_points_per_test_image)
     return {
-        "protocol": "paired seeds; every arm trains on the clean train split (class-balanced "
-        "draws with validate.utility_balanced; in the synthetic arm at most "
-        "validate.utility_synthetic_share of a class's draws are synthetic); the baseline is "
-        "real or real+aug (the augment policy on the fly), whichever scores higher on val; "
-        "scored on the real test split",
+        "protocol": PROTOCOL,
         "baseline": ARMS[augment],
         "baseline_val_accuracy": {arm: _round(acc) for arm, acc in val_accuracy.items()},
         "seeds": list(seeds),
         "real_images": len(train),
-        "synthetic_images": len(accepted),
+        "synthetic_images": len(synthetic),
+        "delivered_per_class": per_class_counts(synthetic),
         "test_images": len(test_labels),
         "short_classes": short,
         "short_class_share": short_share,
@@ -273,4 +290,48 @@ def compare_arms(
         "verdict_text": verdict_text(
             "the short classes'" if short_idx else "the", decisive["verdict"], resolution
         ),
+    }
+
+
+def per_class_counts(data: ImageTensors) -> dict[str, int]:
+    """Rows per class, every class listed."""
+    return {c: int((data.labels == i).sum()) for i, c in enumerate(data.classes)}
+
+
+def nothing_to_score(
+    train: ImageTensors,
+    test_labels: torch.Tensor,
+    short_share: float,
+    reason: str,
+    max_points_per_test_image: float = MAX_POINTS_PER_TEST_IMAGE,
+) -> dict:
+    """The `utility` section when the synthetic arm would add no row: nothing is trained and
+    the verdict is `no evidence`, `verdict_text` saying why (`reason`). It names the decisive
+    classes and their test split as `compare_arms` would; the interval is empty, so the
+    utility gate reads no lower bound."""
+    classes = list(train.classes)
+    short = short_classes(per_class_counts(train), short_share)
+    decisive = [classes.index(c) for c in short] or list(range(len(classes)))
+    test_images = int(
+        torch.isin(test_labels, torch.tensor(decisive, dtype=test_labels.dtype)).sum()
+    )
+    resolution = Resolution(test_images, max_points_per_test_image)
+    return {
+        "protocol": PROTOCOL,
+        "seeds": [],
+        "real_images": len(train),
+        "synthetic_images": 0,
+        "delivered_per_class": dict.fromkeys(classes, 0),
+        "test_images": len(test_labels),
+        "short_classes": short,
+        "short_class_share": short_share,
+        "overall": None,
+        "short": None,
+        "per_class": {},
+        "reference": {},
+        "decisive": "short" if short else "overall",
+        "delta": {"mean": None, "low": None, "high": None, "seeds": 0},
+        "verdict": "no evidence",
+        "resolution": resolution.as_dict() | {"max_points_per_test_image": resolution.max_points},
+        "verdict_text": f"no evidence: {reason}; nothing was scored",
     }

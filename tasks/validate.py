@@ -11,12 +11,19 @@ real clean data only, `tasks/evaluator.py`):
   ratio, the distance to closest record against the real hold-out (val and test, which the
   generator never saw) and two membership-inference attacks (`tasks/privacy.py`);
 - utility (`tasks/utility.py`): a downstream classifier trained on the real train split
-  with the augment policy on the fly, alone vs plus the accepted synthetic rows, over paired
-  seeds, scored on the real test split: the mean gain with a 95% interval, overall, per
-  class and on the short classes, each with its test images and the points one is worth; a
-  decisive test split too small to resolve a gain (`validate.utility_max_points_per_test_image`)
-  gives `no evidence` and `verdict_text` says so (the classifiers: tasks/utility_trainer.py,
-  in worker processes where that pays);
+  with the augment policy on the fly, alone vs plus the synthetic rows the user has after
+  this round's promotion, over paired seeds, scored on the real test split: the mean gain
+  with a 95% interval, overall, per class and on the short classes, each with its test
+  images and the points one is worth; a decisive test split too small to resolve a gain
+  (`validate.utility_max_points_per_test_image`) gives `no evidence` and `verdict_text` says
+  so (the classifiers: tasks/utility_trainer.py, in worker processes where that pays). The
+  synthetic rows are the pool rows fuse mixes in (the fused set's, `fuse.output`) and the
+  accepted rows promotion would add to the pool (`loop.pool`): `tasks.pool.select_for_pool`
+  on the pool as it stands, with the pool targets of `tasks.pool.pool_targets` and
+  `loop.max_pool_rows`, as the flow promotes. The utility section reports them per class
+  (`delivered_per_class`, the new ones in `delivered_new_per_class`) and the rule
+  (`delivered_rule`). When promotion would take no row nothing is trained: `no evidence`,
+  and `verdict_text` says why;
 - a Great Expectations suite on the synthetic rows.
 Per sample, an image is accepted when the evaluator gives its intended class at least
 `min_confidence`, it is not a near copy, it is not memorised (its nearest training image
@@ -24,7 +31,10 @@ much closer than the second nearest, in pixels) and it is not a duplicate of an 
 image.
 The gates decide whether the loop may promote the accepted rows; this stage only reports.
 The utility gate reads the decisive interval's lower bound, not the verdict: a test split
-too small to resolve a gain is reported (`no evidence`, `verdict_text`), not gated.
+too small to resolve a gain is reported (`no evidence`, `verdict_text`), not gated. Rows
+that promotion would not take are not evidence: with none, the utility gates fail (no lower
+bound), except when the pool is full (`utility.pool_full`: no class has room, so nothing can
+be promoted whatever the gates say); then they pass unmeasured and the flow ends the run.
 
 Sharded (synthloop/sharding.py): the evaluator features of the real train, val and test
 splits and of the synthetic images are computed in shards of whole batches
@@ -42,9 +52,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
 import torch
 
-from synthloop.config import AugmentPolicy, EvaluatorConfig, GateConfig, Params, ValidateConfig
+from synthloop.config import (
+    AugmentPolicy,
+    EvaluatorConfig,
+    FuseConfig,
+    GateConfig,
+    LoopConfig,
+    Params,
+    ValidateConfig,
+)
 from synthloop.dataset import (
     IMAGE_SCHEMA,
     ShardWriter,
@@ -69,6 +88,8 @@ from tasks.evaluator import (
 from tasks.feedback import requested_extra
 from tasks.images import (
     ImageTensors,
+    concat,
+    decode_rows,
     load_image_tensors,
     model_classes,
     resolve_device,
@@ -84,8 +105,18 @@ from tasks.metrics import (
 from tasks.metrics import (
     round_figure as _round,
 )
+from tasks.pool import (
+    Selection,
+    describe_targets,
+    pool_counts,
+    pool_full,
+    pool_ids,
+    pool_room,
+    pool_targets,
+    select_for_pool,
+)
 from tasks.privacy import PrivacySets, membership_auc_high, privacy_figures
-from tasks.utility import compare_arms, trainings
+from tasks.utility import compare_arms, nothing_to_score, per_class_counts, trainings
 from tasks.utility_trainer import TrainerPool, UtilityTrainer, utility_workers
 from tasks.validate_features import features_shard, load_features, plan_features
 
@@ -127,6 +158,9 @@ def evaluate_gates(gates: GateConfig, figures: dict) -> dict:
     floor = max(figures["fid_real_floor"], 1e-6)
     privacy = figures.get("privacy") or {}
     resolution = figures["utility"].get("resolution") or {}
+    # A full pool takes no row whatever the gates say: its utility gates have nothing to
+    # judge, so they pass unmeasured and the flow ends the run (the pool is full).
+    unjudged = figures["utility"].get("pool_full") is True
     checks = {
         "class_consistency": (figures["class_consistency"], ">=", gates.min_class_consistency),
         "near_copy_rate": (figures["near_copy_rate"], "<=", gates.max_near_copy_rate),
@@ -155,6 +189,10 @@ def evaluate_gates(gates: GateConfig, figures: dict) -> dict:
     }
     out: dict = {}
     for name, (value, op, threshold) in checks.items():
+        if unjudged and name.startswith("utility_"):
+            out[name] = {"value": None, "op": op, "threshold": threshold, "passed": True}
+            out[name]["note"] = "the pool is full: no row to promote"
+            continue
         if value is None or (isinstance(value, float) and math.isnan(value)):
             ok = False
         else:
@@ -173,6 +211,83 @@ def subset(data: ImageTensors, index: torch.Tensor) -> ImageTensors:
         classes=data.classes,
         sources=[data.sources[i] for i in rows],
     )
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """What promoting the accepted rows now would do, as the flow promotes (tasks/pool.py)."""
+
+    targets: dict[str, int | None]
+    selection: Selection
+    full: bool  # no class has room: nothing can enter the pool
+
+
+def plan_promotion(
+    accepted: ImageTensors, train_per_class: dict[str, int], loop: LoopConfig
+) -> Promotion:
+    """The pool's targets and room as they stand, and the accepted rows promotion would take."""
+    targets = pool_targets(train_per_class, loop.target_per_class, loop.synthetic_multiple)
+    counts = pool_counts(loop.pool)
+    room, total = pool_room(counts, targets, loop.max_pool_rows)
+    labels = [accepted.classes[i] for i in accepted.labels.tolist()]
+    selection = select_for_pool(accepted.ids, labels, pool_ids(loop.pool), room, total)
+    return Promotion(targets, selection, pool_full(counts, targets, loop.max_pool_rows))
+
+
+def load_pooled(fused: Path, like: ImageTensors) -> ImageTensors:
+    """The pool rows fuse mixed in (the fused set's rows from the `synthetic` source), with
+    `like`'s classes and image shape."""
+    images, labels, ids = [like.images[:0]], [], []
+    index = {label: i for i, label in enumerate(like.classes)}
+    for batch in iter_batches(fused, columns=["id", "label", "source", "image"]):
+        rows = batch.filter(pc.equal(batch.column("source"), "synthetic")).to_pydict()
+        if rows["id"]:
+            images.append(decode_rows(rows["image"], like.images.shape[1]))
+            labels += [index[label] for label in rows["label"]]
+            ids += rows["id"]
+    return ImageTensors(
+        images=torch.cat(images),
+        labels=torch.tensor(labels, dtype=torch.int64),
+        ids=ids,
+        classes=like.classes,
+        sources=["synthetic"] * len(ids),
+    )
+
+
+def why_nothing(promotion: Promotion, accepted: int) -> str:
+    """Why promotion would take no accepted row, in words."""
+    if promotion.full:
+        return (
+            f"the pool is full (every class at its target or loop.max_pool_rows reached): "
+            f"promotion would take none of the {accepted} accepted rows"
+        )
+    if not accepted:
+        return "no synthetic row was accepted"
+    picked = promotion.selection
+    return (
+        f"promotion would take none of the {accepted} accepted rows ({picked.already_in_pool} "
+        f"already in the pool, {picked.over_target} over their class's target or "
+        "loop.max_pool_rows)"
+    )
+
+
+def delivered(promotion: Promotion, new: ImageTensors, loop: LoopConfig) -> dict:
+    """The utility section's account of the synthetic arm's rows (besides
+    `delivered_per_class`, which the arm reports itself)."""
+    return {
+        "delivered_rule": "the pool rows fuse mixes in (fuse.output, source synthetic) and "
+        "the accepted rows promotion would add: ids new to loop.pool (retired shards "
+        "included), in the accepted set's order, within each class's room to its target "
+        f"({describe_targets(loop.target_per_class, loop.synthetic_multiple)}) and "
+        f"loop.max_pool_rows ({loop.max_pool_rows})",
+        "delivered_new_per_class": per_class_counts(new),
+        "not_delivered": {
+            "already_in_pool": promotion.selection.already_in_pool,
+            "over_target": promotion.selection.over_target,
+        },
+        "pool_targets": promotion.targets,
+        "pool_full": promotion.full,
+    }
 
 
 # --- metric groups -------------------------------------------------------------------------
@@ -215,13 +330,14 @@ def fidelity(
 def utility(
     cfg: ValidateConfig,
     splits: Splits,
-    accepted: ImageTensors,
+    synthetic: ImageTensors,
     device: torch.device,
     evaluator_cfg: EvaluatorConfig,
     policy: AugmentPolicy,
 ) -> dict:
-    """The paired-seed utility protocol of `tasks/utility.py`, its classifiers trained by
-    `tasks/utility_trainer.py` (in worker processes where that pays)."""
+    """The paired-seed utility protocol of `tasks/utility.py` with `synthetic` as the
+    synthetic arm's rows, its classifiers trained by `tasks/utility_trainer.py` (in worker
+    processes where that pays)."""
     trainer = UtilityTrainer.configured(cfg, evaluator_cfg, policy, splits, device)
     seeds = [cfg.seed + s for s in range(cfg.utility_seeds)]
     count = trainings(len(seeds))
@@ -229,7 +345,7 @@ def utility(
     with TrainerPool(trainer, workers) as pool:
         result = compare_arms(
             splits.train,
-            accepted,
+            synthetic,
             splits.val.labels,
             splits.test.labels,
             pool,
@@ -282,15 +398,26 @@ def privacy(
 
 
 @dataclass(frozen=True)
+class Delivery:
+    """Where accepted rows go: the pool (`loop.pool`, its targets' rule, `loop.max_pool_rows`)
+    and the fused set whose synthetic rows are the pool rows fuse mixes in (`fuse.output`)."""
+
+    loop: LoopConfig = LoopConfig()
+    fused: Path = FuseConfig.model_fields["output"].default
+
+
+@dataclass(frozen=True)
 class ValidateJob:
     """The stage's params and what it needs besides: `evaluator` shapes the utility
     classifiers (the evaluator's architecture); `requested` is what generate was asked for
-    per class (a shortfall is an expectation)."""
+    per class (a shortfall is an expectation); `delivery` says which rows the synthetic
+    utility arm holds."""
 
     validate: ValidateConfig
     evaluator: EvaluatorConfig
     requested: dict[str, int] | None = None
     augment: AugmentPolicy = AugmentPolicy()
+    delivery: Delivery = Delivery()
 
 
 def run_validate(
@@ -298,10 +425,15 @@ def run_validate(
     evaluator_cfg: EvaluatorConfig | None = None,
     requested_per_class: dict[str, int] | None = None,
     augment: AugmentPolicy | None = None,
+    delivery: Delivery | None = None,
 ) -> dict:
     """Validate `cfg.synthetic`; accepted rows to `cfg.accepted`, the report to `cfg.report`."""
     job = ValidateJob(
-        cfg, evaluator_cfg or EvaluatorConfig(), requested_per_class, augment or AugmentPolicy()
+        cfg,
+        evaluator_cfg or EvaluatorConfig(),
+        requested_per_class,
+        augment or AugmentPolicy(),
+        delivery or Delivery(),
     )
     return run_uncached(SHARDING, job)
 
@@ -312,7 +444,13 @@ def validate_job(params: Params) -> ValidateJob:
     classes = model_classes(params.train_evaluator.output / CONFIG)
     extra = requested_extra(params, classes)
     requested = {c: params.generate.per_class + extra.get(c, 0) for c in classes}
-    return ValidateJob(params.validation, params.train_evaluator, requested, params.augment.policy)
+    return ValidateJob(
+        params.validation,
+        params.train_evaluator,
+        requested,
+        params.augment.policy,
+        Delivery(params.loop, params.fuse.output),
+    )
 
 
 def _validate(
@@ -322,6 +460,7 @@ def _validate(
     requested_per_class: dict[str, int] | None,
     features: dict[str, torch.Tensor],
     policy: AugmentPolicy,
+    delivery: Delivery,
 ) -> dict:
     """Everything but the features (`features[split]`, in the rows' order) from here."""
     remove_stale_temporaries(cfg.accepted)
@@ -363,7 +502,21 @@ def _validate(
         q: _round(float(np.percentile(nearest.cpu().numpy(), p)))
         for q, p in (("p5", 5), ("median", 50), ("p95", 95))
     }
-    figures["utility"] = utility(cfg, splits, accepted, device, evaluator_cfg, policy)
+    # The synthetic arm: what the user has after this promotion, no more (tasks/utility.py).
+    promotion = plan_promotion(accepted, per_class_counts(splits.train), delivery.loop)
+    new = subset(accepted, torch.tensor(promotion.selection.chosen, dtype=torch.long))
+    if len(new):
+        arm = concat(load_pooled(delivery.fused, splits.train), new)
+        figures["utility"] = utility(cfg, splits, arm, device, evaluator_cfg, policy)
+    else:
+        figures["utility"] = nothing_to_score(
+            splits.train,
+            splits.test.labels,
+            cfg.short_class_share,
+            why_nothing(promotion, len(accepted)),
+            cfg.utility_max_points_per_test_image,
+        )
+    figures["utility"] |= delivered(promotion, new, delivery.loop)
 
     stats = _pixel_stats(synthetic.images)
     requested = requested_per_class or dict.fromkeys(classes, 1)
@@ -483,7 +636,9 @@ def merge_validate(job: ValidateJob, folders: list[Path]) -> dict:
     evaluator = load_evaluator(cfg.evaluator, device=device, batch_size=cfg.batch_size)
     features = load_features(folders)
     with small_image_cpu_threads(device, evaluator.size):
-        return _validate(cfg, evaluator, job.evaluator, job.requested, features, job.augment)
+        return _validate(
+            cfg, evaluator, job.evaluator, job.requested, features, job.augment, job.delivery
+        )
 
 
 SHARDING = StageSpec(

@@ -91,7 +91,16 @@ def small_params(source_path: str = "data/raw/shapes", **clean: object) -> dict:
                 "max_membership_auc": 1.0,
             },
         },
-        "loop": {"max_rounds": 1, "max_retrains": 0},
+        # Three equal classes: `auto` targets fill the gap to the largest class, which is
+        # 0 for each, so these workspaces pool up to a fixed number of rows per class.
+        # (DVC tracks synthetic_multiple and max_pool_rows as params: they must be written.)
+        "loop": {
+            "max_rounds": 1,
+            "max_retrains": 0,
+            "target_per_class": 100,
+            "synthetic_multiple": 1.0,
+            "max_pool_rows": 50000,
+        },
     }
 
 

@@ -1,4 +1,5 @@
-"""The fuse stage on real Parquet files: caps, feedback, duplicates, missing inputs, sizes."""
+"""The fuse stage on real Parquet files: caps (the synthetic rows' pool target, the
+augmented rows' share), feedback, duplicates, missing inputs, sizes."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ import pandas as pd
 import pytest
 import torch
 
-from synthloop.config import FuseConfig
+from synthloop.config import FuseConfig, LoopConfig
 from synthloop.dataset import IMAGE_SCHEMA, ShardWriter, content_id
 from tasks.fuse import run_fuse, share_caps
 from tasks.images import encode_rows
+from tasks.pool import pool_targets
+
+UNBOUNDED = LoopConfig(target_per_class=None)  # no per-class synthetic target
 
 _counter = itertools.count()
 
@@ -125,35 +129,67 @@ def test_share_caps_closed_form_and_uncapped_sources():
 
 
 def test_composition_respects_share_bounds_per_class(tmp_path):
-    real = write(tmp_path / "clean", [("a", None)] * 10 + [("b", None)] * 2, "demo0")
+    real = write(tmp_path / "clean", [("a", None)] * 10 + [("b", None)] * 4, "demo0")
     write(tmp_path / "augmented", [("a", real[0])] * 20 + [("b", real[10])] * 20, "augmented")
     write(tmp_path / "pool", [("a", None)] * 30 + [("b", None)] * 30 + [("c", None)] * 4, "gen")
-    shares = {"augmented": 0.3, "synthetic": 0.2}
+    shares = {"augmented": 0.3}
     cfg = config(tmp_path, max_share=shares)
-    report = run_fuse(cfg)
+    report = run_fuse(cfg)  # the default targets: auto, synthetic_multiple 1
 
     rows = fused(cfg)
     assert_share_bounds(rows, shares)
     assert rows.id.is_unique and (rows.split == "train").all()
     assert set(rows.source) == {"demo0", "augmented", "synthetic"}
     pc = report["per_class"]
+    # a is the largest class: no synthetic rows (target 0); augmented 3/7 * 10 -> 4
     assert pc["a"] | {"dropped_by_cap": None} == {
         "real": 10,
-        "augmented": 6,
-        "synthetic": 4,
-        "total": 20,
+        "augmented": 4,
+        "synthetic": 0,
+        "total": 14,
+        "synthetic_target": 0,
         "dropped_by_cap": None,
     }
-    assert pc["a"]["dropped_by_cap"] == {"augmented": 14, "synthetic": 26}
-    # b: one augmented row would be 1/3 of the class, over 0.3; none fits
-    assert (pc["b"]["augmented"], pc["b"]["synthetic"]) == (0, 0)
-    assert pc["c"]["total"] == 0  # no real rows: nothing capped is kept
+    assert pc["a"]["dropped_by_cap"] == {"augmented": 16, "synthetic": 30}
+    # b: min(1 x 4, 10 - 4) = 4 synthetic rows, uncut by the augmented share, which then
+    # allows 3/7 * (4 + 4) -> 3 augmented rows
+    assert (pc["b"]["augmented"], pc["b"]["synthetic"], pc["b"]["synthetic_target"]) == (3, 4, 4)
+    assert pc["c"]["total"] == 0 and pc["c"]["synthetic_target"] == 0  # no real rows: none
     assert report["total"] == len(rows) == sum(report["per_source"].values())
-    assert report["dropped"]["cap"] == {"real": 0, "augmented": 34, "synthetic": 60}
+    assert report["dropped"]["cap"] == {"real": 0, "augmented": 33, "synthetic": 60}
+    assert report["synthetic_target"] == {"target_per_class": "auto", "synthetic_multiple": 1.0}
 
     again = config(tmp_path, max_share=shares).model_copy(update={"output": tmp_path / "again"})
     run_fuse(again)
     assert list(fused(again).id) == list(rows.id)  # the seeded choice is deterministic
+
+
+def test_the_synthetic_cap_is_the_pool_target(tmp_path):
+    """Fuse mixes in at most what the pool keeps of a class: one function sets both."""
+    real = write(tmp_path / "clean", [("rich", None)] * 12 + [("short", None)] * 3, "demo0")
+    write(tmp_path / "augmented", [("rich", real[0])] * 8 + [("short", real[12])] * 8, "aug")
+    write(tmp_path / "pool", [("rich", None)] * 10 + [("short", None)] * 10, "gen")
+    train = {"rich": 12, "short": 3}
+    for loop in (
+        LoopConfig(),  # auto, m = 1: short min(3, 9) = 3, rich 0
+        LoopConfig(synthetic_multiple=2.0),  # short min(6, 9) = 6
+        LoopConfig(synthetic_multiple=5.0),  # short min(15, 9) = 9: the gap binds
+        LoopConfig(target_per_class=2),  # an integer: every class alike
+    ):
+        report = run_fuse(config(tmp_path), loop)
+        targets = pool_targets(train, loop.target_per_class, loop.synthetic_multiple)
+        kept = {c: report["per_class"][c]["synthetic"] for c in train}
+        assert kept == targets, (loop, kept, targets)
+        assert {c: report["per_class"][c]["synthetic_target"] for c in train} == targets
+    assert targets == {"rich": 2, "short": 2}
+    # no per-class target: every pooled row is mixed in
+    report = run_fuse(config(tmp_path), UNBOUNDED)
+    assert {c: report["per_class"][c]["synthetic"] for c in train} == {"rich": 10, "short": 10}
+
+
+def test_a_synthetic_share_is_refused_with_the_way_out(tmp_path):
+    with pytest.raises(ValueError, match=r"synthetic: no longer a share.*loop.target_per_class"):
+        config(tmp_path, max_share={"augmented": 0.4, "synthetic": 0.3})
 
 
 def test_default_shares_with_missing_pool_and_feedback(tmp_path):
@@ -188,8 +224,8 @@ def test_feedback_rejects_rows_and_their_children(tmp_path):
     )
     (tmp_path / "feedback" / "requests.csv").write_text("label,extra\na,10\n")
     (tmp_path / "feedback" / "README.md").write_text("not a feedback table")
-    cfg = config(tmp_path, max_share={"augmented": 0.9, "synthetic": 0.9})
-    report = run_fuse(cfg)
+    cfg = config(tmp_path, max_share={"augmented": 0.9})
+    report = run_fuse(cfg, UNBOUNDED)
 
     ids = set(fused(cfg).id)
     assert not ids & {real[0], aug[0], aug[1], pool[2], aug[2]}  # rejected, and its children
@@ -218,7 +254,7 @@ def test_duplicate_ids_keep_the_higher_priority_source(tmp_path):
         tmp_path / "pool" / "part-00000.parquet", index=False
     )
     cfg = config(tmp_path)
-    report = run_fuse(cfg)
+    report = run_fuse(cfg, UNBOUNDED)
     rows = fused(cfg)
     assert rows.id.is_unique and set(rows.id) == {*real, pool[0]}
     assert rows.set_index("id").loc[real[0], "source"] == "demo0"
@@ -257,9 +293,10 @@ def test_counts_add_up(tmp_path):
     real = write(tmp_path / "clean", [(label, None) for label in labels], "demo0")
     write(tmp_path / "augmented", [(labels[i], real[i]) for i in range(30)] * 2, "augmented")
     write(tmp_path / "pool", [(str(x), None) for x in rng.integers(0, 3, 40)], "gen")
-    cfg = config(tmp_path, max_share={"augmented": 0.4, "synthetic": 0.25})
+    cfg = config(tmp_path, max_share={"augmented": 0.4})
     report = run_fuse(cfg)
     assert_share_bounds(fused(cfg), cfg.max_share)
     for label, counts in report["per_class"].items():
         assert counts["total"] == counts["real"] + counts["augmented"] + counts["synthetic"]
         assert counts["real"] == labels.count(label)
+        assert counts["synthetic"] <= counts["synthetic_target"]

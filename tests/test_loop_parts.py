@@ -159,14 +159,33 @@ def test_every_run_names_its_shards_apart_and_in_order(tmp_path):
     assert sorted([names[0], legacy_name("part-r0002.parquet")])[0].startswith("part-0000")
 
 
+def test_the_targets_fill_the_short_classes_gaps():
+    # auto: min(m * R, R_max - R); a 40-row class beside a 4000-row one
+    train = {"short": 40, "rich": 4000, "mid": 3990}
+    assert pool_targets(train, "auto", 1.0) == {"short": 40, "rich": 0, "mid": 10}
+    assert pool_targets(train, "auto", 2.5) == {"short": 100, "rich": 0, "mid": 10}
+    assert pool_targets(train, "auto", 200.0)["short"] == 3960  # the gap binds
+    assert pool_targets({"a": 10, "b": 3}, "auto", 0.5) == {"a": 0, "b": 1}  # floor(1.5)
+    assert pool_targets({"a": 10, "b": 10}, "auto", 1.0) == {"a": 0, "b": 0}  # no gap
+    # an integer overrides auto for every class; null: no per-class bound
+    assert pool_targets(train, 7, 1.0) == {"short": 7, "rich": 7, "mid": 7}
+    assert pool_targets(train, None, 1.0) == dict.fromkeys(train)
+    # whatever the setting, a class without real rows gets none
+    for setting in ("auto", 7, None):
+        assert pool_targets({"a": 10, "none": 0}, setting, 1.0)["none"] == 0
+    assert pool_targets({}, "auto", 1.0) == {}
+
+
+def test_the_default_targets_follow_the_config():
+    """params.yaml's loop section is the one owner of the rule and its multiple."""
+    loop = load_params(REPO / "params.yaml").loop
+    assert (loop.target_per_class, loop.synthetic_multiple) == ("auto", 1.0)
+    for bad in (0, -1):
+        with pytest.raises(ConfigError, match="loop.synthetic_multiple"):
+            load_params(REPO / "params.yaml", {"loop": {"synthetic_multiple": bad}})
+
+
 def test_the_pool_stops_growing_at_its_targets(tmp_path):
-    # auto: what fuse can mix in, 0.3 * R / (1 - 0.7) = R with the default shares
-    shares = {"augmented": 0.4, "synthetic": 0.3}
-    assert pool_targets({"a": 10, "b": 4}, "auto", shares) == {"a": 10, "b": 4}
-    assert pool_targets({"a": 10}, "auto", {"synthetic": 0.2}) == {"a": 3}
-    assert pool_targets({"a": 10}, "auto", {"augmented": 0.5, "synthetic": 0.5}) == {"a": 10}
-    assert pool_targets({"a": 10}, 7, shares) == {"a": 7}
-    assert pool_targets({"a": 10}, None, shares) == {"a": None}
 
     write_rows(tmp_path / "accepted", ["a"] * 5 + ["b"] * 5, seed=3)
     pool = tmp_path / "pool"

@@ -1,8 +1,9 @@
-"""Night after night in one workspace, through the real flow: five runs, each after a change
+"""Night after night in one workspace, through the real flow: six runs, each after a change
 a user makes (new raw images, a feedback request, impossible gates, a retired shard and a new
-seed). Every run promotes or fails on its gates, never on an error; the pool grows within its
-targets; the run branch gets one commit per good run; `dvc status` after each run is what the
-README says; a fresh clone of the last run pulls the pool back from the DVC remote."""
+seed, then every class at its target). Every run promotes, promotes nothing and says why,
+or fails on its gates, never on an error; the pool grows within its targets; the run branch
+gets one commit per good run; `dvc status` after each run is what the README says; a fresh
+clone of the last run pulls the pool back from the DVC remote."""
 
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ def test_five_nights_in_one_workspace(tmp_path, prefect_api):
             "params": (ws / "params.yaml").read_text(),
             "state": json.loads((ws / "reports/run_state.json").read_text()),
             "summary": read_artifact("closed-loop-summary", state.state_details.flow_run_id),
+            "generated": json.loads((ws / "reports/generate.json").read_text())["per_class"],
         }
 
     nights = []
@@ -128,10 +130,9 @@ def test_five_nights_in_one_workspace(tmp_path, prefect_api):
         for label, count in n["loop"]["pool_per_class"].items():
             targets = [a["promotion"]["targets"] for a in n["loop"]["attempts"] if a["passed"]]
             assert all(count <= t[label] for t in targets), (label, count, targets)
-    # Night 3 asked for more ellipses, so ellipse filled up first.
-    assert nights[2]["loop"]["pool_per_class"]["ellipse"] >= max(
-        nights[2]["loop"]["pool_per_class"].values()
-    )
+    # Night 3 asked for 6 more ellipses: generate drew them.
+    asked = {c: n - nights[1]["generated"][c] for c, n in nights[2]["generated"].items()}
+    assert asked == {"ellipse": 6, "rectangle": 0, "triangle": 0}, nights[1]["generated"]
 
     # Night 4 failed on its gates (issue's case: max_rounds 2, two failed attempts): Failed,
     # saying why; nothing promoted; params.yaml as the user left it; the next run may not
@@ -147,7 +148,7 @@ def test_five_nights_in_one_workspace(tmp_path, prefect_api):
         "**FAILED**: no synthetic data promoted: gates failed (utility_lower_bound"
         in (nights[3]["summary"])
     )
-    assert "**promoted**: promoted in round 1" in nights[4]["summary"]
+    assert "**promoted**: promoted in round" in nights[4]["summary"]
 
     # One commit per good run on the run branch, each with the pool's .dvc files.
     commits = run_commits(ws)
@@ -163,9 +164,11 @@ def test_five_nights_in_one_workspace(tmp_path, prefect_api):
         if n["failed"]:
             assert set(n["status"]) == {"train"}, n["status"]
         else:
-            assert set(n["status"]) <= {"fuse"}, n["status"]
+            # validate scores new rows beside the pool fuse mixes in: it reads the pool too
+            assert set(n["status"]) <= {"fuse", "validate"}, n["status"]
             if any(a.get("promotion", {}).get("shard") for a in n["loop"]["attempts"]):
                 assert "data/pool" in json.dumps(n["status"]["fuse"])
+                assert "data/pool" in json.dumps(n["status"]["validate"])
 
     # The pool as `synthloop pool` shows it: per class, run and family; the retired shard too.
     shown = run_tool("synthloop", "pool", cwd=ws).stdout
@@ -178,3 +181,13 @@ def test_five_nights_in_one_workspace(tmp_path, prefect_api):
     subprocess.run(["git", "checkout", "-q", last], cwd=clone, check=True)
     run_tool("dvc", "pull", "-q", cwd=clone)
     assert pool_digests(clone) == pool_digests(ws) and len(pool_digests(ws)) == len(shards)
+
+    # Night 6: every class already holds its target (1 row): the gates pass, nothing goes
+    # into the pool, and the record, the state and the summary say so, not "promoted".
+    before = pool_digests(ws)
+    set_params(ws, lambda p: p["loop"].update(target_per_class=1))
+    sixth = night("night 6: every class at its target")
+    assert not sixth["failed"] and sixth["loop"]["result"] == "nothing promoted"
+    assert sixth["loop"]["message"].startswith("nothing promoted: every class at its target (")
+    assert sixth["loop"]["promoted_rounds"] == [] and pool_digests(ws) == before
+    assert "**nothing promoted**: nothing promoted: every class at its target" in sixth["summary"]

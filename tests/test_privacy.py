@@ -202,7 +202,10 @@ def passing_figures(privacy: dict) -> dict:
         "fid": 1.0,
         "class_consistency": 1.0,
         "near_copy_rate": 0.0,
-        "utility": {"delta": {"low": 0.1}},
+        "utility": {
+            "delta": {"low": 0.1},
+            "resolution": {"points_per_test_image": 1.0, "max_points_per_test_image": 5.0},
+        },
         "expectations_critical_ok": True,
         "privacy": privacy,
     }

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import pytest
 
-from flows.rounds import Attempt, Finish, Next, decide, failed_gate_texts
+from flows.rounds import (
+    Attempt,
+    Finish,
+    Next,
+    decide,
+    failed_gate_texts,
+    nothing_promoted_reason,
+)
 
 GATE = "class_consistency 0.652 < 0.7"
 
@@ -138,3 +145,51 @@ def test_a_failed_attempt_with_nothing_to_change_ends_its_round():
     history.append(Attempt(2, 2, False, (GATE,), retrainable=False))
     finish = decide(history, 2, 2)
     assert finish.succeeded and finish.reason == "round_failed" and finish.params_from == (1, 1)
+
+
+FULL = "every class at its target (1068 accepted rows over it)"
+
+
+def test_a_pass_that_put_no_row_in_the_pool_is_not_a_promotion():
+    """The issue's night 2: the gates passed, every class was at its target, 0 rows went in."""
+    from flows.closed_loop import run_result
+
+    finish = decide([Attempt(1, 1, True, pool_full=True, nothing_promoted=FULL)], 2, 2)
+    assert finish.succeeded and finish.promoted_rounds == () and finish.params_from == (1, 1)
+    assert finish.message == f"nothing promoted: {FULL}"
+    assert run_result(finish) == "nothing promoted"
+    # after a round that did promote, the empty round is named, not counted
+    history = [Attempt(1, 1, True), Attempt(2, 1, True, pool_full=True, nothing_promoted=FULL)]
+    finish = decide(history, 3, 0)
+    assert finish.promoted_rounds == (1,) and run_result(finish) == "promoted"
+    assert finish.message == f"promoted in round 1; round 2 promoted nothing: {FULL}"
+    failed = decide([Attempt(1, 1, False, (GATE,))], 1, 0)
+    assert run_result(failed) == "failed"
+
+
+def test_why_nothing_was_promoted_reads_the_promotion():
+    assert nothing_promoted_reason({"promoted": 3, "over_target": 5}) is None
+    assert nothing_promoted_reason({"promoted": 0, "over_target": 1068, "already_in_pool": 0}) == (
+        FULL
+    )
+    assert "already in the pool (4)" in nothing_promoted_reason(
+        {"promoted": 0, "over_target": 0, "already_in_pool": 4}
+    )
+    assert nothing_promoted_reason({"promoted": 0}) == "no synthetic row was accepted"
+
+
+def test_only_a_transient_stage_failure_is_retried():
+    """flows/attempt.py's retry condition: DVC's held lock is retried, anything else is not."""
+    from prefect.states import Completed, Failed
+
+    from flows.attempt import StageFailed, _retry_if_transient
+
+    def failed_with(err: Exception):
+        return Failed(data=err)
+
+    held = StageFailed("train", 1, "Unable to acquire lock", transient=True)
+    broken = StageFailed("train", 1, "Traceback ...", transient=False)
+    assert _retry_if_transient(None, None, failed_with(held)) is True
+    assert _retry_if_transient(None, None, failed_with(broken)) is False
+    assert _retry_if_transient(None, None, failed_with(FileNotFoundError("dvc"))) is False
+    assert _retry_if_transient(None, None, Completed(data=1)) is False

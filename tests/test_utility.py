@@ -108,6 +108,7 @@ def test_every_arm_trains_on_the_generators_real_images_and_pairs_its_seeds():
     assert all(c[2] for c in plus)  # the same augmentation in both main arms
     assert (real_ids, 0, False) in calls and (synthetic_ids, 0, False) in calls  # references
     assert result["baseline"] == "real+aug" and "real" in result["reference"]
+    assert result["delivered_per_class"] == {"a": 0, "b": 0, "c": 6}  # the arm's rows
     assert result["short_classes"] == ["c"] and result["decisive"] == "short"
     assert result["short"]["baseline"] == 0.5 and result["short"]["baseline+synthetic"] == 1.0
     assert result["delta"] == {"mean": 0.5, "low": 0.5, "high": 0.5, "seeds": 3}
