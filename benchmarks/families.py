@@ -79,7 +79,7 @@ from tasks.evaluator import Splits, load_evaluator  # noqa: E402
 from tasks.generators import FAMILIES  # noqa: E402
 from tasks.images import ImageTensors, encode_rows, load_image_tensors, resolve_device  # noqa: E402
 from tasks.metrics import class_consistency, near_copy_rate  # noqa: E402
-from tasks.utility import Trainer, compare_arms  # noqa: E402
+from tasks.utility import Recipe, Trainer, compare_arms  # noqa: E402
 from tasks.utility_trainer import UtilityTrainer  # noqa: E402
 from tasks.validate import acceptance, fidelity, privacy, subset  # noqa: E402
 
@@ -95,16 +95,16 @@ def set_value(values: dict, assignment: str) -> None:
 
 def shared_baseline(trainer: Trainer, train: ImageTensors) -> Trainer:
     """`trainer`, with its runs on `train` itself (the baseline arms: the real split alone,
-    per seed and augment flag) trained once and reused. Every family's arms are then paired
+    per seed and recipe) trained once and reused. Every family's arms are then paired
     with the very same baseline classifiers, and the baseline is not retrained per family."""
-    kept: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+    kept: dict[tuple[int, Recipe], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def cached(data: ImageTensors, seed: int, augment: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def cached(data: ImageTensors, seed: int, recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
         if data is not train:
-            return trainer(data, seed, augment)
-        if (seed, augment) not in kept:
-            kept[seed, augment] = trainer(data, seed, augment)
-        return kept[seed, augment]
+            return trainer(data, seed, recipe)
+        if (seed, recipe) not in kept:
+            kept[seed, recipe] = trainer(data, seed, recipe)
+        return kept[seed, recipe]
 
     return cached
 

@@ -55,7 +55,7 @@ from tasks.evaluator import Splits, train_net  # noqa: E402
 from tasks.generate import load_model  # noqa: E402
 from tasks.images import ImageTensors, concat, encode_rows, to_float, to_uint8  # noqa: E402
 from tasks.train import run_train  # noqa: E402
-from tasks.utility import Interval, accuracy_of, t_interval, verdict  # noqa: E402
+from tasks.utility import Interval, Recipe, accuracy_of, t_interval, verdict  # noqa: E402
 from tasks.utility_trainer import UtilityTrainer  # noqa: E402
 
 ARMS = ("real", "real+aug", "real+aug+synthetic", "real+aug+selected")
@@ -203,14 +203,14 @@ def replicate(params, data: ImageTensors, test: ImageTensors, rows, seed, args) 
         torch.device("cpu"),
     )  # fmt: skip
     sets = {
-        "real": (splits.train, False),
-        "real+aug": (splits.train, True),
-        "real+aug+synthetic": (concat(splits.train, synthetic), True),
-        "real+aug+selected": (concat(splits.train, selected), True),
+        "real": (splits.train, Recipe(False)),
+        "real+aug": (splits.train, Recipe(True)),
+        "real+aug+synthetic": (concat(splits.train, synthetic), Recipe(True)),
+        "real+aug+selected": (concat(splits.train, selected), Recipe(True)),
     }
     accuracy = {
-        arm: accuracy_of(trainer(train, seed, augment)[1], test.labels)
-        for arm, (train, augment) in sets.items()
+        arm: accuracy_of(trainer(train, seed, recipe)[1], test.labels)
+        for arm, (train, recipe) in sets.items()
     }
     return {
         "accuracy": accuracy,

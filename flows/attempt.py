@@ -354,13 +354,15 @@ def promote_within_room(
     workspace: Path, params_file: Path, key: str, round_no: int, clean_report: dict
 ) -> tuple[dict, bool]:
     """Promote within the pool's room; returns the promotion and whether the pool is full."""
-    from tasks.pool import pool_counts, pool_full, pool_room, pool_targets
+    from tasks.feedback import read_requests
+    from tasks.pool import answer_requests, pool_counts, pool_full, pool_room, pool_targets
 
     params = load_params(params_file)
     pool = params.loop.pool
     train_per_class = {c: v["train"] for c, v in clean_report.get("per_class", {}).items()}
+    requests = read_requests(params.fuse.feedback)[0]
     targets = pool_targets(
-        train_per_class, params.loop.target_per_class, params.loop.synthetic_multiple
+        train_per_class, params.loop.target_per_class, params.loop.synthetic_multiple, requests
     )
     before = pool_counts(pool)
     room, total = pool_room(before, targets, params.loop.max_pool_rows)
@@ -377,4 +379,6 @@ def promote_within_room(
     )
     promotion["targets"] = targets
     after = Counter(before) + Counter(promotion["per_class"])
+    _, disk_room = pool_room(dict(after), targets, params.loop.max_pool_rows)
+    promotion["requests"] = answer_requests(requests, targets, dict(after), disk_room)
     return promotion, pool_full(dict(after), targets, params.loop.max_pool_rows)

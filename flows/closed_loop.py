@@ -322,6 +322,8 @@ def _rounds(workspace: Path, params_file: Path, force: bool, key: str) -> dict:
         "privacy": (promoted or records)[-1]["validation"].get("privacy"),
         # The last bake-off of the run (loop.families), with its winner.
         "bakeoff": next((r["bakeoff"] for r in reversed(records) if r.get("bakeoff")), None),
+        # People's `label,extra` requests, each met or answered with why not.
+        "requests": _answered_requests(promoted, params),
     }
     write_json(loop_cfg.report, loop)
     _publish(params, clean_report, loop)
@@ -342,6 +344,19 @@ def _rounds(workspace: Path, params_file: Path, force: bool, key: str) -> dict:
         "ingested": clean_report.get("ingested"),
         "pool_per_class": loop["pool_per_class"],
     }
+
+
+def _answered_requests(promoted: list[dict], params) -> dict[str, dict]:  # noqa: ANN001
+    """The last promotion's answers to the requests; with no promotion, every request
+    unmet because the gates failed."""
+    for record in reversed(promoted):
+        if "requests" in record.get("promotion", {}):
+            return record["promotion"]["requests"]
+    from tasks.feedback import read_requests
+
+    requests = read_requests(params.fuse.feedback)[0]
+    why = "the gates failed: nothing was promoted"
+    return {label: {"asked": extra, "met": False, "why": why} for label, extra in requests.items()}
 
 
 def run_result(finish: Finish) -> str:

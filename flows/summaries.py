@@ -108,6 +108,8 @@ def loop_summary_markdown(loop: dict) -> str:
     if reasons:
         lines += ["", "Retrains, and why:", *reasons]
     lines += [pool_retired_markdown(r) for r in loop["attempts"] if r.get("pool_retired")]
+    if loop.get("requests"):
+        lines += ["", "Requests (data/feedback, `label,extra`):", *requests_markdown(loop)]
     verdict = loop.get("verdict")
     if verdict:
         lines += ["", verdict]
@@ -120,6 +122,16 @@ def loop_summary_markdown(loop: dict) -> str:
     if privacy:
         lines += ["", privacy_table_markdown(privacy)]
     return "\n".join(lines)
+
+
+def requests_markdown(loop: dict) -> list[str]:
+    """One line per requested class: met, or not and why."""
+    out = []
+    for label, a in loop.get("requests", {}).items():
+        held = f" (pool {a['pooled']} of target {a['target']})" if "pooled" in a else ""
+        state = "met" if a.get("met") else f"not met: {a.get('why')}"
+        out.append(f"- {label}: {a.get('asked')} more asked, {state}{held}")
+    return out
 
 
 def pool_retired_markdown(record: dict) -> str:
@@ -215,13 +227,13 @@ def utility_table_markdown(util: dict) -> str:
     short = util.get("short_classes") or []
     overall, short_fig = util.get("overall") or {}, util.get("short") or {}
     reference = util.get("reference") or {}
-    baseline = util.get("baseline", "real+aug")
-    other = "real" if baseline == "real+aug" else "real+aug"
+    baseline = util.get("baseline", "-")
+    # every recipe of the baseline menu val did not choose (tasks/utility.py, RECIPES)
+    others = [(arm, f) for arm, f in reference.items() if arm != "tstr"]
     rows = [
-        (
-            f"{other} (reference, not chosen on val)",
-            reference.get(other, {}).get("overall"),
-            reference.get(other, {}).get("short"),
+        *(
+            (f"{arm} (reference, not chosen on val)", f.get("overall"), f.get("short"))
+            for arm, f in others
         ),
         (
             f"{baseline} (baseline, chosen on val)",

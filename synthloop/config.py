@@ -668,11 +668,6 @@ class ValidateConfig(_Model):
     utility_seeds: int = Field(
         5, ge=2, description="paired seeds of the utility arms (2 at least: an interval needs 2)"
     )
-    utility_balanced: bool = Field(
-        True,
-        description="every utility arm draws each class equally often: the remedy any user "
-        "has for a long tail, so synthetic data is not credited with rebalancing",
-    )
     utility_synthetic_share: float = Field(
         0.5,
         gt=0,
@@ -726,6 +721,17 @@ class ValidateConfig(_Model):
     evaluator: Path = Path("models/evaluator")
     accepted: Path = Path("data/accepted")
     report: Path = Path("reports/validation.json")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_utility_balanced(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "utility_balanced" in data:
+            raise ValueError(
+                "utility_balanced: no longer a setting; the utility baseline is the best on "
+                "val of {real, real+aug} x {class-balanced draws, logit-adjusted loss} "
+                "(tasks/utility.py), so remove this key"
+            )
+        return data
 
     @field_validator("synthetic", "clean", "evaluator", "accepted", "report")
     @classmethod

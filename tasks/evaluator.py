@@ -268,6 +268,26 @@ def epoch_order(
     return torch.multinomial(weights, n, replacement=True, generator=generator)
 
 
+# Logit adjustment's temperature (Menon et al., "Long-tail learning via logit adjustment",
+# ICLR 2021): tau = 1 makes the adjusted loss's minimiser the balanced-error classifier.
+LOGIT_TAU = 1.0
+
+
+def log_prior(labels: Tensor, n_classes: int) -> Tensor:
+    """(n_classes,) float32: log of each class's share of `labels` (a class without rows
+    gets the log of half a row's share, not minus infinity)."""
+    counts = torch.bincount(labels, minlength=n_classes).float().clamp(min=0.5)
+    return torch.log(counts / counts.sum())
+
+
+def logit_adjusted_loss(logits: Tensor, labels: Tensor, prior: Tensor, tau: float) -> Tensor:
+    """Cross-entropy of `logits + tau * prior` (`prior` a `log_prior`): the rare classes
+    must win by a margin that grows as their prior shrinks. With equal priors the shift is
+    the same for every class, so the loss is the plain one; predictions use the plain
+    logits."""
+    return F.cross_entropy(logits + tau * prior.to(logits.device), labels)
+
+
 def train_net(
     cfg: EvaluatorConfig,
     splits: Splits,
@@ -276,6 +296,7 @@ def train_net(
     balanced: bool = False,
     synthetic: Tensor | None = None,
     synthetic_share: float = 1.0,
+    logit_adjusted: bool = False,
 ) -> tuple[EvaluatorNet, dict]:
     """Train on splits.train; keep the weights of the epoch with the best val accuracy.
 
@@ -284,9 +305,13 @@ def train_net(
     transforms every training batch on the fly. `balanced` draws every class equally often
     (rows with replacement, weights 1/class count), the usual remedy for a long tail;
     `synthetic` and `synthetic_share` cap the synthetic rows' share (`epoch_order`).
+    `logit_adjusted` trains on `logit_adjusted_loss` with the training labels' prior (the
+    other remedy for a long tail; with `balanced` draws the prior is flat: no change).
     """
     with small_image_cpu_threads(device, splits.train.images.shape[-1], cfg.cpu_threads):
-        return _train(cfg, splits, device, augment, balanced, synthetic, synthetic_share)
+        return _train(
+            cfg, splits, device, augment, balanced, synthetic, synthetic_share, logit_adjusted
+        )
 
 
 def _train(
@@ -297,6 +322,7 @@ def _train(
     balanced: bool = False,
     synthetic: Tensor | None = None,
     synthetic_share: float = 1.0,
+    logit_adjusted: bool = False,
 ) -> tuple[EvaluatorNet, dict]:
     _, channels, size, _ = splits.train.images.shape
     with torch.random.fork_rng(devices=[]):
@@ -315,6 +341,11 @@ def _train(
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(cfg.seed)
+    n_classes = len(splits.train.classes)
+    # Each class is drawn as often as its rows (balanced draws: equally): that is its prior.
+    prior = (torch.zeros(n_classes) if balanced else log_prior(splits.train.labels, n_classes)).to(
+        device
+    )
     best_acc, best_epoch, best_state, history = -1.0, 0, None, []
     for epoch in range(1, cfg.epochs + 1):
         net.train()
@@ -325,7 +356,11 @@ def _train(
         for step in range(steps_per_epoch):
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             batch = images[idx] if augment is None else augment(images[idx])
-            loss = F.cross_entropy(net(to_float(batch)), labels[idx])
+            logits = net(to_float(batch))
+            if logit_adjusted:
+                loss = logit_adjusted_loss(logits, labels[idx], prior, LOGIT_TAU)
+            else:
+                loss = F.cross_entropy(logits, labels[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -67,7 +67,7 @@ from synthloop.dataset import (
     shard_paths,
     write_json,
 )
-from tasks.feedback import feedback_files
+from tasks.feedback import feedback_files, read_requests
 from tasks.pool import pool_targets
 
 log = logging.getLogger(__name__)
@@ -276,6 +276,7 @@ def run_fuse(cfg: FuseConfig, loop: LoopConfig | None = None) -> dict:
         {c: int(real_rows.get(c, 0)) for c in sorted(set(rows["label"]))},
         loop.target_per_class,
         loop.synthetic_multiple,
+        read_requests(cfg.feedback)[0],
     )
     capped = pd.Series(False, index=rows.index)
     keys = rank_keys(rows["id"], cfg.seed)

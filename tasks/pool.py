@@ -130,6 +130,7 @@ def pool_targets(
     train_per_class: dict[str, int],
     target_per_class: int | Literal["auto"] | None,
     synthetic_multiple: float,
+    requests: dict[str, int] | None = None,
 ) -> dict[str, int | None]:
     """Per class, the most synthetic rows the pool keeps and fuse mixes in (None: no bound).
 
@@ -138,7 +139,9 @@ def pool_targets(
     when the largest has R_max. The short classes, the ones the loop is for, get the most;
     the largest class gets 0. An integer is the same bound for every class; None: no
     per-class bound. Whatever the setting, a class without real training rows gets 0: the
-    generator has nothing real of it to learn from.
+    generator has nothing real of it to learn from. A person's request (`requests`, label ->
+    extra rows, from data/feedback's `label,extra` rows) raises that class's target by the
+    rows it asks for (`answer_requests` says whether it was met).
     """
     largest = max(train_per_class.values(), default=0)
     multiple = Fraction(str(synthetic_multiple))  # exact: 0.3 is 3/10, as fuse reads shares
@@ -150,7 +153,43 @@ def pool_targets(
             return max(0, min(floor(multiple * real), largest - real))
         return None if target_per_class is None else int(target_per_class)
 
-    return {c: target(r) for c, r in train_per_class.items()}
+    asked = requests or {}
+
+    def raised(c: str, real: int) -> int | None:
+        base = target(real)
+        return base if base is None or real <= 0 else base + asked.get(c, 0)
+
+    return {c: raised(c, r) for c, r in train_per_class.items()}
+
+
+def answer_requests(
+    requests: dict[str, int],
+    targets: dict[str, int | None],
+    pooled: dict[str, int],
+    disk_room: int | None,
+    why_not: str | None = None,
+) -> dict[str, dict]:
+    """Per requested label: was it met (its class holds its raised target), and if not,
+    why, in words: an unknown class, `why_not` (the gates failed: nothing was promoted), the
+    pool at loop.max_pool_rows (`disk_room` 0), or too few accepted rows yet."""
+    out = {}
+    for label, extra in sorted(requests.items()):
+        target = targets.get(label, 0) if label in targets else None
+        held = pooled.get(label, 0)
+        answer = {"asked": extra, "target": target, "pooled": held}
+        if label not in targets:
+            answer |= {"met": False, "why": f"unknown class {label!r} (not in the clean data)"}
+        elif target is None or held >= target:
+            answer |= {"met": True, "why": None}
+        elif why_not:
+            answer |= {"met": False, "why": why_not}
+        elif disk_room == 0:
+            answer |= {"met": False, "why": "the pool is at loop.max_pool_rows"}
+        else:
+            short = target - held
+            answer |= {"met": False, "why": f"{short} rows short: too few accepted so far"}
+        out[label] = answer
+    return out
 
 
 def describe_targets(

@@ -2,15 +2,20 @@
 the user already has?
 
 Every arm trains on the real images the generator trained on (the clean train split) and is
-scored on the real test split, with the same number of optimizer steps whatever its size and,
-with `validate.utility_balanced`, every class drawn equally often: a user with a long tail
-rebalances for free, so synthetic rows must beat that, not an imbalanced classifier.
+scored on the real test split, with the same number of optimizer steps whatever its size.
 
-The *baseline* is the better of what the user already has, chosen as the user would choose
-it, on the val split (overall accuracy, seed 0; a tie means no augmentation; the test split
-never chooses anything):
-- `real+aug`: the real images with the project's augment policy applied on the fly;
-- `real`: the real images as they are (an augmentation that hurts is not a baseline to beat).
+The *baseline* is the best of what the user already has, chosen as the user would choose
+it, on the val split (overall accuracy, seed 0; the test split never chooses anything): a
+`Recipe` of the menu `RECIPES`, {real, real+aug} x {class-balanced draws, logit-adjusted
+loss}:
+- `real+aug` applies the project's augment policy on the fly, `real` none (an augmentation
+  that hurts is not a baseline to beat);
+- `balanced` draws every class equally often; `logit-adjusted` draws rows as they come and
+  trains on the logit-adjusted loss (Menon et al., ICLR 2021; tasks/evaluator.py): the two
+  cheap remedies a user with a long tail has, so synthetic rows must beat the better one,
+  not an imbalanced classifier.
+Ties go to the simpler recipe (earlier in `RECIPES`: no augmentation, balanced draws before
+a changed loss): what val cannot tell apart is not one a user could be sure of.
 `baseline+synthetic` is the same choice plus the synthetic rows the user has once this
 round is promoted, and no others (drawn at most `validate.utility_synthetic_share` of their
 class's draws). tasks/validate.py gathers them: the pool rows fuse mixes in now (the fused
@@ -24,8 +29,8 @@ baseline holds no synthetic row), so new rows that would make the pool worse sho
 smaller gain, and a class at its target is scored on what it holds. `delivered_per_class`
 reports the arm's synthetic rows per class. When promotion would take no row, nothing is
 trained (`nothing_to_score`): the verdict is `no evidence` and `verdict_text` says why.
-The arm not chosen and `tstr` (train on the arm's synthetic rows, test on real) are reported
-for reference, on seed 0.
+The recipes not chosen and `tstr` (train on the arm's synthetic rows, test on real, with the
+chosen recipe's remedy and no augmentation) are reported for reference, on seed 0.
 The two main arms are paired over `validate.utility_seeds` seeds: seed s gives both the same
 initial weights and augmentation stream. The per-seed delta (accuracy of the second minus
 the first) gives a mean and a 95% Student-t interval, overall, per class, and on the *short
@@ -55,21 +60,37 @@ from synthloop.config import ValidateConfig
 from tasks.images import ImageTensors, concat
 from tasks.metrics import round_figure as _round
 
-# An arm's classifier: (training set, seed, augment) -> its predictions (val, test). One
+
+@dataclass(frozen=True)
+class Recipe:
+    """How an arm's classifier trains: with the augment policy or not, and which remedy for
+    a long tail (`balanced` draws, or the `logit-adjusted` loss on rows drawn as they come)."""
+
+    augment: bool
+    remedy: str = "balanced"  # "balanced" | "logit-adjusted"
+
+    @property
+    def name(self) -> str:
+        return f"{'real+aug' if self.augment else 'real'}, {self.remedy}"
+
+
+# The menu a user has without synthetic data, simplest first (ties go to the earlier one).
+RECIPES = tuple(Recipe(a, r) for r in ("balanced", "logit-adjusted") for a in (False, True))
+
+# An arm's classifier: (training set, seed, recipe) -> its predictions (val, test). One
 # with a `submit` method of the same arguments returning a Future is used through it.
 Predictions = tuple[torch.Tensor, torch.Tensor]
-Trainer = Callable[[ImageTensors, int, bool], Predictions]
-ARMS = {True: "real+aug", False: "real"}  # augment -> the baseline arm's name
+Trainer = Callable[[ImageTensors, int, Recipe], Predictions]
 MAX_POINTS_PER_TEST_IMAGE: float = ValidateConfig.model_fields[
     "utility_max_points_per_test_image"
 ].default
 PROTOCOL = (
-    "paired seeds; every arm trains on the clean train split (class-balanced draws with "
-    "validate.utility_balanced); the baseline is real or real+aug (the augment policy on the "
-    "fly), whichever scores higher on val; the synthetic arm adds the synthetic rows the user "
-    "has after this promotion: the pool rows fuse mixes in and the accepted rows promotion "
-    "would add (at most validate.utility_synthetic_share of a class's draws); scored on the "
-    "real test split"
+    "paired seeds; every arm trains on the clean train split; the baseline is the recipe of "
+    "{real, real+aug (the augment policy on the fly)} x {class-balanced draws, logit-adjusted "
+    "loss} that scores highest on val; the synthetic arm uses the same recipe and adds the "
+    "synthetic rows the user has after this promotion: the pool rows fuse mixes in and the "
+    "accepted rows promotion would add (at most validate.utility_synthetic_share of a "
+    "class's draws); scored on the real test split"
 )
 
 
@@ -179,9 +200,9 @@ def accuracy_of(
 def run_now(trainer: Trainer) -> Callable[[ImageTensors, int, bool], Future[Predictions]]:
     """`trainer` as a `submit` that trains at once and returns the finished Future."""
 
-    def submit(data: ImageTensors, seed: int, augment: bool) -> Future[Predictions]:
+    def submit(data: ImageTensors, seed: int, recipe: Recipe) -> Future[Predictions]:
         done: Future[Predictions] = Future()
-        done.set_result(trainer(data, seed, augment))
+        done.set_result(trainer(data, seed, recipe))
         return done
 
     return submit
@@ -189,8 +210,8 @@ def run_now(trainer: Trainer) -> Callable[[ImageTensors, int, bool], Future[Pred
 
 def trainings(seeds: int) -> int:
     """Classifiers `compare_arms` trains: both main arms per seed (seed 0's baseline is one
-    of the two val candidates), the candidate not chosen, and tstr."""
-    return 2 * seeds + 2
+    of the val candidates), the candidates not chosen, and tstr."""
+    return 2 * seeds + len(RECIPES)
 
 
 def compare_arms(
@@ -228,21 +249,20 @@ def compare_arms(
     # The trainings are submitted as soon as they are known, so a pool of workers
     # (tasks/utility_trainer.py) runs them side by side; a plain trainer runs each at once.
     submit = getattr(trainer, "submit", None) or run_now(trainer)
-    # The baseline, as a user picks it: with or without the augment policy, by val accuracy.
-    first = {augment: submit(train, seeds[0], augment) for augment in (True, False)}
+    # The baseline, as a user picks it: the menu's best recipe on val.
+    first = {recipe: submit(train, seeds[0], recipe) for recipe in RECIPES}
+    val_accuracy = {r: accuracy_of(f.result()[0], val_labels) for r, f in first.items()}
+    chosen = choose_recipe(val_accuracy)
     # a classifier cannot train (BatchNorm) on a single image
-    tstr = submit(synthetic, seeds[0], False) if len(synthetic) >= 2 else None
-    val_accuracy = {ARMS[a]: accuracy_of(f.result()[0], val_labels) for a, f in first.items()}
-    # Strictly better on val, or no augmentation: a policy val cannot tell from none is not
-    # one a user could be sure of (and on saturated val splits ties are common).
-    augment = val_accuracy["real+aug"] > val_accuracy["real"]
+    tstr_recipe = Recipe(False, chosen.remedy)
+    tstr = submit(synthetic, seeds[0], tstr_recipe) if len(synthetic) >= 2 else None
     base_runs = [
-        first[augment] if seed == seeds[0] else submit(train, seed, augment) for seed in seeds
+        first[chosen] if seed == seeds[0] else submit(train, seed, chosen) for seed in seeds
     ]
-    plus_runs = [submit(plus_data, seed, augment) for seed in seeds]
+    plus_runs = [submit(plus_data, seed, chosen) for seed in seeds]
     base = [figures(run.result()[1]) for run in base_runs]
     plus = [figures(run.result()[1]) for run in plus_runs]
-    reference = {ARMS[not augment]: figures(first[not augment].result()[1])}
+    reference = {r.name: figures(f.result()[1]) for r, f in first.items() if r != chosen}
     if tstr is not None:
         reference["tstr"] = figures(tstr.result()[1])
 
@@ -265,8 +285,8 @@ def compare_arms(
     resolution = Resolution(test_rows[decisive_key], max_points_per_test_image)
     return {
         "protocol": PROTOCOL,
-        "baseline": ARMS[augment],
-        "baseline_val_accuracy": {arm: _round(acc) for arm, acc in val_accuracy.items()},
+        "baseline": chosen.name,
+        "baseline_val_accuracy": {r.name: _round(acc) for r, acc in val_accuracy.items()},
         "seeds": list(seeds),
         "real_images": len(train),
         "synthetic_images": len(synthetic),
@@ -291,6 +311,11 @@ def compare_arms(
             "the short classes'" if short_idx else "the", decisive["verdict"], resolution
         ),
     }
+
+
+def choose_recipe(val_accuracy: dict[Recipe, float]) -> Recipe:
+    """The recipe with the highest val accuracy; a tie goes to the one earlier in RECIPES."""
+    return max(RECIPES, key=lambda r: (val_accuracy[r], -RECIPES.index(r)))
 
 
 def per_class_counts(data: ImageTensors) -> dict[str, int]:

@@ -1,12 +1,14 @@
 """The downstream classifier of every utility arm, and the processes that train them.
 
-`UtilityTrainer` is one arm's training, a picklable callable (training set, seed, augment)
+`UtilityTrainer` is one arm's training, a picklable callable (training set, seed, recipe)
 -> its predictions (val, test):
 - the evaluator's architecture (`tasks/evaluator.py`), trained for about `steps` optimizer
   steps whatever the size of its training set, so a larger set (real + synthetic) does not
   win merely by training longer; the epoch with the best val accuracy is kept;
 - seed s gives every arm the same initial weights and augmentation stream;
-- `balanced` draws every class equally often;
+- the recipe (`tasks.utility.Recipe`) says whether the augment policy applies and which
+  remedy for a long tail: every class drawn equally often, or rows drawn as they come with
+  the logit-adjusted loss;
 - `synthetic_share` caps the share of a class's draws that go to synthetic rows (rows the
   real train split does not hold): with 10 real images and 100 synthetic ones the real ten
   would otherwise be drawn a tenth as often as without them. 1.0 draws every row of a class
@@ -32,7 +34,7 @@ from synthloop.threads import SMALL_IMAGE, usable_cpus
 from tasks.evaluator import Splits, predict, small_image_cpu_threads, train_net
 from tasks.images import ImageTensors
 from tasks.online_augment import batch_augmenter
-from tasks.utility import Predictions, run_now
+from tasks.utility import Predictions, Recipe, run_now
 
 # A worker is a fresh interpreter importing torch and this package (about 3-5 s of CPU on
 # a shared core). Below this many training images per classifier (steps x batch size; the
@@ -43,14 +45,13 @@ POOL_MIN_IMAGES = 12_800
 
 @dataclass(frozen=True)
 class UtilityTrainer:
-    """One utility arm's training: `trainer(data, seed, augment) -> (val, test)` predictions."""
+    """One utility arm's training: `trainer(data, seed, recipe) -> (val, test)` predictions."""
 
     splits: Splits
     steps: int
     evaluator: EvaluatorConfig
     policy: AugmentPolicy
     device: str = "cpu"
-    balanced: bool = False
     synthetic_share: float = 1.0
 
     @classmethod
@@ -69,17 +70,16 @@ class UtilityTrainer:
             evaluator,
             policy,
             str(device),
-            cfg.utility_balanced,
             cfg.utility_synthetic_share,
         )
 
-    def __call__(self, train: ImageTensors, seed: int, augment: bool) -> Predictions:
+    def __call__(self, train: ImageTensors, seed: int, recipe: Recipe) -> Predictions:
         batch_size = self.evaluator.batch_size
         steps_per_epoch = max(1, -(-len(train) // batch_size))
         epochs = max(1, -(-self.steps // steps_per_epoch))
         cfg = self.evaluator.model_copy(update={"epochs": epochs, "seed": seed})
         stream = torch.Generator().manual_seed(seed)
-        online = batch_augmenter(self.policy, stream) if augment else None
+        online = batch_augmenter(self.policy, stream) if recipe.augment else None
         real = set(self.splits.train.ids)
         synthetic = torch.tensor([i not in real for i in train.ids], dtype=torch.bool)
         device = torch.device(self.device)
@@ -91,9 +91,10 @@ class UtilityTrainer:
                 replace(self.splits, train=train),
                 device,
                 online,
-                self.balanced,
+                recipe.remedy == "balanced",
                 synthetic if synthetic.any() else None,
                 self.synthetic_share,
+                logit_adjusted=recipe.remedy == "logit-adjusted",
             )
             return predict(net, self.splits.val, batch_size), predict(
                 net, self.splits.test, batch_size
@@ -116,7 +117,7 @@ def utility_workers(requested: int, trainer: UtilityTrainer, trainings: int) -> 
 class TrainerPool:
     """`trainer` in `workers` spawned processes (1: in this process, as it is called).
 
-    `submit(data, seed, augment)` returns a Future of the predictions; leaving the `with`
+    `submit(data, seed, recipe)` returns a Future of the predictions; leaving the `with`
     block waits for the workers, and on an error cancels what is queued. With workers on
     large images, each worker gets its share of the usable CPUs as intra-op threads, so
     workers and torch do not oversubscribe the machine."""
@@ -140,10 +141,10 @@ class TrainerPool:
                 initargs=(trainer,),
             )
 
-    def submit(self, data: ImageTensors, seed: int, augment: bool) -> Future[Predictions]:
+    def submit(self, data: ImageTensors, seed: int, recipe: Recipe) -> Future[Predictions]:
         if self._pool is not None:
-            return self._pool.submit(_train_in_worker, data, seed, augment)
-        return self._inline(data, seed, augment)
+            return self._pool.submit(_train_in_worker, data, seed, recipe)
+        return self._inline(data, seed, recipe)
 
     def __enter__(self) -> TrainerPool:
         return self
@@ -162,6 +163,6 @@ def _start_worker(trainer: UtilityTrainer) -> None:
     _worker_trainer = trainer
 
 
-def _train_in_worker(data: ImageTensors, seed: int, augment: bool) -> Predictions:
+def _train_in_worker(data: ImageTensors, seed: int, recipe: Recipe) -> Predictions:
     assert _worker_trainer is not None, "the pool's initializer sets the trainer"
-    return _worker_trainer(data, seed, augment)
+    return _worker_trainer(data, seed, recipe)

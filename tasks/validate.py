@@ -85,7 +85,7 @@ from tasks.evaluator import (
     load_evaluator,
     small_image_cpu_threads,
 )
-from tasks.feedback import requested_extra
+from tasks.feedback import read_requests, requested_extra
 from tasks.images import (
     ImageTensors,
     concat,
@@ -223,10 +223,15 @@ class Promotion:
 
 
 def plan_promotion(
-    accepted: ImageTensors, train_per_class: dict[str, int], loop: LoopConfig
+    accepted: ImageTensors,
+    train_per_class: dict[str, int],
+    loop: LoopConfig,
+    requests: dict[str, int] | None = None,
 ) -> Promotion:
     """The pool's targets and room as they stand, and the accepted rows promotion would take."""
-    targets = pool_targets(train_per_class, loop.target_per_class, loop.synthetic_multiple)
+    targets = pool_targets(
+        train_per_class, loop.target_per_class, loop.synthetic_multiple, requests
+    )
     counts = pool_counts(loop.pool)
     room, total = pool_room(counts, targets, loop.max_pool_rows)
     labels = [accepted.classes[i] for i in accepted.labels.tolist()]
@@ -400,10 +405,12 @@ def privacy(
 @dataclass(frozen=True)
 class Delivery:
     """Where accepted rows go: the pool (`loop.pool`, its targets' rule, `loop.max_pool_rows`)
-    and the fused set whose synthetic rows are the pool rows fuse mixes in (`fuse.output`)."""
+    and the fused set whose synthetic rows are the pool rows fuse mixes in (`fuse.output`);
+    people's requests (`fuse.feedback`'s `label,extra` rows) raise their classes' targets."""
 
     loop: LoopConfig = LoopConfig()
     fused: Path = FuseConfig.model_fields["output"].default
+    feedback: Path = FuseConfig.model_fields["feedback"].default
 
 
 @dataclass(frozen=True)
@@ -449,7 +456,7 @@ def validate_job(params: Params) -> ValidateJob:
         params.train_evaluator,
         requested,
         params.augment.policy,
-        Delivery(params.loop, params.fuse.output),
+        Delivery(params.loop, params.fuse.output, params.fuse.feedback),
     )
 
 
@@ -503,7 +510,8 @@ def _validate(
         for q, p in (("p5", 5), ("median", 50), ("p95", 95))
     }
     # The synthetic arm: what the user has after this promotion, no more (tasks/utility.py).
-    promotion = plan_promotion(accepted, per_class_counts(splits.train), delivery.loop)
+    requests = read_requests(delivery.feedback)[0]
+    promotion = plan_promotion(accepted, per_class_counts(splits.train), delivery.loop, requests)
     new = subset(accepted, torch.tensor(promotion.selection.chosen, dtype=torch.long))
     if len(new):
         arm = concat(load_pooled(delivery.fused, splits.train), new)

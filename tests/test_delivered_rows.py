@@ -183,3 +183,23 @@ def test_no_row_to_promote_is_no_evidence_and_says_why(tmp_path):
     gates = evaluate_gates(GateConfig(), passing_figures(result))
     assert gates["passed"] and gates["utility_lower_bound"]["value"] is None
     assert gates["utility_lower_bound"]["note"] == "the pool is full: no row to promote"
+
+
+def test_a_request_raises_its_class_target_and_is_answered_by_name():
+    from tasks.pool import answer_requests, pool_targets
+
+    train = {"rich": 100, "short": 10}
+    plain = pool_targets(train, "auto", 1.0)
+    asked = pool_targets(train, "auto", 1.0, {"short": 40, "rich": 5, "ghost": 3})
+    assert asked == {"rich": plain["rich"] + 5, "short": plain["short"] + 40}
+    assert pool_targets(train, 20, 1.0, {"short": 5}) == {"rich": 20, "short": 25}
+    answers = answer_requests(
+        {"short": 40, "rich": 5, "ghost": 3}, asked, {"short": 50, "rich": 2}, disk_room=10
+    )
+    assert answers["short"] == {"asked": 40, "target": 50, "pooled": 50, "met": True, "why": None}
+    assert not answers["rich"]["met"] and "3 rows short" in answers["rich"]["why"]
+    assert not answers["ghost"]["met"] and "unknown class 'ghost'" in answers["ghost"]["why"]
+    full = answer_requests({"rich": 5}, asked, {"rich": 2}, disk_room=0)
+    assert full["rich"]["why"] == "the pool is at loop.max_pool_rows"
+    gated = answer_requests({"rich": 5}, asked, {}, 10, why_not="the gates failed")
+    assert gated["rich"]["why"] == "the gates failed"

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from tasks.images import ImageTensors
-from tasks.utility import compare_arms
+from tasks.utility import RECIPES, Recipe, compare_arms
 
 BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "families.py"
 
@@ -36,12 +36,12 @@ def test_shared_baseline_trains_the_baseline_once_and_changes_no_figure() -> Non
     families = load_benchmark()
     train = dataset([0, 0, 0, 0, 1], "real")
     val, test = torch.tensor([0, 1, 0, 1]), torch.tensor([0, 1, 1, 0, 1])
-    calls: list[tuple[int, int, bool]] = []
+    calls: list[tuple[int, int, Recipe]] = []
 
-    def trainer(data: ImageTensors, seed: int, augment: bool):
-        calls.append((len(data), seed, augment))
-        # predictions depend on the data, the seed and the augment flag, like a real trainer's
-        g = torch.Generator().manual_seed(1000 * len(data) + 10 * seed + augment)
+    def trainer(data: ImageTensors, seed: int, recipe: Recipe):
+        calls.append((len(data), seed, recipe))
+        # predictions depend on the data, the seed and the recipe, like a real trainer's
+        g = torch.Generator().manual_seed(1000 * len(data) + 10 * seed + RECIPES.index(recipe))
         return torch.randint(2, (len(val),), generator=g), torch.randint(
             2, (len(test),), generator=g
         )
@@ -55,8 +55,8 @@ def test_shared_baseline_trains_the_baseline_once_and_changes_no_figure() -> Non
 
     assert cached == plain  # the same figures as retraining the baseline every time
     baseline_calls = [c for c in calls[:first_round] if c[0] == len(train)]
-    # real+aug and real on seed 0, then the chosen arm on seeds 1 and 2: once, not per family
-    assert len(baseline_calls) == len(set(baseline_calls)) == 4
+    # the menu's recipes on seed 0, then the chosen one on seeds 1 and 2: once, not per family
+    assert len(baseline_calls) == len(set(baseline_calls)) == len(RECIPES) + 2
     # every family's own arms are still trained: 3 seeds plus tstr, for each sample set
     assert first_round - len(baseline_calls) == 2 * (len(seeds) + 1)
 

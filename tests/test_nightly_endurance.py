@@ -133,6 +133,11 @@ def test_five_nights_in_one_workspace(tmp_path, prefect_api):
     # Night 3 asked for 6 more ellipses: generate drew them.
     asked = {c: n - nights[1]["generated"][c] for c, n in nights[2]["generated"].items()}
     assert asked == {"ellipse": 6, "rectangle": 0, "triangle": 0}, nights[1]["generated"]
+    # ... and the pool's answer: ellipse's target rose by 6 (met, or not and why, by name).
+    answer = nights[2]["loop"]["requests"]["ellipse"]
+    assert answer["asked"] == 6 and answer["target"] == 106, answer
+    assert answer["met"] or answer["why"], answer
+    assert "- ellipse: 6 more asked, " in nights[2]["summary"]
 
     # Night 4 failed on its gates (issue's case: max_rounds 2, two failed attempts): Failed,
     # saying why; nothing promoted; params.yaml as the user left it; the next run may not
@@ -191,3 +196,9 @@ def test_five_nights_in_one_workspace(tmp_path, prefect_api):
     assert sixth["loop"]["message"].startswith("nothing promoted: every class at its target (")
     assert sixth["loop"]["promoted_rounds"] == [] and pool_digests(ws) == before
     assert "**nothing promoted**: nothing promoted: every class at its target" in sixth["summary"]
+
+    # Night 7: nothing changed since night 6, whose gates passed with the pool at its
+    # targets: the run ends "nothing to do" before any stage, and nothing moves.
+    quiet = closed_loop(params_path=params_file, return_state=True)
+    assert quiet.is_completed() and quiet.message == "nothing to do", quiet
+    assert pool_digests(ws) == before

@@ -11,7 +11,16 @@ import torch
 from synthloop.config import AugmentPolicy, GateConfig
 from tasks.images import ImageTensors
 from tasks.online_augment import batch_augmenter
-from tasks.utility import Interval, compare_arms, short_classes, t_interval, verdict
+from tasks.utility import (
+    RECIPES,
+    Interval,
+    Recipe,
+    choose_recipe,
+    compare_arms,
+    short_classes,
+    t_interval,
+    verdict,
+)
 from tasks.validate import evaluate_gates
 
 
@@ -77,14 +86,14 @@ def test_every_arm_trains_on_the_generators_real_images_and_pairs_its_seeds():
     test_labels = torch.tensor([0, 1, 2, 2])
     calls = []
 
-    def trainer(data: ImageTensors, seed: int, augment: bool):  # noqa: ANN202
-        calls.append((set(data.ids), seed, augment))
+    def trainer(data: ImageTensors, seed: int, recipe: Recipe):  # noqa: ANN202
+        calls.append((set(data.ids), seed, recipe))
         # with the synthetic rows, class c is always right; without, half of it
         pred = test_labels.clone()
         if not any(i.startswith("id1") and int(i[2:]) >= 100 for i in data.ids):
             pred[3] = 0
         val = val_labels.clone()
-        if not augment:
+        if not recipe.augment:
             val[0] = 1  # the policy is better on val: it is the baseline
         return val, pred
 
@@ -102,12 +111,22 @@ def test_every_arm_trains_on_the_generators_real_images_and_pairs_its_seeds():
     real_ids, synthetic_ids = set(train.ids), set(accepted.ids)
     for ids, _, _ in calls:
         assert ids - synthetic_ids <= real_ids  # no real image beyond the generator's
-    base = [c for c in calls if c[0] == real_ids and c[2]]
+    chosen = Recipe(True, "balanced")  # augmenting wins on val; the tie goes to balanced
+    base = [c for c in calls if c[0] == real_ids and c[2] == chosen]
     plus = [c for c in calls if c[0] == real_ids | synthetic_ids]
     assert [c[1] for c in base] == [c[1] for c in plus] == [0, 1, 2]  # paired seeds
-    assert all(c[2] for c in plus)  # the same augmentation in both main arms
-    assert (real_ids, 0, False) in calls and (synthetic_ids, 0, False) in calls  # references
-    assert result["baseline"] == "real+aug" and "real" in result["reference"]
+    assert all(c[2] == chosen for c in plus)  # the same recipe in both main arms
+    assert {(frozenset(c[0]), c[2]) for c in calls if c[1] == 0} >= {
+        (frozenset(real_ids), r) for r in RECIPES
+    }  # every recipe of the menu, on seed 0
+    assert (synthetic_ids, 0, Recipe(False, "balanced")) in calls  # tstr
+    assert result["baseline"] == "real+aug, balanced"
+    assert set(result["reference"]) == {
+        "real, balanced",
+        "real, logit-adjusted",
+        "real+aug, logit-adjusted",
+        "tstr",
+    }
     assert result["delivered_per_class"] == {"a": 0, "b": 0, "c": 6}  # the arm's rows
     assert result["short_classes"] == ["c"] and result["decisive"] == "short"
     assert result["short"]["baseline"] == 0.5 and result["short"]["baseline+synthetic"] == 1.0
@@ -124,28 +143,38 @@ def test_every_arm_trains_on_the_generators_real_images_and_pairs_its_seeds():
 
 
 def test_the_baseline_is_chosen_on_val_never_on_test():
-    """Augmentation that hurts on val: the baseline is plain real data, for every seed, and
-    the synthetic arm goes without augmentation too, even though test favours augmenting."""
+    """Augmentation and balanced draws that hurt on val: the baseline is plain real data with
+    the logit-adjusted loss, for every seed, and the synthetic arm trains the same way, even
+    though test favours augmenting with balanced draws."""
     classes = ["a", "b"]
     train = images([0] * 10 + [1] * 10, 0, classes)
     accepted = images([1] * 4, 100, classes)
     val_labels, test_labels = torch.tensor([0, 1, 0, 1]), torch.tensor([0, 1])
     calls = []
 
-    def trainer(data: ImageTensors, seed: int, augment: bool):  # noqa: ANN202
-        calls.append((len(data), seed, augment))
+    def trainer(data: ImageTensors, seed: int, recipe: Recipe):  # noqa: ANN202
+        calls.append((len(data), seed, recipe))
         val = val_labels.clone()
-        if augment:
+        if recipe.augment:
             val[:2] = 1 - val[:2]  # augmenting costs half of val
-        test = test_labels.clone() if augment else 1 - test_labels  # ... but wins on test
+        if recipe.remedy == "balanced":
+            val[2] = 1 - val[2]  # and so do balanced draws, a quarter
+        good = recipe.augment and recipe.remedy == "balanced"
+        test = test_labels.clone() if good else 1 - test_labels  # ... yet both win on test
         return val, test
 
     result = compare_arms(train, accepted, val_labels, test_labels, trainer, [0, 1], 0.5)
-    assert result["baseline"] == "real"
-    assert result["baseline_val_accuracy"] == {"real+aug": 0.5, "real": 1.0}
+    assert result["baseline"] == "real, logit-adjusted"
+    assert result["baseline_val_accuracy"] == {
+        "real, balanced": 0.75,
+        "real+aug, balanced": 0.25,
+        "real, logit-adjusted": 1.0,
+        "real+aug, logit-adjusted": 0.5,
+    }
     main = [c for c in calls if c[0] in (20, 24) and c[1] == 1]
-    assert main == [(20, 1, False), (24, 1, False)]  # seed 1 of both arms: no augmentation
-    assert "real+aug" in result["reference"] and result["overall"]["baseline"] == 0.0
+    plain = Recipe(False, "logit-adjusted")
+    assert main == [(20, 1, plain), (24, 1, plain)]  # seed 1 of both arms: val's choice
+    assert "real+aug, balanced" in result["reference"] and result["overall"]["baseline"] == 0.0
 
 
 def test_online_augmentation_draws_per_image_and_is_seeded():
@@ -188,7 +217,7 @@ def test_one_accepted_image_has_no_tstr_arm_and_the_main_arms_still_run():
     labels = torch.tensor([0, 1])
     sizes = []
 
-    def trainer(data: ImageTensors, seed: int, augment: bool):  # noqa: ANN202
+    def trainer(data: ImageTensors, seed: int, recipe: Recipe):  # noqa: ANN202
         sizes.append(len(data))
         return labels, labels
 
@@ -208,7 +237,7 @@ def short_class_case(short_test_images: int, seeds: list[int]) -> dict:
     val_labels = torch.tensor([0, 1, 2])
     test_labels = torch.tensor([0] * 10 + [1] * 10 + [2] * short_test_images)
 
-    def trainer(data: ImageTensors, seed: int, augment: bool):  # noqa: ANN202
+    def trainer(data: ImageTensors, seed: int, recipe: Recipe):  # noqa: ANN202
         pred = test_labels.clone()
         if len(data) == len(train):  # no synthetic rows: three of c's images wrong
             pred[20:23] = 0
@@ -259,3 +288,9 @@ def test_no_test_images_of_the_decisive_classes_is_no_evidence():
     assert none["resolution"]["points_per_test_image"] is None
     assert none["verdict"] == "no evidence"
     assert none["verdict_text"] == "no evidence: the short classes' test split has no images"
+
+
+def test_ties_on_val_go_to_the_simpler_recipe():
+    assert choose_recipe(dict.fromkeys(RECIPES, 0.9)) == Recipe(False, "balanced")
+    better = dict.fromkeys(RECIPES, 0.9) | {Recipe(True, "logit-adjusted"): 0.91}
+    assert choose_recipe(better) == Recipe(True, "logit-adjusted")

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from synthloop.config import AugmentPolicy, EvaluatorConfig
-from tasks.evaluator import Splits, epoch_order
+from tasks.evaluator import LOGIT_TAU, Splits, epoch_order, log_prior, logit_adjusted_loss
 from tasks.images import ImageTensors, concat
+from tasks.utility import Recipe
 from tasks.utility_trainer import POOL_MIN_IMAGES, TrainerPool, UtilityTrainer, utility_workers
 
 
@@ -37,13 +38,17 @@ def trainer(**changes: object) -> UtilityTrainer:
         dataset([5, 5, 5], "test", 2),
     )
     cfg = EvaluatorConfig(width=8, feature_dim=16, batch_size=16)
-    return replace(UtilityTrainer(splits, 6, cfg, AugmentPolicy(), "cpu", True, 0.5), **changes)
+    return replace(UtilityTrainer(splits, 6, cfg, AugmentPolicy(), "cpu", 0.5), **changes)
 
 
 def test_a_worker_process_predicts_exactly_what_this_process_does():
     t = trainer()
     plus = concat(t.splits.train, dataset([0, 0, 9], "synthetic", 3))
-    jobs = [(t.splits.train, 0, True), (t.splits.train, 1, False), (plus, 0, True)]
+    jobs = [
+        (t.splits.train, 0, Recipe(True)),
+        (t.splits.train, 1, Recipe(False, "logit-adjusted")),
+        (plus, 0, Recipe(True)),
+    ]
     here = [t(*job) for job in jobs]
     with TrainerPool(t, workers=2) as pool:
         futures = [pool.submit(*job) for job in jobs]
@@ -55,11 +60,11 @@ def test_a_worker_process_predicts_exactly_what_this_process_does():
 def test_the_pool_of_one_runs_in_this_process_and_raises_here():
     t = trainer()
     with TrainerPool(t, workers=1) as pool:
-        val, test = pool.submit(t.splits.train, 0, False).result()
+        val, test = pool.submit(t.splits.train, 0, Recipe(False)).result()
         assert val.shape == (12,) and test.shape == (15,)
         one = dataset([1, 0, 0], "x", 5)
         with pytest.raises(ValueError, match="at least 2 training images"):
-            pool.submit(one, 0, False)
+            pool.submit(one, 0, Recipe(False))
 
 
 def test_worker_count_rule():
@@ -96,3 +101,20 @@ def test_the_synthetic_share_of_a_class_is_capped_and_the_classes_stay_balanced(
     order = torch.cat([epoch_order(labels, False, g, synthetic, 0.5) for _ in range(40)])
     shares = torch.bincount(labels[order], minlength=3).double() / len(order)
     assert torch.allclose(shares, torch.tensor([0.4, 0.4, 0.2], dtype=torch.float64), atol=0.02)
+
+
+def test_the_logit_adjusted_loss_is_plain_on_balanced_priors_and_shifted_otherwise():
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])
+    labels = torch.tensor([0, 2])
+    plain = torch.nn.functional.cross_entropy(logits, labels)
+    flat = log_prior(torch.tensor([0, 1, 2, 0, 1, 2]), 3)
+    assert torch.allclose(logit_adjusted_loss(logits, labels, flat, LOGIT_TAU), plain)
+    # a long tail: 8, 2 and 1 rows; the loss is the plain loss of logits + tau * log(prior)
+    prior = log_prior(torch.tensor([0] * 8 + [1] * 2 + [2]), 3)
+    assert torch.allclose(prior, torch.log(torch.tensor([8, 2, 1]) / 11))
+    shifted = torch.nn.functional.cross_entropy(logits + 0.5 * prior, labels)
+    assert torch.allclose(logit_adjusted_loss(logits, labels, prior, 0.5), shifted)
+    # the rare class's row costs more than plainly: it must win by a margin
+    assert logit_adjusted_loss(logits[1:], labels[1:], prior, 1.0) > plain.new_tensor(
+        torch.nn.functional.cross_entropy(logits[1:], labels[1:]).item()
+    )
