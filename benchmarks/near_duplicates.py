@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
 import statistics
@@ -211,18 +212,26 @@ def make_real(folder: Path, kind: str, seed: int) -> None:
     images, labels = real_images(kind)
     rng = np.random.default_rng(seed)
     copied = set(rng.choice(len(images), size=round(COPY_SHARE * len(images)), replace=False))
-    kinds = transforms()
-    made = 0
+    turns = itertools.cycle(transforms())
     for group, (pixels, label) in enumerate(zip(images, labels, strict=True)):
-        image = Image.fromarray(pixels)
-        cls = folder / f"c{label}"
-        cls.mkdir(parents=True, exist_ok=True)
-        (cls / f"{group:07d}_{group:07d}_original.png").write_bytes(encode(image, "PNG"))
-        if group in copied:
-            transform = kinds[made % len(kinds)]
-            made += 1
-            data, ext = copy_of(image, transform, rng)
-            (cls / f"{group:07d}_{group:07d}_{transform}.{ext}").write_bytes(data)
+        transform = next(turns) if group in copied else None
+        write_group(folder / f"c{label}", group, group, Image.fromarray(pixels), transform, rng)
+
+
+def write_group(
+    cls: Path,
+    group: int,
+    family: int,
+    image: Image.Image,
+    transform: str | None,
+    rng: np.random.Generator,
+) -> None:
+    """An original as cls/<group>_<family>_original.png and, with a `transform`, its copy."""
+    cls.mkdir(parents=True, exist_ok=True)
+    (cls / f"{group:07d}_{family:07d}_original.png").write_bytes(encode(image, "PNG"))
+    if transform is not None:
+        data, ext = copy_of(image, transform, rng)
+        (cls / f"{group:07d}_{family:07d}_{transform}.{ext}").write_bytes(data)
 
 
 def make_kind(folder: Path, kind: str, n: int, seed: int) -> None:
@@ -234,8 +243,7 @@ def make_kind(folder: Path, kind: str, n: int, seed: int) -> None:
     originals = round(n / (1 + COPY_SHARE))
     copies = n - originals
     copied = set(rng.choice(originals, size=copies, replace=False).tolist())
-    kinds = transforms()
-    made = 0
+    turns = itertools.cycle(transforms())
     for family in range(-(-originals // FAMILY)):
         template = character(rng, side) if kind == "sparse" else scene(rng, side)
         for member in range(FAMILY):
@@ -248,14 +256,8 @@ def make_kind(folder: Path, kind: str, n: int, seed: int) -> None:
                 # One moved, the others with a shape added: two moves could nearly agree.
                 parts = template if member == 0 else variant(template, rng, side, member == 1)
                 image = photo(parts, side)
-            cls = folder / f"c{family % 10}"
-            cls.mkdir(parents=True, exist_ok=True)
-            (cls / f"{group:07d}_{family:07d}_original.png").write_bytes(encode(image, "PNG"))
-            if group in copied:
-                transform = kinds[made % len(kinds)]
-                made += 1
-                data, ext = copy_of(image, transform, rng)
-                (cls / f"{group:07d}_{family:07d}_{transform}.{ext}").write_bytes(data)
+            transform = next(turns) if group in copied else None
+            write_group(folder / f"c{family % 10}", group, family, image, transform, rng)
 
 
 def ensure_images(workdir: Path, kind: str, n: int) -> tuple[Path, float]:

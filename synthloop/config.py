@@ -48,6 +48,14 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
+def _refuse_removed(data: Any, key: str, instead: str, was: str = "a setting") -> Any:
+    """`data` as it is, unless it still sets `key`, which no longer exists (it `was` a
+    setting, a share...): then an error that names it and what replaced it."""
+    if isinstance(data, dict) and key in data:
+        raise ValueError(f"{key}: no longer {was}; {instead}, so remove this key")
+    return data
+
+
 def _resolve(path: Path, info: ValidationInfo) -> Path:
     root = (info.context or {}).get("root")
     path = Path(path).expanduser()
@@ -417,12 +425,13 @@ class FuseConfig(_Model):
     @field_validator("max_share", mode="before")
     @classmethod
     def _no_synthetic_share(cls, shares: Any) -> Any:
-        if isinstance(shares, dict) and "synthetic" in shares:
-            raise ValueError(
-                "synthetic: no longer a share; fuse mixes in at most a class's pool target "
-                "(loop.target_per_class, loop.synthetic_multiple), so remove this key"
-            )
-        return shares
+        return _refuse_removed(
+            shares,
+            "synthetic",
+            "fuse mixes in at most a class's pool target (loop.target_per_class, "
+            "loop.synthetic_multiple)",
+            was="a share",
+        )
 
     @field_validator("max_share")
     @classmethod
@@ -725,13 +734,12 @@ class ValidateConfig(_Model):
     @model_validator(mode="before")
     @classmethod
     def _no_utility_balanced(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "utility_balanced" in data:
-            raise ValueError(
-                "utility_balanced: no longer a setting; the utility baseline is the best on "
-                "val of {real, real+aug} x {class-balanced draws, logit-adjusted loss} "
-                "(tasks/utility.py), so remove this key"
-            )
-        return data
+        return _refuse_removed(
+            data,
+            "utility_balanced",
+            "the utility baseline is the best on val of {real, real+aug} x "
+            "{class-balanced draws, logit-adjusted loss} (tasks/utility.py)",
+        )
 
     @field_validator("synthetic", "clean", "evaluator", "accepted", "report")
     @classmethod

@@ -146,20 +146,20 @@ def pool_targets(
     largest = max(train_per_class.values(), default=0)
     multiple = Fraction(str(synthetic_multiple))  # exact: 0.3 is 3/10, as fuse reads shares
 
-    def target(real: int) -> int | None:
-        if real <= 0:
-            return 0
-        if target_per_class == "auto":
-            return max(0, min(floor(multiple * real), largest - real))
-        return None if target_per_class is None else int(target_per_class)
-
     asked = requests or {}
 
-    def raised(c: str, real: int) -> int | None:
-        base = target(real)
-        return base if base is None or real <= 0 else base + asked.get(c, 0)
+    def target(c: str, real: int) -> int | None:
+        if real <= 0:
+            return 0
+        if target_per_class is None:
+            return None
+        if target_per_class == "auto":
+            base = max(0, min(floor(multiple * real), largest - real))
+        else:
+            base = int(target_per_class)
+        return base + asked.get(c, 0)
 
-    return {c: raised(c, r) for c, r in train_per_class.items()}
+    return {c: target(c, r) for c, r in train_per_class.items()}
 
 
 def answer_requests(
@@ -174,7 +174,7 @@ def answer_requests(
     pool at loop.max_pool_rows (`disk_room` 0), or too few accepted rows yet."""
     out = {}
     for label, extra in sorted(requests.items()):
-        target = targets.get(label, 0) if label in targets else None
+        target = targets.get(label)
         held = pooled.get(label, 0)
         answer = {"asked": extra, "target": target, "pooled": held}
         if label not in targets:

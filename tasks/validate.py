@@ -30,8 +30,9 @@ Per sample, an image is accepted when the evaluator gives its intended class at 
 much closer than the second nearest, in pixels) and it is not a duplicate of an accepted
 image.
 The gates decide whether the loop may promote the accepted rows; this stage only reports.
-The utility gate reads the decisive interval's lower bound, not the verdict: a test split
-too small to resolve a gain is reported (`no evidence`, `verdict_text`), not gated. Rows
+The utility gates read the decisive interval's lower bound and the test split's resolution
+(`utility_resolution`: a split too small to resolve a gain promotes nothing, whatever its
+interval; `verdict_text` says so). Rows
 that promotion would not take are not evidence: with none, the utility gates fail (no lower
 bound), except when the pool is full (`utility.pool_full`: no class has room, so nothing can
 be promoted whatever the gates say); then they pass unmeasured and the flow ends the run.
