@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
 
-# The columns every image dataset carries (README, "Where every output lands").
+# The columns every image dataset carries (docs/data.md, "Where every output lands").
 IMAGE_SCHEMA = pa.schema(
     [
         ("id", pa.string()),

@@ -3,7 +3,7 @@ resized, recompressed, cropped by a few pixels, brightened) but not look-alikes 
 drawings of one character, product photos with one silhouette, photos that differ only in
 colour), and a sheet of what was removed.
 
-Contract (clean's `near_duplicate` rule; README's table of quarantine reasons):
+Contract (clean's `near_duplicate` rule; docs/data.md's table of quarantine reasons):
   candidates    64-bit dHashes (`dhash`, a bit a step of over DHASH_MARGIN grey levels)
                 within clean.near_duplicate_distance bits (`near_duplicate_pairs`):
                 cheap, and coarse on purpose.
@@ -46,7 +46,7 @@ Why local: two real product photos on black with one silhouette (Fashion-MNIST: 
 dress and a printed one) are within the mean bound once blurred and aligned, since the
 silhouette dominates the mean; they differ in one place. A copy differs little everywhere.
 The price: a copy cropped by 1-3% of each edge, aligned, keeps a residual along its edges,
-and about 4 in 10 such crops are now kept (README's near-duplicate table, from
+and about 4 in 10 such crops are now kept (docs/measurements.md's near-duplicate table, from
 benchmarks/near_duplicates.py, gives every transform's recall on procedural and real images).
 
 Cost: candidate pairs within ALIGN_WITHIN plain but over the bound are blurred and aligned
