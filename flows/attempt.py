@@ -98,23 +98,36 @@ def promote_accepted(
     family: str,
     room: dict[str, int | None],
     total_room: int | None,
+    replace: list[list[str]] | None = None,
 ) -> dict:
-    """Append the accepted rows to the pool, within its room, and version the new shard."""
-    from flows.pool_admin import migrate_legacy_names
-    from tasks.pool import promote
+    """Append the accepted rows to the pool, within its room, and the refresh validate kept
+    (`replace`: [new id, pooled id] pairs), retiring the rows it replaces; version every
+    shard written or rewritten (an emptied shard's record is removed: DVC keeps its data)."""
+    from flows.pool_admin import forget_shard, migrate_legacy_names
+    from tasks.pool import RETIRED, promote
 
     renamed = migrate_legacy_names(Path(workspace), Path(pool))
-    result = promote(Path(accepted), Path(pool), key, round_no, family, room, total_room)
+    pairs = [(new, old) for new, old in replace or []]
+    result = promote(Path(accepted), Path(pool), key, round_no, family, room, total_room, pairs)
     if renamed:
         result["renamed_legacy_shards"] = renamed
     if result["shard"]:
         result["md5"] = dvc_add(Path(workspace), Path(pool) / result["shard"])
+    if result["retired_shard"]:
+        dvc_add(Path(workspace), Path(pool) / RETIRED / result["retired_shard"])
+    for name in result["rewritten"]:
+        dvc_add(Path(workspace), Path(pool) / name)
+    for name in result["emptied"]:
+        forget_shard(Path(workspace), Path(pool) / name)
     where = f"as {result['shard']}" if result["shard"] else "(no shard written)"
     get_run_logger().info(
-        "round %d: promoted %d accepted rows %s (%d already in the pool, %d over target)",
+        "round %d: promoted %d accepted rows %s, %d of them in place of older pooled rows "
+        "(retired to %s; %d already in the pool, %d over target)",
         round_no,
         result["promoted"],
         where,
+        result["replaced"],
+        result["retired_shard"] or "-",
         result["already_in_pool"],
         result["over_target"],
     )
@@ -367,6 +380,8 @@ def promote_within_room(
     before = pool_counts(pool)
     room, total = pool_room(before, targets, params.loop.max_pool_rows)
     family = read_json(params.train.output / "model_card.json").get("family", "")
+    # The refresh validate scored and kept (tasks/validate.py), pair by pair.
+    refresh = read_json(params.validation.report).get("utility", {}).get("refresh") or {}
     promotion = promote_accepted(
         str(workspace),
         str(params.validation.accepted),
@@ -376,9 +391,10 @@ def promote_within_room(
         family,
         room,
         total,
+        refresh.get("pairs") or None,
     )
     promotion["targets"] = targets
-    after = Counter(before) + Counter(promotion["per_class"])
+    after = Counter(pool_counts(pool))
     _, disk_room = pool_room(dict(after), targets, params.loop.max_pool_rows)
     promotion["requests"] = answer_requests(requests, targets, dict(after), disk_room)
     return promotion, pool_full(dict(after), targets, params.loop.max_pool_rows)

@@ -1,11 +1,12 @@
 """The two deployments of the closed loop, built from params.yaml.
 
-- `closed-loop/nightly`: on `schedule.cron` in `schedule.timezone` (default 02:00 UTC).
+- `closed-loop/nightly`: on params.yaml's `schedule.cron` in `schedule.timezone`.
 - `closed-loop/manual`: no schedule; started from the UI's "Run" form or the API.
 
 `synthloop serve` registers both with the Prefect server in PREFECT_API_URL and runs their
 flow runs in this process's machine (no work pool needed). `prefect.yaml` declares the same
-two for `prefect deploy` onto a work pool; a test keeps the two in step.
+two for `prefect deploy` onto a work pool; its build step, `deployment_values`, hands it
+the schedule from params.yaml and the descriptions from here, so neither is written twice.
 
 Both are bound to the workspace they are served for (`flows.binding`): `params_path` is
 frozen (read-only in the UI form, any other value refused by the server), and the serving
@@ -27,7 +28,7 @@ from prefect.utilities.annotations import freeze
 
 from flows.binding import bind_served_params
 from flows.closed_loop import closed_loop
-from synthloop.config import load_params
+from synthloop.config import PARAMS_FILE, Params, load_params
 
 TAGS = ["synthloop"]
 # One run per deployment at a time; a second one waits in the queue. Across the two
@@ -41,17 +42,35 @@ DESCRIPTIONS = {
 
 def build_deployments(params_path: Path) -> list[RunnerDeployment]:
     params_path = params_path.resolve()
-    params = load_params(params_path)
+    values = _values(load_params(params_path))
     nightly = closed_loop.to_deployment(
         name="nightly",
-        schedules=[Cron(params.schedule.cron, timezone=params.schedule.timezone)],
-        description=DESCRIPTIONS["nightly"],
+        schedules=[Cron(values["nightly"]["cron"], timezone=values["nightly"]["timezone"])],
+        description=values["nightly"]["description"],
         **_common(params_path),
     )
     manual = closed_loop.to_deployment(
-        name="manual", description=DESCRIPTIONS["manual"], **_common(params_path)
+        name="manual", description=values["manual"]["description"], **_common(params_path)
     )
     return [nightly, manual]
+
+
+def deployment_values(params_path: str = PARAMS_FILE) -> dict[str, dict[str, str]]:
+    """prefect.yaml's build step: per deployment, the values `prefect deploy` templates in
+    (`{{ deployments.nightly.cron }}`), read as `synthloop serve` reads them. `params_path`
+    is relative to the folder `prefect deploy` runs in."""
+    return _values(load_params(params_path))
+
+
+def _values(params: Params) -> dict[str, dict[str, str]]:
+    return {
+        "nightly": {
+            "description": DESCRIPTIONS["nightly"],
+            "cron": params.schedule.cron,
+            "timezone": params.schedule.timezone,
+        },
+        "manual": {"description": DESCRIPTIONS["manual"]},
+    }
 
 
 def _common(params_path: Path) -> dict:

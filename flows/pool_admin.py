@@ -106,6 +106,14 @@ def retire_shards(workspace: Path, pool: Path, names: list[str], reason: str) ->
     }
 
 
+def forget_shard(workspace: Path, shard: Path) -> None:
+    """Stop tracking a shard a refresh emptied (its rows now live in `retired/`): `dvc
+    remove` its record; git's history and the DVC cache keep the old version."""
+    if Path(f"{shard}.dvc").is_file():
+        run_dvc(workspace, "remove", _rel(workspace, Path(f"{shard}.dvc")))
+    shard.unlink(missing_ok=True)
+
+
 def reset_pool(workspace: Path, pool: Path) -> list[str]:
     """Remove every shard, live and retired, and its DVC record; returns the removed names.
 

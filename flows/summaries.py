@@ -108,6 +108,7 @@ def loop_summary_markdown(loop: dict) -> str:
     if reasons:
         lines += ["", "Retrains, and why:", *reasons]
     lines += [pool_retired_markdown(r) for r in loop["attempts"] if r.get("pool_retired")]
+    lines += [refresh_markdown(r) for r in loop["attempts"] if refresh_markdown(r)]
     if loop.get("requests"):
         lines += ["", "Requests (data/feedback, `label,extra`):", *requests_markdown(loop)]
     verdict = loop.get("verdict")
@@ -122,6 +123,35 @@ def loop_summary_markdown(loop: dict) -> str:
     if privacy:
         lines += ["", privacy_table_markdown(privacy)]
     return "\n".join(lines)
+
+
+def refresh_markdown(record: dict) -> str:
+    """An attempt's refresh of full classes in words ('' when it planned none)."""
+    refresh = (record.get("validation", {}).get("utility") or {}).get("refresh")
+    if not refresh:
+        return ""
+    gap = refresh["delta_vs_pool"]
+    where = f"round {record['round']} attempt {record['attempt']}"
+    rows = ", ".join(f"{c}: {n}" for c, n in refresh["replacing_per_class"].items() if n)
+    figure = f"{_points(gap['mean'])} [{_points(gap['low'])}, {_points(gap['high'])}] points"
+    replaced = (record.get("promotion") or {}).get("replaced", 0)
+    if refresh["kept"] and replaced:
+        retired = record["promotion"].get("retired_shard")
+        return (
+            f"\n{where}: refreshed full classes ({rows}): {replaced} pooled rows replaced, "
+            f"retired to {retired}; {figure} on the {refresh['compared_on']} classes against "
+            "the pool it replaced"
+        )
+    why = (
+        "scored at least as well as the pool, but the attempt promoted nothing"
+        if refresh["kept"]
+        else "scored below the pool it would replace"
+    )
+    return f"\n{where}: a refresh of full classes ({rows}) {why}: {figure}; the pool is unchanged"
+
+
+def _points(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:+.1f}"
 
 
 def requests_markdown(loop: dict) -> list[str]:

@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -71,6 +72,10 @@ def _existing(path: Path, info: ValidationInfo) -> Path:
     return path
 
 
+# A path a stage reads or writes; a relative one resolves against the params file's folder.
+ResolvedPath = Annotated[Path, AfterValidator(_resolve)]
+
+
 class ImageFolderSource(_Model):
     """A folder with one sub-folder per class; nested folders below a class are allowed."""
 
@@ -103,16 +108,11 @@ class TorchvisionSource(_Model):
 
     kind: Literal["torchvision"]
     dataset: str = Field(description="torchvision.datasets class name, e.g. MNIST, CIFAR10")
-    root: Path
+    root: ResolvedPath
     train: bool = True
     download: bool = False
     limit: PositiveInt | None = None
     name: str | None = None
-
-    @field_validator("root")
-    @classmethod
-    def _root(cls, root: Path, info: ValidationInfo) -> Path:
-        return _resolve(root, info)
 
     @model_validator(mode="after")
     def _root_exists_unless_downloading(self) -> TorchvisionSource:
@@ -133,7 +133,7 @@ class DemoSource(_Model):
         "of the target user; [] keeps every digit",
     )
     short_keep: PositiveInt = Field(
-        51, description="images kept of each short class (51: 36 test, 5 val, 10 train)"
+        51, description="images kept of each short class; clean.split shares them out"
     )
     name: str | None = None
 
@@ -156,14 +156,9 @@ class IngestConfig(_Model):
         "manifest row outside them is quarantined",
     )
     shard_rows: PositiveInt = 8192
-    output: Path = Path("data/ingested")
-    quarantine: Path = Path("data/quarantine/ingest.parquet")
-    report: Path = Path("reports/ingest.json")
-
-    @field_validator("output", "quarantine", "report")
-    @classmethod
-    def _out(cls, path: Path, info: ValidationInfo) -> Path:
-        return _resolve(path, info)
+    output: ResolvedPath = Path("data/ingested")
+    quarantine: ResolvedPath = Path("data/quarantine/ingest.parquet")
+    report: ResolvedPath = Path("reports/ingest.json")
 
     @field_validator("allowed_roots")
     @classmethod
@@ -323,12 +318,12 @@ class CleanConfig(_Model):
     seed: int = 0
     workers: int = Field(0, ge=0, description="decode processes; 0: one per CPU core")
     shard_rows: PositiveInt = 8192
-    input: Path = Path("data/ingested")
-    output: Path = Path("data/clean")
-    quarantine: Path = Path("data/quarantine/clean.parquet")
-    report: Path = Path("reports/clean.json")
-    near_duplicate_sheet: Path = Path("reports/near_duplicates.png")
-    data_docs: Path = Path("reports/great_expectations")
+    input: ResolvedPath = Path("data/ingested")
+    output: ResolvedPath = Path("data/clean")
+    quarantine: ResolvedPath = Path("data/quarantine/clean.parquet")
+    report: ResolvedPath = Path("reports/clean.json")
+    near_duplicate_sheet: ResolvedPath = Path("reports/near_duplicates.png")
+    data_docs: ResolvedPath = Path("reports/great_expectations")
 
     @field_validator("near_duplicate_difference", mode="before")
     @classmethod
@@ -340,11 +335,6 @@ class CleanConfig(_Model):
                 "pixel std now (e.g. 0.04), no longer a 0-255 pixel difference"
             )
         return value
-
-    @field_validator("input", "output", "quarantine", "report", "near_duplicate_sheet", "data_docs")
-    @classmethod
-    def _out(cls, path: Path, info: ValidationInfo) -> Path:
-        return _resolve(path, info)
 
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -386,14 +376,9 @@ class AugmentConfig(_Model):
     device: Device = "auto"
     seed: int = 0
     shard_rows: PositiveInt = 8192
-    input: Path = Path("data/clean/train")
-    output: Path = Path("data/augmented")
-    report: Path = Path("reports/augment.json")
-
-    @field_validator("input", "output", "report")
-    @classmethod
-    def _out(cls, path: Path, info: ValidationInfo) -> Path:
-        return _resolve(path, info)
+    input: ResolvedPath = Path("data/clean/train")
+    output: ResolvedPath = Path("data/augmented")
+    report: ResolvedPath = Path("reports/augment.json")
 
     @model_validator(mode="after")
     def _copies(self) -> AugmentConfig:
@@ -410,17 +395,12 @@ class FuseConfig(_Model):
     )
     seed: int = 0
     shard_rows: PositiveInt = 8192
-    clean: Path = Path("data/clean/train")
-    augmented: Path = Path("data/augmented")
-    pool: Path = Path("data/pool")
-    feedback: Path = Path("data/feedback")
-    output: Path = Path("data/fused")
-    report: Path = Path("reports/fusion.json")
-
-    @field_validator("clean", "augmented", "pool", "feedback", "output", "report")
-    @classmethod
-    def _out(cls, path: Path, info: ValidationInfo) -> Path:
-        return _resolve(path, info)
+    clean: ResolvedPath = Path("data/clean/train")
+    augmented: ResolvedPath = Path("data/augmented")
+    pool: ResolvedPath = Path("data/pool")
+    feedback: ResolvedPath = Path("data/feedback")
+    output: ResolvedPath = Path("data/fused")
+    report: ResolvedPath = Path("reports/fusion.json")
 
     @field_validator("max_share", mode="before")
     @classmethod
@@ -553,17 +533,12 @@ class TrainConfig(_Model):
     vae: VaeConfig = VaeConfig()
     transformer: TransformerConfig = TransformerConfig()
     distributed: DistributedConfig = DistributedConfig()
-    input: Path = Path("data/fused")
-    output: Path = Path("models/generator")
-    checkpoints: Path = Path("models/checkpoints/train")
-    reports: Path = Path("reports/train")
-    evaluator: Path = Path("models/evaluator")
-    val_data: Path = Path("data/clean/val")
-
-    @field_validator("input", "output", "checkpoints", "reports", "evaluator", "val_data")
-    @classmethod
-    def _out(cls, path: Path, info: ValidationInfo) -> Path:
-        return _resolve(path, info)
+    input: ResolvedPath = Path("data/fused")
+    output: ResolvedPath = Path("models/generator")
+    checkpoints: ResolvedPath = Path("models/checkpoints/train")
+    reports: ResolvedPath = Path("reports/train")
+    evaluator: ResolvedPath = Path("models/evaluator")
+    val_data: ResolvedPath = Path("data/clean/val")
 
 
 class GenerateConfig(_Model):
@@ -581,15 +556,10 @@ class GenerateConfig(_Model):
     seed: int = 0
     device: Device = "auto"
     shard_rows: PositiveInt = 8192
-    model: Path = Path("models/generator")
-    output: Path = Path("data/synthetic")
-    grid: Path = Path("reports/samples.png")
+    model: ResolvedPath = Path("models/generator")
+    output: ResolvedPath = Path("data/synthetic")
+    grid: ResolvedPath = Path("reports/samples.png")
     grid_per_class: PositiveInt = 10
-
-    @field_validator("model", "output", "grid")
-    @classmethod
-    def _out(cls, path: Path, info: ValidationInfo) -> Path:
-        return _resolve(path, info)
 
     @property
     def summary(self) -> Path:
@@ -613,14 +583,9 @@ class EvaluatorConfig(_Model):
     inception_weights: Path | None = Field(
         None, description="local torchvision inception_v3 weights; standard FID when present"
     )
-    input: Path = Path("data/clean")
-    output: Path = Path("models/evaluator")
-    report: Path = Path("reports/evaluator.json")
-
-    @field_validator("input", "output", "report")
-    @classmethod
-    def _out(cls, path: Path, info: ValidationInfo) -> Path:
-        return _resolve(path, info)
+    input: ResolvedPath = Path("data/clean")
+    output: ResolvedPath = Path("models/evaluator")
+    report: ResolvedPath = Path("reports/evaluator.json")
 
     @field_validator("inception_weights")
     @classmethod
@@ -725,11 +690,11 @@ class ValidateConfig(_Model):
     seed: int = 0
     device: Device = "auto"
     gates: GateConfig = GateConfig()
-    synthetic: Path = Path("data/synthetic")
-    clean: Path = Path("data/clean")
-    evaluator: Path = Path("models/evaluator")
-    accepted: Path = Path("data/accepted")
-    report: Path = Path("reports/validation.json")
+    synthetic: ResolvedPath = Path("data/synthetic")
+    clean: ResolvedPath = Path("data/clean")
+    evaluator: ResolvedPath = Path("models/evaluator")
+    accepted: ResolvedPath = Path("data/accepted")
+    report: ResolvedPath = Path("reports/validation.json")
 
     @model_validator(mode="before")
     @classmethod
@@ -740,11 +705,6 @@ class ValidateConfig(_Model):
             "the utility baseline is the best on val of {real, real+aug} x "
             "{class-balanced draws, logit-adjusted loss} (tasks/utility.py)",
         )
-
-    @field_validator("synthetic", "clean", "evaluator", "accepted", "report")
-    @classmethod
-    def _out(cls, path: Path, info: ValidationInfo) -> Path:
-        return _resolve(path, info)
 
 
 class LoopConfig(_Model):
@@ -767,6 +727,15 @@ class LoopConfig(_Model):
     )
     max_pool_rows: PositiveInt | None = Field(
         50_000, description="the pool as a whole stops growing at this many rows"
+    )
+    refresh_share: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="a class at its target is refreshed: up to this share of its target "
+        "(rounded up) of its oldest pooled rows are replaced by new accepted rows when the "
+        "replaced set scores at least as well as the pool it replaces (same seeds); the old "
+        "rows are retired, restorable; 0: a full class stays as it is",
     )
     families: list[FamilyName] = Field(
         default_factory=list,
@@ -793,8 +762,8 @@ class LoopConfig(_Model):
     drift_threshold: float = Field(
         50.0, ge=0, description="evaluator-space FID between old and new clean train data"
     )
-    pool: Path = Path("data/pool")
-    report: Path = Path("reports/loop.json")
+    pool: ResolvedPath = Path("data/pool")
+    report: ResolvedPath = Path("reports/loop.json")
 
     @field_validator("families")
     @classmethod
@@ -807,11 +776,6 @@ class LoopConfig(_Model):
                 "family set train.family and leave loop.families empty"
             )
         return families
-
-    @field_validator("pool", "report")
-    @classmethod
-    def _out(cls, path: Path, info: ValidationInfo) -> Path:
-        return _resolve(path, info)
 
 
 class OrchestrationConfig(_Model):
@@ -830,9 +794,10 @@ class OrchestrationConfig(_Model):
 
 
 class ScheduleConfig(_Model):
-    """The `closed-loop/nightly` deployment's schedule."""
+    """The `closed-loop/nightly` deployment's schedule, the one source of it: `synthloop
+    serve` and `prefect deploy` (prefect.yaml) both read it (flows/deployments.py)."""
 
-    cron: str = Field("0 2 * * *", description="cron expression (default: 02:00 every day)")
+    cron: str = Field("0 2 * * *", description="5-field cron expression of the nightly runs")
     timezone: str = Field("UTC", description="IANA time zone of the cron expression")
 
     @field_validator("cron")
@@ -861,12 +826,9 @@ class VersioningConfig(_Model):
         "synthloop/runs", description="branch that gets one commit per run; null: no commit"
     )
     dvc_push: bool = Field(True, description="push to the default DVC remote when one is set")
-    state: Path = Field(Path("reports/run_state.json"), description="inputs of the last run")
-
-    @field_validator("state")
-    @classmethod
-    def _out(cls, path: Path, info: ValidationInfo) -> Path:
-        return _resolve(path, info)
+    state: ResolvedPath = Field(
+        Path("reports/run_state.json"), description="inputs of the last run"
+    )
 
 
 class Params(_Model):

@@ -524,5 +524,26 @@ def inception_fid(
     return frechet_distance(real, fake)
 
 
+def standard_fid(
+    train_uint8: Tensor,
+    test_uint8: Tensor,
+    fake_uint8: Tensor,
+    weights_path: Path | str,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """Inception FID of the synthetic images against the real train split, beside the real
+    train-vs-test floor: the validate report's `inception_fid` when weights are given."""
+    device = resolve_device(device) if isinstance(device, str) else device
+    model = load_inception(weights_path)
+    train = inception_features(model, train_uint8, device=device)
+    return {
+        "fid": frechet_distance(train, inception_features(model, fake_uint8, device=device)),
+        "fid_real_floor": frechet_distance(
+            train, inception_features(model, test_uint8, device=device)
+        ),
+        "weights": str(weights_path),
+    }
+
+
 def run_stage(params: Params) -> dict:
     return run_train_evaluator(params.train_evaluator)

@@ -16,6 +16,12 @@
   per class, so the pool never holds rows fuse would not read while the targets stand.
 - Which accepted rows a promotion takes is one pure function, `select_for_pool`; validate
   scores the same rows (tasks/validate.py), so its verdict is about what the pool receives.
+- A full class is refreshed, not frozen: `plan_refresh` pairs its oldest pooled rows (at
+  most `loop.refresh_share` of its target a round) with new accepted rows of the class;
+  validate scores the refreshed pool against the pool as it stands on the same seeds and
+  keeps the refresh only when it scores at least as well. The promotion then writes the new
+  rows and `retire_rows` moves the replaced ones into `retired/` (one shard per promotion);
+  `loop.json` records which row replaced which.
 - Retired shards (`synthloop pool retire`) live in `retired/`: fuse does not read them, but
   their ids still count as "already in the pool", so a retired row is never promoted again.
   The flow retires the whole live pool itself when the real data moved beyond
@@ -34,11 +40,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from fractions import Fraction
-from math import floor
+from math import ceil, floor
 from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
@@ -262,6 +269,98 @@ def select_for_pool(
     return Selection(chosen, duplicates, over)
 
 
+def pool_rows(pool: Path) -> list[tuple[str, str]]:
+    """(id, label) of every live row, oldest first: shards in name order (their run's start,
+    then round), rows in shard order."""
+    rows: list[tuple[str, str]] = []
+    for path in _shards(pool):
+        table = pq.read_table(path, columns=["id", "label"]).to_pydict()
+        rows += zip(table["id"], table["label"], strict=True)
+    return rows
+
+
+def plan_refresh(
+    pooled: Sequence[tuple[str, str]],
+    targets: dict[str, int | None],
+    ids: Sequence[str],
+    labels: Sequence[str],
+    known: set[str],
+    taken: Sequence[int],
+    share: float,
+) -> list[tuple[int, str]]:
+    """Which new accepted rows would replace which pooled rows: (accepted position, pooled id).
+
+    Only a class at its target (pooled rows >= target > 0) is refreshed: its oldest pooled
+    rows (`pooled`, oldest first), at most ceil(`share` x target) of them, each by the next
+    accepted row of the class in the accepted set's order whose id is new to the pool
+    (`known`, retired shards included) and that promotion does not already take (`taken`).
+    Whether the refresh happens is the utility verdict's call (tasks/validate.py).
+    """
+    held: dict[str, list[str]] = {}
+    for row_id, label in pooled:
+        held.setdefault(label, []).append(row_id)
+    quota = {
+        c: min(len(held.get(c, [])), ceil(Fraction(str(share)) * t))
+        for c, t in targets.items()
+        if t and len(held.get(c, [])) >= t
+    }
+    skip = set(known) | {ids[i] for i in taken}
+    pairs: list[tuple[int, str]] = []
+    used: Counter[str] = Counter()
+    for position, (row_id, label) in enumerate(zip(ids, labels, strict=True)):
+        if row_id in skip or used[label] >= quota.get(label, 0):
+            continue
+        skip.add(row_id)
+        pairs.append((position, held[label][used[label]]))
+        used[label] += 1
+    return pairs
+
+
+def retire_rows(pool: Path, ids: set[str], key: str, round_no: int) -> dict:
+    """Move live rows (by id) into one retired shard, `retired/<this promotion's shard
+    name>`, and rewrite each live shard that held them without them (removed when emptied).
+
+    Returns the shard written, the live shards rewritten and those emptied. The retired
+    shard is written first: a crash part-way leaves a row live and retired at once (still
+    known, so never promoted again), never lost. The caller versions every shard named.
+    """
+    pool = Path(pool)
+    if not ids:
+        return {"retired_shard": None, "rewritten": [], "emptied": []}
+    kept_tables: dict[Path, pa.Table] = {}
+    moved: list[pa.Table] = []
+    for path in _shards(pool):
+        table = pq.read_table(path)
+        hit = pc.is_in(table.column("id"), value_set=pa.array(sorted(ids), pa.string()))
+        if pc.any(hit).as_py():
+            moved.append(table.filter(hit))
+            kept_tables[path] = table.filter(pc.invert(hit))
+    found = sum(len(t) for t in moved)
+    if found != len(ids):
+        raise ValueError(
+            f"{pool}: {len(ids) - found} of the {len(ids)} rows to retire are not live in the "
+            "pool; the refresh was planned on another pool (rerun validate)"
+        )
+    target = pool / RETIRED / shard_name(key, round_no)
+    target.parent.mkdir(exist_ok=True)
+    if target.exists():
+        raise FileExistsError(
+            f"{target}: this run ({key}) already retired rows in round {round_no}"
+        )
+    with atomic_file(target) as tmp:
+        pq.write_table(pa.concat_tables(moved, promote_options="permissive"), tmp)
+    rewritten, emptied = [], []
+    for path, table in kept_tables.items():
+        if len(table):
+            with atomic_file(path) as tmp:
+                pq.write_table(table, tmp)
+            rewritten.append(path.name)
+        else:
+            path.unlink()
+            emptied.append(path.name)
+    return {"retired_shard": target.name, "rewritten": rewritten, "emptied": emptied}
+
+
 def promote(
     accepted: Path,
     pool: Path,
@@ -270,13 +369,16 @@ def promote(
     family: str = "",
     room: dict[str, int | None] | None = None,
     total_room: int | None = None,
+    replace: Sequence[tuple[str, str]] = (),
 ) -> dict:
     """Append the accepted rows that are new to the pool, within its room, as one shard.
 
     The rows are `select_for_pool`'s choice: `room` maps a class to the rows it may still
     gain (a class missing from it, or None, is unbounded); `total_room` bounds the whole
     shard. Rows past either are counted as `over_target` and left out, in the accepted set's
-    order.
+    order. `replace` ((new id, pooled id) pairs, `plan_refresh`'s choice once the verdict
+    kept it) adds those new rows too, and the pooled rows they replace are retired
+    (`retire_rows`; the caller versions the shards it names).
     """
     pool = Path(pool)
     pool.mkdir(parents=True, exist_ok=True)
@@ -288,8 +390,18 @@ def promote(
         )
     meta = read_columns(accepted, ["id", "label"]).to_pydict()
     ids, labels = meta.get("id", []), meta.get("label", [])
-    selection = select_for_pool(ids, labels, pool_ids(pool), dict(room or {}), total_room)
-    chosen = set(selection.chosen)
+    known = pool_ids(pool)
+    replacing = {new: old for new, old in replace}
+    stale = sorted(set(replacing) & known)
+    if stale:
+        raise ValueError(f"{pool}: replacement rows already in the pool: {stale[:5]}")
+    # Replacements belong to full classes, which have no room: the rest are selected alone.
+    rest = [i for i, row_id in enumerate(ids) if row_id not in replacing]
+    selection = select_for_pool(
+        [ids[i] for i in rest], [labels[i] for i in rest], known, dict(room or {}), total_room
+    )
+    chosen = {rest[j] for j in selection.chosen}
+    chosen |= {i for i, row_id in enumerate(ids) if row_id in replacing}
     columns: dict[str, list] = {name: [] for name in POOL_SCHEMA.names}
     position = 0
     for batch in iter_batches(accepted, columns=IMAGE_SCHEMA.names):
@@ -302,18 +414,33 @@ def promote(
                 columns["family"].append(family)
             position += 1
     promoted = len(columns["id"])
+    missing = set(replacing) - set(columns["id"])
+    if missing:
+        raise ValueError(
+            f"{accepted}: replacement rows not among the accepted: {sorted(missing)[:5]}"
+        )
     if promoted:
         with atomic_file(target) as tmp:
             pq.write_table(pa.table(columns, schema=POOL_SCHEMA), tmp)
+    # After the new shard: a crash between the two leaves both rows live, none lost.
+    retired = retire_rows(pool, set(replacing.values()), key, round_no)
+    label_of = dict(zip(ids, labels, strict=True))
     return {
         "run": key,
         "round": round_no,
         "family": family,
         "promoted": promoted,
+        "replaced": len(replacing),
         "already_in_pool": selection.already_in_pool,
         "over_target": selection.over_target,
         "per_class": dict(sorted(Counter(columns["label"]).items())),
         "shard": target.name if promoted else None,
+        # which pooled row each new one replaced, per class: restorable from retired/
+        "replacements": {
+            c: [[new, old] for new, old in replace if label_of[new] == c]
+            for c in sorted({label_of[new] for new, _ in replace})
+        },
+        **retired,
     }
 
 

@@ -29,6 +29,10 @@ baseline holds no synthetic row), so new rows that would make the pool worse sho
 smaller gain, and a class at its target is scored on what it holds. `delivered_per_class`
 reports the arm's synthetic rows per class. When promotion would take no row, nothing is
 trained (`nothing_to_score`): the verdict is `no evidence` and `verdict_text` says why.
+A class at its pool target is refreshed rather than frozen: when new accepted rows would
+replace its oldest pooled rows, the arm with the replacement (`refreshed`) trains on the
+same seeds too, and replaces the synthetic arm only when its decisive mean is at least the
+arm's (`refresh` reports the paired difference and the choice).
 The recipes not chosen and `tstr` (train on the arm's synthetic rows, test on real, with the
 chosen recipe's remedy and no augmentation) are reported for reference, on seed 0.
 The two main arms are paired over `validate.utility_seeds` seeds: seed s gives both the same
@@ -208,10 +212,11 @@ def run_now(trainer: Trainer) -> Callable[[ImageTensors, int, bool], Future[Pred
     return submit
 
 
-def trainings(seeds: int) -> int:
+def trainings(seeds: int, refresh: bool = False) -> int:
     """Classifiers `compare_arms` trains: both main arms per seed (seed 0's baseline is one
-    of the val candidates), the candidates not chosen, and tstr."""
-    return 2 * seeds + len(RECIPES)
+    of the val candidates), the refreshed arm per seed when there is one, the candidates
+    not chosen, and tstr."""
+    return (3 if refresh else 2) * seeds + len(RECIPES)
 
 
 def compare_arms(
@@ -223,9 +228,16 @@ def compare_arms(
     seeds: list[int],
     short_share: float,
     max_points_per_test_image: float = MAX_POINTS_PER_TEST_IMAGE,
+    refreshed: ImageTensors | None = None,
 ) -> dict:
     """The protocol above, for any `trainer`; returns the report's `utility` section.
-    `synthetic`: the rows the synthetic arm adds to `train`."""
+    `synthetic`: the rows the synthetic arm adds to `train`.
+
+    `refreshed`: the same rows with a full class's oldest pooled rows replaced by new ones
+    (tasks/pool.py `plan_refresh`). It trains on the same seeds and recipe, and is paired
+    with the `synthetic` arm on the decisive figure: kept when its mean is at least the
+    arm's (at least as good), and then it is the synthetic arm the verdict reports; the
+    `refresh` section gives the comparison either way."""
     classes = list(train.classes)
     short = short_classes(per_class_counts(train), short_share)
     short_idx = [classes.index(c) for c in short]
@@ -255,13 +267,37 @@ def compare_arms(
     chosen = choose_recipe(val_accuracy)
     # a classifier cannot train (BatchNorm) on a single image
     tstr_recipe = Recipe(False, chosen.remedy)
-    tstr = submit(synthetic, seeds[0], tstr_recipe) if len(synthetic) >= 2 else None
+    tstr = None
+    if refreshed is None and len(synthetic) >= 2:
+        tstr = submit(synthetic, seeds[0], tstr_recipe)
     base_runs = [
         first[chosen] if seed == seeds[0] else submit(train, seed, chosen) for seed in seeds
     ]
     plus_runs = [submit(plus_data, seed, chosen) for seed in seeds]
+    fresh_runs = []
+    if refreshed is not None:
+        fresh_runs = [submit(concat(train, refreshed), seed, chosen) for seed in seeds]
     base = [figures(run.result()[1]) for run in base_runs]
     plus = [figures(run.result()[1]) for run in plus_runs]
+    decisive_key = "short" if short_idx else "overall"
+    refresh = None
+    if refreshed is not None:
+        fresh = [figures(run.result()[1]) for run in fresh_runs]
+        gap = t_interval(
+            [f[decisive_key] - p[decisive_key] for p, f in zip(plus, fresh, strict=True)]
+        )
+        kept = not math.isnan(gap.mean) and gap.mean >= 0
+        refresh = {
+            "compared_on": decisive_key,
+            "delta_vs_pool": gap.as_dict(),
+            "kept": kept,
+            "rule": "kept when its mean over the paired seeds is at least the pool's: at "
+            "least as good as the pool it replaces",
+        }
+        if kept:
+            plus, synthetic = fresh, refreshed
+        if len(synthetic) >= 2:
+            tstr = submit(synthetic, seeds[0], tstr_recipe)
     reference = {r.name: figures(f.result()[1]) for r, f in first.items() if r != chosen}
     if tstr is not None:
         reference["tstr"] = figures(tstr.result()[1])
@@ -280,7 +316,6 @@ def compare_arms(
 
     overall = summary("overall")
     short_summary = summary("short") if short_idx else None
-    decisive_key = "short" if short_idx else "overall"
     decisive = short_summary or overall
     resolution = Resolution(test_rows[decisive_key], max_points_per_test_image)
     return {
@@ -310,6 +345,7 @@ def compare_arms(
         "verdict_text": verdict_text(
             "the short classes'" if short_idx else "the", decisive["verdict"], resolution
         ),
+        "refresh": refresh,
     }
 
 
@@ -359,4 +395,5 @@ def nothing_to_score(
         "verdict": "no evidence",
         "resolution": resolution.as_dict() | {"max_points_per_test_image": resolution.max_points},
         "verdict_text": f"no evidence: {reason}; nothing was scored",
+        "refresh": None,
     }

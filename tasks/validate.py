@@ -4,7 +4,9 @@ Everything is measured against the real data with the evaluator (a classifier tr
 real clean data only, `tasks/evaluator.py`):
 - fidelity/diversity: FID and KID in evaluator feature space, precision/recall/density/
   coverage, overall and per class, beside the same figures for real train vs real test
-  (the noise floor: how far two real samples of the same data already are);
+  (the noise floor: how far two real samples of the same data already are); with
+  `train_evaluator.inception_weights`, also the standard (Inception) FID and its floor
+  (`inception_fid`; reported, not gated);
 - class consistency: the evaluator's accuracy on the labels the generator was asked for;
 - privacy: each synthetic image's distance to its nearest real training image, and the
   share closer than real test images usually get (`near_copy_rate`); the memorisation
@@ -77,7 +79,6 @@ from synthloop.sharding import (
     Shard,
     StageSpec,
     run_inline,
-    run_uncached,
 )
 from tasks.evaluator import (
     CONFIG,
@@ -85,6 +86,7 @@ from tasks.evaluator import (
     Splits,
     load_evaluator,
     small_image_cpu_threads,
+    standard_fid,
 )
 from tasks.feedback import read_requests, requested_extra
 from tasks.images import (
@@ -109,10 +111,12 @@ from tasks.metrics import (
 from tasks.pool import (
     Selection,
     describe_targets,
+    plan_refresh,
     pool_counts,
     pool_full,
     pool_ids,
     pool_room,
+    pool_rows,
     pool_targets,
     select_for_pool,
 )
@@ -220,7 +224,9 @@ class Promotion:
 
     targets: dict[str, int | None]
     selection: Selection
-    full: bool  # no class has room: nothing can enter the pool
+    full: bool  # no class has room: nothing can enter the pool but by refresh
+    # (accepted position, pooled id it would replace): a full class's refresh
+    refresh: tuple[tuple[int, str], ...] = ()
 
 
 def plan_promotion(
@@ -229,15 +235,41 @@ def plan_promotion(
     loop: LoopConfig,
     requests: dict[str, int] | None = None,
 ) -> Promotion:
-    """The pool's targets and room as they stand, and the accepted rows promotion would take."""
+    """The pool's targets and room as they stand, the accepted rows promotion would add, and
+    those that would refresh a full class (`tasks.pool.plan_refresh`)."""
     targets = pool_targets(
         train_per_class, loop.target_per_class, loop.synthetic_multiple, requests
     )
     counts = pool_counts(loop.pool)
     room, total = pool_room(counts, targets, loop.max_pool_rows)
     labels = [accepted.classes[i] for i in accepted.labels.tolist()]
-    selection = select_for_pool(accepted.ids, labels, pool_ids(loop.pool), room, total)
-    return Promotion(targets, selection, pool_full(counts, targets, loop.max_pool_rows))
+    known = pool_ids(loop.pool)
+    selection = select_for_pool(accepted.ids, labels, known, room, total)
+    refresh = plan_refresh(
+        pool_rows(loop.pool),
+        targets,
+        accepted.ids,
+        labels,
+        known,
+        selection.chosen,
+        loop.refresh_share,
+    )
+    full = pool_full(counts, targets, loop.max_pool_rows)
+    return Promotion(targets, selection, full, tuple(refresh))
+
+
+def refreshed_rows(
+    pooled: ImageTensors, new: ImageTensors, promotion: Promotion, accepted: ImageTensors
+) -> ImageTensors:
+    """The synthetic arm with the refresh: the pooled rows but those it replaces, the new
+    rows, then the replacing ones."""
+    replaced = {old for _, old in promotion.refresh}
+    keep = [i for i, row_id in enumerate(pooled.ids) if row_id not in replaced]
+    replacing = torch.tensor([i for i, _ in promotion.refresh], dtype=torch.long)
+    return concat(
+        concat(subset(pooled, torch.tensor(keep, dtype=torch.long)), new),
+        subset(accepted, replacing),
+    )
 
 
 def load_pooled(fused: Path, like: ImageTensors) -> ImageTensors:
@@ -277,22 +309,43 @@ def why_nothing(promotion: Promotion, accepted: int) -> str:
     )
 
 
-def delivered(promotion: Promotion, new: ImageTensors, loop: LoopConfig) -> dict:
+def delivered(
+    promotion: Promotion, new: ImageTensors, accepted: ImageTensors, scored: dict, loop: LoopConfig
+) -> dict:
     """The utility section's account of the synthetic arm's rows (besides
-    `delivered_per_class`, which the arm reports itself)."""
+    `delivered_per_class`, which the arm reports itself). A refresh the verdict kept adds
+    its rows, and `refresh.pairs` ([new id, pooled id]) tells the promotion which to retire;
+    with no row to add and no refresh kept, a full pool has nothing to judge (`pool_full`)."""
+    refresh = scored.get("refresh")
+    kept = bool(refresh and refresh["kept"])
+    new_per_class = per_class_counts(new)
+    replacing = 0
+    if refresh is not None:
+        positions = torch.tensor([i for i, _ in promotion.refresh], dtype=torch.long)
+        per_class = per_class_counts(subset(accepted, positions))
+        refresh = refresh | {
+            "replacing_per_class": per_class,
+            "pairs": [[accepted.ids[i], old] for i, old in promotion.refresh] if kept else [],
+        }
+        if kept:
+            new_per_class = {c: n + per_class[c] for c, n in new_per_class.items()}
+            replacing = len(promotion.refresh)
     return {
+        "refresh": refresh,
         "delivered_rule": "the pool rows fuse mixes in (fuse.output, source synthetic) and "
         "the accepted rows promotion would add: ids new to loop.pool (retired shards "
         "included), in the accepted set's order, within each class's room to its target "
         f"({describe_targets(loop.target_per_class, loop.synthetic_multiple)}) and "
-        f"loop.max_pool_rows ({loop.max_pool_rows})",
-        "delivered_new_per_class": per_class_counts(new),
+        f"loop.max_pool_rows ({loop.max_pool_rows}); a class at its target: new rows in "
+        f"place of its oldest pooled ones (at most loop.refresh_share {loop.refresh_share:g} "
+        "of its target), when the refreshed arm scores at least as well as the pool",
+        "delivered_new_per_class": new_per_class,
         "not_delivered": {
             "already_in_pool": promotion.selection.already_in_pool,
-            "over_target": promotion.selection.over_target,
+            "over_target": promotion.selection.over_target - replacing,
         },
         "pool_targets": promotion.targets,
-        "pool_full": promotion.full,
+        "pool_full": promotion.full and not kept,
     }
 
 
@@ -340,13 +393,14 @@ def utility(
     device: torch.device,
     evaluator_cfg: EvaluatorConfig,
     policy: AugmentPolicy,
+    refreshed: ImageTensors | None = None,
 ) -> dict:
     """The paired-seed utility protocol of `tasks/utility.py` with `synthetic` as the
-    synthetic arm's rows, its classifiers trained by `tasks/utility_trainer.py` (in worker
-    processes where that pays)."""
+    synthetic arm's rows (and `refreshed` as the arm with a full class refreshed), its
+    classifiers trained by `tasks/utility_trainer.py` (in worker processes where that pays)."""
     trainer = UtilityTrainer.configured(cfg, evaluator_cfg, policy, splits, device)
     seeds = [cfg.seed + s for s in range(cfg.utility_seeds)]
-    count = trainings(len(seeds))
+    count = trainings(len(seeds), refreshed is not None)
     workers = utility_workers(cfg.utility_workers, trainer, count)
     with TrainerPool(trainer, workers) as pool:
         result = compare_arms(
@@ -358,6 +412,7 @@ def utility(
             seeds,
             cfg.short_class_share,
             cfg.utility_max_points_per_test_image,
+            refreshed,
         )
     log.info("validate: %d utility classifiers in %d process(es)", count, workers)
     return result
@@ -428,24 +483,6 @@ class ValidateJob:
     delivery: Delivery = Delivery()
 
 
-def run_validate(
-    cfg: ValidateConfig,
-    evaluator_cfg: EvaluatorConfig | None = None,
-    requested_per_class: dict[str, int] | None = None,
-    augment: AugmentPolicy | None = None,
-    delivery: Delivery | None = None,
-) -> dict:
-    """Validate `cfg.synthetic`; accepted rows to `cfg.accepted`, the report to `cfg.report`."""
-    job = ValidateJob(
-        cfg,
-        evaluator_cfg or EvaluatorConfig(),
-        requested_per_class,
-        augment or AugmentPolicy(),
-        delivery or Delivery(),
-    )
-    return run_uncached(SHARDING, job)
-
-
 def validate_job(params: Params) -> ValidateJob:
     """The job from all params: per evaluator class, generate.per_class plus its extras
     (generate.per_class_extra and people's feedback requests)."""
@@ -490,6 +527,18 @@ def _validate(
         train_f, test_f, syn_f, splits.train.labels, synthetic.labels, classes, cfg.k, cfg.seed
     )
 
+    if evaluator_cfg.inception_weights is not None:  # standard FID, beside the evaluator's
+        figures["inception_fid"] = {
+            k: _round(v) if isinstance(v, float) else v
+            for k, v in standard_fid(
+                splits.train.images,
+                splits.test.images,
+                synthetic.images,
+                evaluator_cfg.inception_weights,
+                device,
+            ).items()
+        }
+
     probs = evaluator.probabilities(synthetic.images)
     consistency, _ = class_consistency(probs, synthetic.labels)
     intended = probs.gather(1, synthetic.labels[:, None])[:, 0].cpu().numpy()
@@ -514,7 +563,12 @@ def _validate(
     requests = read_requests(delivery.feedback)[0]
     promotion = plan_promotion(accepted, per_class_counts(splits.train), delivery.loop, requests)
     new = subset(accepted, torch.tensor(promotion.selection.chosen, dtype=torch.long))
-    if len(new):
+    if promotion.refresh:
+        pooled = load_pooled(delivery.fused, splits.train)
+        arm = concat(pooled, new)
+        fresh = refreshed_rows(pooled, new, promotion, accepted)
+        figures["utility"] = utility(cfg, splits, arm, device, evaluator_cfg, policy, fresh)
+    elif len(new):
         arm = concat(load_pooled(delivery.fused, splits.train), new)
         figures["utility"] = utility(cfg, splits, arm, device, evaluator_cfg, policy)
     else:
@@ -525,7 +579,7 @@ def _validate(
             why_nothing(promotion, len(accepted)),
             cfg.utility_max_points_per_test_image,
         )
-    figures["utility"] |= delivered(promotion, new, delivery.loop)
+    figures["utility"] |= delivered(promotion, new, accepted, figures["utility"], delivery.loop)
 
     stats = _pixel_stats(synthetic.images)
     requested = requested_per_class or dict.fromkeys(classes, 1)

@@ -93,13 +93,15 @@ def small_params(source_path: str = "data/raw/shapes", **clean: object) -> dict:
         },
         # Three equal classes: `auto` targets fill the gap to the largest class, which is
         # 0 for each, so these workspaces pool up to a fixed number of rows per class.
-        # (DVC tracks synthetic_multiple and max_pool_rows as params: they must be written.)
+        # (DVC tracks synthetic_multiple, max_pool_rows and refresh_share as params: they
+        # must be written.)
         "loop": {
             "max_rounds": 1,
             "max_retrains": 0,
             "target_per_class": 100,
             "synthetic_multiple": 1.0,
             "max_pool_rows": 50000,
+            "refresh_share": 0.25,
         },
     }
 

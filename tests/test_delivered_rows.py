@@ -112,7 +112,7 @@ def test_the_utility_arm_holds_what_fuse_mixes_in_after_promotion(tmp_path):
     # After the promotion fuse mixes in exactly the arm's synthetic rows.
     after = fuse(tmp_path, loop, "fused_after")
     assert sorted(load_pooled(after, accepted).ids) == sorted(arm.ids)
-    section = delivered(plan, arm_new, loop)
+    section = delivered(plan, arm_new, accepted, {}, loop)
     assert section["delivered_new_per_class"] == {"big": 0, "rich": 4, "short": 2}
     assert section["pool_targets"] == targets and section["pool_full"] is False
     assert section["not_delivered"] == {"already_in_pool": 2, "over_target": 7}
@@ -160,7 +160,9 @@ def test_no_row_to_promote_is_no_evidence_and_says_why(tmp_path):
     assert plan.selection.chosen == [] and not plan.full  # short still has room
     test_labels = torch.tensor([0] * 10 + [1] * 30)
     result = nothing_to_score(train, test_labels, 0.5, why_nothing(plan, len(accepted)))
-    result |= delivered(plan, subset(accepted, torch.tensor([], dtype=torch.long)), loop)
+    result |= delivered(
+        plan, subset(accepted, torch.tensor([], dtype=torch.long)), accepted, result, loop
+    )
     assert result["verdict"] == "no evidence" and result["delta"]["low"] is None
     assert result["verdict_text"] == (
         "no evidence: promotion would take none of the 3 accepted rows (0 already in the "
@@ -178,7 +180,9 @@ def test_no_row_to_promote_is_no_evidence_and_says_why(tmp_path):
     full = plan_promotion(accepted, {"big": 20, "short": 4}, loop)
     assert full.full and full.selection.chosen == []
     result = nothing_to_score(train, test_labels, 0.5, why_nothing(full, len(accepted)))
-    result |= delivered(full, subset(accepted, torch.tensor([], dtype=torch.long)), loop)
+    result |= delivered(
+        full, subset(accepted, torch.tensor([], dtype=torch.long)), accepted, result, loop
+    )
     assert result["verdict_text"].startswith("no evidence: the pool is full")
     gates = evaluate_gates(GateConfig(), passing_figures(result))
     assert gates["passed"] and gates["utility_lower_bound"]["value"] is None

@@ -200,8 +200,12 @@ async def manual_runs(client):  # noqa: ANN001, ANN201
 
 
 def test_prefect_yaml_deploys_both_deployments_to_a_work_pool(server, tmp_path):
-    """`prefect deploy --all` of the committed prefect.yaml (no worker needed to register).
-    Last in this module: it re-registers the deployments `synthloop serve` made."""
+    """`prefect deploy --all` of the committed prefect.yaml (no worker needed to register),
+    its schedule filled in from the project's params.yaml, its descriptions from
+    flows/deployments.py. Last in this module: it re-registers the deployments `synthloop
+    serve` made."""
+    from flows.deployments import DESCRIPTIONS
+
     ws = tmp_path / "project"
     shutil.copytree(
         REPO,
@@ -217,6 +221,9 @@ def test_prefect_yaml_deploys_both_deployments_to_a_work_pool(server, tmp_path):
             "test-artifacts",
         ),
     )
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["schedule"] = {"cron": "15 4 * * 1-5", "timezone": "America/New_York"}
+    (ws / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**server.env, "PWD": str(ws)}
     subprocess.run(
         ["prefect", "work-pool", "create", "synthloop", "--type", "process"],
@@ -241,8 +248,14 @@ def test_prefect_yaml_deploys_both_deployments_to_a_work_pool(server, tmp_path):
 
     nightly, manual = server.call(read)
     assert nightly.work_pool_name == manual.work_pool_name == "synthloop"
-    assert nightly.schedules[0].schedule.cron == "0 2 * * *"
+    (schedule,) = nightly.schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone) == (
+        "15 4 * * 1-5",
+        "America/New_York",
+    )
     assert not manual.schedules
+    assert nightly.description == DESCRIPTIONS["nightly"]
+    assert manual.description == DESCRIPTIONS["manual"]
     assert nightly.pull_steps[0]["prefect.deployments.steps.set_working_directory"] == {
         "directory": str(ws)
     }

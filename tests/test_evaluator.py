@@ -143,3 +143,26 @@ def test_inception_fid_loads_a_local_state_dict(tmp_path: Path):
     real = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8, generator=gen)
     fid = inception_fid(real, real.flip(0), weights)  # the same set, in another order
     assert fid == pytest.approx(0.0, abs=1e-6)
+
+
+def test_standard_fid_reports_the_synthetic_figure_beside_the_real_floor(tmp_path: Path):
+    """What validate adds with `train_evaluator.inception_weights`: stand-in weights."""
+    from torchvision.models import inception_v3
+
+    from tasks.evaluator import standard_fid
+
+    torch.manual_seed(0)
+    model = inception_v3(weights=None, aux_logits=True, init_weights=True)
+    for layer in model.modules():  # BatchNorm statistics of real inputs: finite features
+        if isinstance(layer, torch.nn.BatchNorm2d):
+            layer.momentum = None
+    with torch.no_grad():
+        model.train()(torch.rand(8, 3, 299, 299))
+    weights = tmp_path / "inception.pth"
+    torch.save(model.state_dict(), weights)
+    gen = torch.Generator().manual_seed(0)
+    train = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8, generator=gen)
+    other = torch.full((3, 1, 8, 8), 255, dtype=torch.uint8)  # far from the noise
+    figures = standard_fid(train, other, train.flip(0), weights)
+    assert figures["fid"] == pytest.approx(0.0, abs=1e-6)  # the same images
+    assert figures["fid_real_floor"] > 1e-3 and figures["weights"] == str(weights)

@@ -1,14 +1,16 @@
-"""Night after night in one workspace, through the real flow: six runs, each after a change
+"""Night after night in one workspace, through the real flow: eight runs, each after a change
 a user makes (new raw images, a feedback request, impossible gates, a retired shard and a new
-seed, then every class at its target). Every run promotes, promotes nothing and says why,
-or fails on its gates, never on an error; the pool grows within its targets; the run branch
-gets one commit per good run; `dvc status` after each run is what the README says; a fresh
-clone of the last run pulls the pool back from the DVC remote."""
+seed, every class at its target with the pool frozen, a refresh allowed, then nothing at
+all). Every run promotes, promotes nothing and says why, or fails on its gates, never on an
+error; the pool grows within its targets; the run branch gets one commit per good run; `dvc
+status` after each run is what docs/operations.md says; a fresh clone of the last run pulls the pool
+back from the DVC remote."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import subprocess
 from pathlib import Path
@@ -187,17 +189,44 @@ def test_five_nights_in_one_workspace(tmp_path, prefect_api):
     run_tool("dvc", "pull", "-q", cwd=clone)
     assert pool_digests(clone) == pool_digests(ws) and len(pool_digests(ws)) == len(shards)
 
-    # Night 6: every class already holds its target (1 row): the gates pass, nothing goes
-    # into the pool, and the record, the state and the summary say so, not "promoted".
+    # Night 6: every class already holds its target (1 row) and the pool is frozen (no
+    # refresh): the gates pass, nothing goes into the pool, and the record, the state and
+    # the summary say so, not "promoted".
     before = pool_digests(ws)
-    set_params(ws, lambda p: p["loop"].update(target_per_class=1))
+    set_params(ws, lambda p: p["loop"].update(target_per_class=1, refresh_share=0.0))
     sixth = night("night 6: every class at its target")
     assert not sixth["failed"] and sixth["loop"]["result"] == "nothing promoted"
     assert sixth["loop"]["message"].startswith("nothing promoted: every class at its target (")
     assert sixth["loop"]["promoted_rounds"] == [] and pool_digests(ws) == before
     assert "**nothing promoted**: nothing promoted: every class at its target" in sixth["summary"]
 
-    # Night 7: nothing changed since night 6, whose gates passed with the pool at its
+    # Night 7: the pool may refresh: night 6's accepted rows (new to the pool) would replace
+    # the oldest pooled row of each full class. Whichever way the verdict goes (another
+    # machine may train another generator), the record says what happened to the pool.
+    set_params(ws, lambda p: p["loop"].update(refresh_share=0.5))
+    seventh = night("night 7: the pool may refresh")
+    attempt = seventh["loop"]["attempts"][-1]
+    refresh = attempt["validation"]["utility"]["refresh"]
+    # each class holds more than its target (1, ellipse's raised by night 3's request)
+    targets = attempt["validation"]["utility"]["pool_targets"]
+    assert refresh["replacing_per_class"] == {c: math.ceil(0.5 * t) for c, t in targets.items()}
+    assert seventh["loop"]["pool_per_class"] == sixth["loop"]["pool_per_class"]  # at the bound
+    if refresh["kept"] and attempt["passed"]:
+        promotion = attempt["promotion"]
+        replacing = sum(refresh["replacing_per_class"].values())
+        assert seventh["loop"]["result"] == "promoted" and promotion["replaced"] == replacing
+        assert {c: len(p) for c, p in promotion["replacements"].items()} == {
+            c: n for c, n in refresh["replacing_per_class"].items() if n
+        }
+        retired = ws / "data/pool/retired" / promotion["retired_shard"]
+        assert retired.is_file() and Path(f"{retired}.dvc").is_file()
+        assert "pooled rows replaced, retired to" in seventh["summary"]
+    else:
+        assert seventh["loop"]["result"] != "promoted" and pool_digests(ws) == before
+        assert "the pool is unchanged" in seventh["summary"]
+    before = pool_digests(ws)
+
+    # Night 8: nothing changed since night 7, whose gates passed with the pool at its
     # targets: the run ends "nothing to do" before any stage, and nothing moves.
     quiet = closed_loop(params_path=params_file, return_state=True)
     assert quiet.is_completed() and quiet.message == "nothing to do", quiet

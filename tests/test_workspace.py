@@ -1,5 +1,5 @@
 """The run's guard rails without a server: run parameters, the workspace lock, the input
-fingerprint, the per-run git commit, and prefect.yaml kept in step with params.yaml."""
+fingerprint, the per-run git commit, and prefect.yaml filled in from params.yaml."""
 
 from __future__ import annotations
 
@@ -183,26 +183,65 @@ def test_no_git_no_commit(demo_workspace):
     assert record_run(demo_workspace, "synthloop/runs", "run") is None
 
 
-def test_prefect_yaml_matches_params_and_the_served_deployments():
+def deployed_from_prefect_yaml(project: Path) -> dict[str, dict]:
+    """`project`'s prefect.yaml deployments as `prefect deploy` fills them in there: its
+    build steps run in `project`, their outputs templated in (Prefect's own templating; no
+    server). tests/test_deployments.py runs the real `prefect deploy`."""
+    from contextlib import chdir
+
+    from prefect.utilities.importtools import import_object
+    from prefect.utilities.templating import apply_values
+
+    spec = yaml.safe_load((project / "prefect.yaml").read_text())
+    outputs = {}
+    with chdir(project):
+        for step in spec["build"]:
+            ((name, inputs),) = step.items()
+            inputs = dict(inputs)
+            step_id = inputs.pop("id")
+            outputs[step_id] = import_object(name)(**inputs)
+    return {d["name"]: apply_values(d, outputs) for d in spec["deployments"]}
+
+
+def test_prefect_yaml_deploys_what_synthloop_serve_serves():
     from flows.deployments import DESCRIPTIONS, build_deployments
 
-    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     params = load_params(REPO / "params.yaml")
-    declared = {d["name"]: d for d in spec["deployments"]}
+    declared = deployed_from_prefect_yaml(REPO)
     assert set(declared) == {"nightly", "manual"} == set(DESCRIPTIONS)
     (schedule,) = declared["nightly"]["schedules"]
-    assert schedule["cron"] == params.schedule.cron
-    assert schedule["timezone"] == params.schedule.timezone
+    assert (schedule["cron"], schedule["timezone"]) == (
+        params.schedule.cron,
+        params.schedule.timezone,
+    )
     assert not declared["manual"].get("schedules")
     served = {d.name: d for d in build_deployments(REPO / "params.yaml")}
     for name, deployment in declared.items():
-        assert deployment["description"] == DESCRIPTIONS[name]
+        assert deployment["description"] == served[name].description == DESCRIPTIONS[name]
         assert deployment["concurrency_limit"]["limit"] == 1
         assert deployment["entrypoint"] == "flows/closed_loop.py:closed_loop"
         assert served[name].concurrency_limit == 1
     (cron,) = served["nightly"].schedules
-    assert cron.schedule.cron == params.schedule.cron
+    assert (cron.schedule.cron, cron.schedule.timezone) == (
+        params.schedule.cron,
+        params.schedule.timezone,
+    )
     assert not served["manual"].schedules
+
+
+def test_prefect_yaml_takes_the_schedule_from_params_yaml_and_writes_no_copy(tmp_path):
+    from flows.deployments import DESCRIPTIONS
+
+    text = (REPO / "prefect.yaml").read_text()
+    params = load_params(REPO / "params.yaml")
+    for fact in (params.schedule.cron, *DESCRIPTIONS.values()):
+        assert fact not in text, f"prefect.yaml writes {fact!r} again: template it in"
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["schedule"] = {"cron": "30 3 * * 1", "timezone": "Europe/Berlin"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "prefect.yaml").write_text(text)
+    (schedule,) = deployed_from_prefect_yaml(tmp_path)["nightly"]["schedules"]
+    assert (schedule["cron"], schedule["timezone"]) == ("30 3 * * 1", "Europe/Berlin")
 
 
 @pytest.mark.integration
