@@ -606,7 +606,10 @@ class GateConfig(_Model):
         0.1, ge=0, le=1, description="share of samples that nearly copy a real image, at most"
     )
     max_fid_ratio: float = Field(
-        10.0, gt=0, description="synthetic FID over the real train-vs-test floor, at most"
+        10.0,
+        gt=0,
+        description="synthetic FID over the real train-vs-test floor, both class-matched "
+        "(weighted to the train split's class shares), at most",
     )
     min_utility_delta: float = Field(
         0.0,

@@ -140,13 +140,46 @@ def frechet_distance(real_feats: Tensor, fake_feats: Tensor) -> float:
     fake_feats = fake_feats.to(real_feats.device)
     if min(n1, n2) <= real_feats.shape[1]:
         return _frechet_few_samples(real_feats.double(), fake_feats.double())
-    mean_1, cov_1 = _moments(real_feats)
-    mean_2, cov_2 = _moments(fake_feats)
+    return _frechet(*_moments(real_feats), *_moments(fake_feats))
+
+
+def _frechet(mean_1: Tensor, cov_1: Tensor, mean_2: Tensor, cov_2: Tensor) -> float:
+    """The Fréchet distance of two Gaussians; Tr sqrt(S1 S2) from symmetric eigensolvers."""
     vals, vecs = torch.linalg.eigh(cov_1)
     root = (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
     cross = torch.linalg.eigvalsh(root @ cov_2 @ root).clamp_min(0).sqrt().sum()
     distance = (mean_1 - mean_2).square().sum() + cov_1.trace() + cov_2.trace() - 2 * cross
     return float(distance)
+
+
+def class_matched_fid(
+    ref_feats: Tensor, ref_labels: Tensor, feats: Tensor, labels: Tensor
+) -> float:
+    """FID of `feats` against `ref_feats` with each class weighted to its share of the
+    reference (over the classes both sides hold), so two sets that differ only in their
+    class mix score as alike. A class-conditional generator is asked for a mix of its own
+    (more of the short classes), and the real test split has another: plain FID against
+    the long-tailed train split charges them the mix, not the images. Weighted mean and
+    reliability-weighted covariance in float64; NaN with fewer than 2 rows on a side."""
+    ref_labels, labels = ref_labels.to(ref_feats.device), labels.to(ref_feats.device)
+    shared = torch.unique(ref_labels)[torch.isin(torch.unique(ref_labels), labels)]
+    ref_rows, rows = torch.isin(ref_labels, shared), torch.isin(labels, shared)
+    if min(int(ref_rows.sum()), int(rows.sum())) < 2:
+        return math.nan
+    ref_feats, ref_labels = ref_feats[ref_rows].double(), ref_labels[ref_rows]
+    feats, labels = feats[rows].to(ref_feats.device).double(), labels[rows]
+    n = int(max(ref_labels.max(), labels.max())) + 1
+    ref_share = torch.bincount(ref_labels, minlength=n).double()
+    share = torch.bincount(labels, minlength=n).double()
+    weights = (ref_share / ref_share.sum() / (share / share.sum()).clamp_min(1e-300))[labels]
+    return _frechet(*_moments(ref_feats), *_weighted_moments(feats, weights))
+
+
+def _weighted_moments(x: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    w = weights / weights.sum()
+    mean = (w[:, None] * x).sum(0)
+    centred = x - mean
+    return mean, (w[:, None] * centred).T @ centred / (1 - w.square().sum())
 
 
 def _moments(x: Tensor, chunk: int = 65536) -> tuple[Tensor, Tensor]:

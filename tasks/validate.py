@@ -4,7 +4,10 @@ Everything is measured against the real data with the evaluator (a classifier tr
 real clean data only, `tasks/evaluator.py`):
 - fidelity/diversity: FID and KID in evaluator feature space, precision/recall/density/
   coverage, overall and per class, beside the same figures for real train vs real test
-  (the noise floor: how far two real samples of the same data already are); with
+  (the noise floor: how far two real samples of the same data already are); both FIDs
+  also class-matched (each set weighted to the train split's class shares: the generator
+  is asked for more of the short classes than the real data holds), which `fid_ratio`
+  gates; with
   `train_evaluator.inception_weights`, also the standard (Inception) FID and its floor
   (`inception_fid`; reported, not gated);
 - class consistency: the evaluator's accuracy on the labels the generator was asked for;
@@ -99,6 +102,7 @@ from tasks.images import (
 )
 from tasks.metrics import (
     class_consistency,
+    class_matched_fid,
     fid_kid_features,
     frechet_distance,
     near_copy_rate,
@@ -160,7 +164,10 @@ def acceptance(
 
 def evaluate_gates(gates: GateConfig, figures: dict) -> dict:
     """Each gate's threshold, value and verdict, and `passed` overall."""
-    floor = max(figures["fid_real_floor"], 1e-6)
+    # Like with like: both FIDs with the train split's class mix where measured (the
+    # generator is asked for more of the short classes than the real data holds).
+    fid = figures.get("fid_class_matched", figures["fid"])
+    floor = max(figures.get("fid_real_floor_class_matched", figures["fid_real_floor"]), 1e-6)
     privacy = figures.get("privacy") or {}
     resolution = figures["utility"].get("resolution") or {}
     # A full pool takes no row whatever the gates say: its utility gates have nothing to
@@ -169,7 +176,7 @@ def evaluate_gates(gates: GateConfig, figures: dict) -> dict:
     checks = {
         "class_consistency": (figures["class_consistency"], ">=", gates.min_class_consistency),
         "near_copy_rate": (figures["near_copy_rate"], "<=", gates.max_near_copy_rate),
-        "fid_ratio": (figures["fid"] / floor, "<=", gates.max_fid_ratio),
+        "fid_ratio": (None if fid is None else fid / floor, "<=", gates.max_fid_ratio),
         # The interval's lower bound: "no evidence" of a gain promotes nothing.
         "utility_lower_bound": (
             figures["utility"]["delta"]["low"],
@@ -361,8 +368,11 @@ def fidelity(
     classes: list[str],
     k: int,
     seed: int,
+    test_labels: torch.Tensor | None = None,
 ) -> dict:
-    """FID, KID and PRDC overall and per class, with the real train-vs-test floor."""
+    """FID, KID and PRDC overall and per class, with the real train-vs-test floor; with
+    `test_labels`, also both FIDs class-matched (`tasks.metrics.class_matched_fid`: each set
+    weighted to the train split's class shares), which the `fid_ratio` gate reads."""
     fid, kid, kid_std = fid_kid_features(train_f, syn_f, seed=seed)
     floor_fid, floor_kid, _ = fid_kid_features(train_f, test_f, seed=seed)
     figures = {
@@ -372,6 +382,13 @@ def fidelity(
         "fid_real_floor": _round(floor_fid),
         "kid_real_floor": _round(floor_kid),
     }
+    if test_labels is not None:
+        figures["fid_class_matched"] = _round(
+            class_matched_fid(train_f, train_labels, syn_f, syn_labels)
+        )
+        figures["fid_real_floor_class_matched"] = _round(
+            class_matched_fid(train_f, train_labels, test_f, test_labels)
+        )
     figures |= {key: _round(v) for key, v in prdc(train_f, syn_f, k).items()}
     figures |= {f"{key}_real_floor": _round(v) for key, v in prdc(train_f, test_f, k).items()}
     per_class = {}
@@ -524,7 +541,15 @@ def _validate(
         features,
     )
     figures = fidelity(
-        train_f, test_f, syn_f, splits.train.labels, synthetic.labels, classes, cfg.k, cfg.seed
+        train_f,
+        test_f,
+        syn_f,
+        splits.train.labels,
+        synthetic.labels,
+        classes,
+        cfg.k,
+        cfg.seed,
+        splits.test.labels,
     )
 
     if evaluator_cfg.inception_weights is not None:  # standard FID, beside the evaluator's

@@ -215,3 +215,33 @@ def test_class_consistency():
     accuracy, confidence = class_consistency(probs, torch.tensor([0, 1, 1, 1]))
     assert accuracy == pytest.approx(0.75)
     assert confidence == pytest.approx((0.9 + 0.8 + 0.4 + 0.7) / 4)
+
+
+def test_class_matched_fid_charges_the_images_not_the_class_mix():
+    from tasks.metrics import class_matched_fid, frechet_distance
+
+    gen = torch.Generator().manual_seed(0)
+
+    def sample(per_class: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.cat([torch.full((n,), c) for c, n in enumerate(per_class)])
+        centres = torch.tensor([[0.0] * 4, [6.0] * 4])  # two well-apart classes
+        return centres[labels] + torch.randn(len(labels), 4, generator=gen), labels
+
+    ref, ref_labels = sample([900, 100])  # long-tailed, like a train split
+    balanced, balanced_labels = sample([500, 500])  # the same classes, another mix
+    plain = frechet_distance(ref, balanced)
+    matched = class_matched_fid(ref, ref_labels, balanced, balanced_labels)
+    assert plain > 10 and matched < 0.2  # the mix was all of the plain figure
+    # The same mix: weights all equal, the plain figure.
+    same, same_labels = sample([900, 100])
+    assert class_matched_fid(ref, ref_labels, same, same_labels) == pytest.approx(
+        frechet_distance(ref, same), rel=1e-6
+    )
+    # Images that differ are still charged, whatever the mix.
+    shifted = balanced + 3.0
+    assert class_matched_fid(ref, ref_labels, shifted, balanced_labels) > 30
+    # A class the other side lacks is left out of both; under 2 rows: NaN.
+    only_first = balanced[balanced_labels == 0]
+    zeros = torch.zeros(len(only_first), dtype=torch.long)
+    assert class_matched_fid(ref, ref_labels, only_first, zeros) < 0.2
+    assert math.isnan(class_matched_fid(ref, ref_labels, only_first[:1], zeros[:1]))

@@ -65,6 +65,27 @@ def test_the_gate_uses_the_lower_bound():
         assert result["utility_lower_bound"]["passed"] is passed, low
 
 
+def test_the_fid_gate_reads_the_class_matched_figures_where_measured():
+    gates = GateConfig(max_fid_ratio=10)
+    resolution = {"points_per_test_image": 2.0, "max_points_per_test_image": 5.0}
+    utility = {"delta": {"mean": 0.05, "low": 0.01, "high": 0.1}, "resolution": resolution}
+    figures = {
+        "class_consistency": 1.0,
+        "near_copy_rate": 0.0,
+        "fid": 6.6,  # plain: the synthetic set's balanced mix against a long tail
+        "fid_real_floor": 0.58,
+        "expectations_critical_ok": True,
+        "utility": utility,
+    }
+    plain = evaluate_gates(gates, figures)["fid_ratio"]
+    assert plain["value"] == pytest.approx(6.6 / 0.58) and not plain["passed"]
+    matched = figures | {"fid_class_matched": 0.98, "fid_real_floor_class_matched": 0.39}
+    ratio = evaluate_gates(gates, matched)["fid_ratio"]
+    assert ratio["value"] == pytest.approx(0.98 / 0.39) and ratio["passed"]
+    unmeasured = evaluate_gates(gates, matched | {"fid_class_matched": None})["fid_ratio"]
+    assert not unmeasured["passed"]
+
+
 def images(labels: list[int], start: int, classes: list[str]) -> ImageTensors:
     n = len(labels)
     return ImageTensors(
