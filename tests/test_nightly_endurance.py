@@ -13,6 +13,7 @@ import json
 import math
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,9 @@ def test_five_nights_in_one_workspace(tmp_path, prefect_api):
     def night(change: str) -> dict:
         if run_tool("git", "status", "--porcelain", cwd=ws).stdout.strip():
             git_commit(ws, change)  # what the user changed, as they would commit it
+        started = time.perf_counter()
         state = closed_loop(params_path=params_file, return_state=True)
+        seconds = time.perf_counter() - started
         loop = json.loads((ws / "reports/loop.json").read_text())
         if state.is_failed():  # only ever on the gates
             with pytest.raises(GatesFailed, match="no synthetic data promoted: gates failed"):
@@ -68,6 +71,8 @@ def test_five_nights_in_one_workspace(tmp_path, prefect_api):
         else:
             assert state.is_completed(), state
         return {
+            "change": change,
+            "seconds": seconds,
             "failed": state.is_failed(),
             "loop": loop,
             "status": stale(ws),
@@ -231,3 +236,32 @@ def test_five_nights_in_one_workspace(tmp_path, prefect_api):
     quiet = closed_loop(params_path=params_file, return_state=True)
     assert quiet.is_completed() and quiet.message == "nothing to do", quiet
     assert pool_digests(ws) == before
+    print(night_table([*nights, sixth, seventh]))  # what each night did (pytest -s shows it)
+
+
+def night_table(nights: list[dict]) -> str:
+    """One markdown row per night: the change, the end state, the rows it promoted and
+    replaced, the pool per class after it, the decisive utility verdict, and its seconds."""
+    rows = [
+        "| night | change | result | promoted | replaced | pool per class | verdict | s |",
+        "| ---: | --- | --- | ---: | ---: | --- | --- | ---: |",
+    ]
+    for number, n in enumerate(nights, 1):
+        attempts = n["loop"]["attempts"]
+        promoted = sum(a.get("promotion", {}).get("promoted", 0) for a in attempts)
+        replaced = sum(a.get("promotion", {}).get("replaced", 0) for a in attempts)
+        utility = attempts[-1]["validation"].get("utility") or {}
+        delta = utility.get("delta") or {}
+        verdict = (
+            f"{utility.get('verdict')} {100 * delta['mean']:+.1f} "
+            f"[{100 * delta['low']:+.1f}, {100 * delta['high']:+.1f}]"
+            if delta.get("low") is not None
+            else str(utility.get("verdict"))
+        )
+        result = "failed" if n["failed"] else n["loop"]["result"]
+        pool = ", ".join(f"{c} {k}" for c, k in n["loop"]["pool_per_class"].items())
+        rows.append(
+            f"| {number} | {n['change'].split(': ', 1)[-1]} | {result} | {promoted} | "
+            f"{replaced} | {pool} | {verdict} | {n['seconds']:.0f} |"
+        )
+    return "\n".join(rows)
