@@ -27,7 +27,7 @@ import torch
 
 from synthloop.config import load_params
 from synthloop.threads import intra_op_threads, usable_cpus
-from tasks.generators import FAMILIES
+from tasks.shared.generators import FAMILIES
 
 
 def window(model, steps: int, batch: int, size: int) -> float:  # noqa: ANN001

@@ -45,7 +45,7 @@ for path in (PROJECT, HERE.parent):
 import yaml  # noqa: E402
 from families import delta_cell, markdown, set_value  # noqa: E402 (benchmarks/families.py)
 
-from tasks.utility import t_interval, verdict  # noqa: E402
+from tasks.validate.utility_protocol import t_interval, verdict  # noqa: E402
 
 SHARED = ["fuse", "train_evaluator"]  # with their upstream: every stage before train
 

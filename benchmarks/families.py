@@ -8,16 +8,16 @@
 
 Settings are params.yaml's (train, generate, train_evaluator, validate, augment); the paths
 default to params.yaml's too (train.input, validate.clean, validate.evaluator). --families
-defaults to every family in the registry (tasks.generators.FAMILIES).
+defaults to every family in the registry (tasks.shared.generators.FAMILIES).
 
 Per family (and per repeat; the families take turns, so load from other jobs hits each
 alike), one fresh subprocess, so its peak memory is its own:
-  train    the train stage itself (tasks.train.run_train: params.yaml's train section, the
+  train    the train stage itself (tasks.train.stage.run_train: params.yaml's train section, the
            family, --steps and --set overrides), early stopping included: the best EMA
            weights by KID against the real val split, as the stage picks them. Train img/s
            is the model card's (the loop alone, evaluations excluded).
   sample   --per-class images of every class (generate.per_class; its feedback extras are
-           left out) from the exported model (tasks.generate.load_model), in generate's
+           left out) from the exported model (tasks.generate.stage.load_model), in generate's
            batches from a CPU generator seeded generate.seed, as generate draws them; timed
            after one small untimed warm-up batch. vae: every --temperatures value is sampled
            from the same model (the rate is the first one's).
@@ -27,7 +27,7 @@ alike), one fresh subprocess, so its peak memory is its own:
            over the device's bf16 peak, benchmarks/train_throughput.py's table).
 
 Then, in this process, the first repeat's samples are judged as validate judges them, with
-tasks/validate.py's own functions and the evaluator trained on real data (on CPU a repeat
+tasks/validate/stage.py's own functions and the evaluator trained on real data (on CPU a repeat
 trains the same weights bit for bit; repeats are for the timings):
   fidelity class consistency (share the evaluator assigns to the intended class) and FID
            in the evaluator's feature space against the real train split (validate's
@@ -37,9 +37,9 @@ trains the same weights bit for bit; repeats are for the timings):
            below the floor without being closer to real data than real data is);
   accepted validate's acceptance (evaluator confidence, near copies, memorisation,
            duplicates): the rows validate would pass on to utility;
-  utility  validate's protocol (tasks/utility.compare_arms with validate's UtilityTrainer:
-           class-balanced draws, validate.utility_steps, validate.utility_seeds paired
-           seeds, the baseline chosen on val as validate chooses it) on the accepted rows.
+  utility  validate's protocol (tasks.validate.utility_protocol.compare_arms with validate's
+           UtilityTrainer: class-balanced draws, validate.utility_steps, validate.utility_seeds
+           paired seeds, the baseline chosen on val as validate chooses it) on the accepted rows.
            The baseline arms, trained on the real split alone, are trained once and shared
            by every family (`shared_baseline`), so every family's delta is paired against
            the very same baseline classifiers. Reported: the short-class and overall delta
@@ -75,13 +75,13 @@ from memory import peak_rss_mib  # noqa: E402 (benchmarks/memory.py)
 
 from synthloop.config import Params, TrainConfig, load_params  # noqa: E402
 from synthloop.dataset import content_id  # noqa: E402
-from tasks.evaluator import Splits, load_evaluator  # noqa: E402
-from tasks.generators import FAMILIES  # noqa: E402
-from tasks.images import ImageTensors, encode_rows, load_image_tensors, resolve_device  # noqa: E402
-from tasks.metrics import class_consistency, near_copy_rate  # noqa: E402
-from tasks.utility import Recipe, Trainer, compare_arms  # noqa: E402
-from tasks.utility_trainer import UtilityTrainer  # noqa: E402
-from tasks.validate import acceptance, fidelity, privacy, subset  # noqa: E402
+from tasks.shared.evaluator import Splits, load_evaluator  # noqa: E402
+from tasks.shared.generators import FAMILIES  # noqa: E402
+from tasks.shared.images import ImageTensors, encode_rows, load_image_tensors, resolve_device  # noqa: E402
+from tasks.shared.metrics import class_consistency, near_copy_rate  # noqa: E402
+from tasks.validate.stage import acceptance, fidelity, privacy, subset  # noqa: E402
+from tasks.validate.utility_protocol import Recipe, Trainer, compare_arms  # noqa: E402
+from tasks.validate.utility_trainer import UtilityTrainer  # noqa: E402
 
 
 def set_value(values: dict, assignment: str) -> None:
@@ -117,9 +117,9 @@ def worker(spec: dict) -> None:
     import gpu_check  # the peak-memory helpers
     import train_throughput as tt  # the bf16 peak table
 
-    from tasks.generate import load_model
-    from tasks.images import to_uint8
-    from tasks.train import run_train
+    from tasks.generate.stage import load_model
+    from tasks.shared.images import to_uint8
+    from tasks.train.stage import run_train
 
     out = Path(spec["out"])
     torch.set_num_threads(spec["threads"])

@@ -3,14 +3,14 @@
     python benchmarks/gpu_check.py [--device auto|cpu|cuda] [--families cgan,diffusion,...]
                                    [--steps 50] [--resume-steps 200] [--quick]
 
-For every family in the registry (tasks/generators), at 32x32 RGB (train_throughput's
+For every family in the registry (tasks/shared/generators), at 32x32 RGB (train_throughput's
 "large" config; --quick: its small CPU-sized one), in one process:
 
   1. speed     benchmarks/train_throughput.py's fast path against the plain way (fp32,
                eager, NCHW, a PIL-decoding DataLoader): training img/s, the ratio, MFU
                against the device's bf16 peak, sampling img/s, and the peak GPU memory.
   2. bf16      the fast path with bf16 autocast off: img/s, and the fast path's gain.
-  3. resume    tasks/train.py's own loop on procedural data: --resume-steps straight, against
+  3. resume    tasks/train/stage.py's own loop on procedural data: --resume-steps straight, against
                half of them then `train.resume` to the end; the largest absolute difference
                of the exported weights (0 on CPU, where resume is bit-exact; on CUDA
                non-deterministic kernels may leave rounding-level differences).
@@ -42,11 +42,11 @@ import train_throughput as tt  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from synthloop.config import TrainConfig  # noqa: E402
-from tasks.generate import load_model  # noqa: E402
-from tasks.generators import FAMILIES  # noqa: E402
-from tasks.images import resolve_device  # noqa: E402
-from tasks.model_dir import WEIGHTS  # noqa: E402
-from tasks.train import run_train  # noqa: E402
+from tasks.generate.stage import load_model  # noqa: E402
+from tasks.shared.generators import FAMILIES  # noqa: E402
+from tasks.shared.images import resolve_device  # noqa: E402
+from tasks.shared.model_dir import WEIGHTS  # noqa: E402
+from tasks.train.stage import run_train  # noqa: E402
 
 GOALS = {"cgan": ("fast/plain", 3.0), "diffusion": ("MFU", 0.35)}
 

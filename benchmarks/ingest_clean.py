@@ -9,7 +9,7 @@ once under the work dir and reused by later runs with the same N/size/classes. T
 in its own fresh child process (so each phase's peak RSS is its own):
 
   floor   read every file's bytes and decode it once with PIL: the least any pipeline does
-  ingest  tasks.ingest.run_ingest on an image_folder source over that folder
+  ingest  tasks.ingest.stage.run_ingest on an image_folder source over that folder
   clean   tasks.clean.run_clean(validate=True): decode, convert, de-duplicate, split,
           then the Great Expectations suites and Data Docs; its decode pass runs in
           clean.workers processes (--workers; 0, the default: one per CPU core)
@@ -170,7 +170,7 @@ def run_phase(
 
     params = build_params(workdir, folder, size, workers, run)
     if phase == "ingest":
-        from tasks.ingest import run_ingest
+        from tasks.ingest.stage import run_ingest
 
         baseline = peak_rss_mib()
         start, cpu = time.perf_counter(), time.process_time()
@@ -186,7 +186,7 @@ def run_phase(
         }
 
     if phase == "clean":
-        import tasks.expectations as expectations
+        import tasks.shared.expectations as expectations
         from tasks.clean import decode_workers, run_clean
 
         # Time the GX part (its lazy import, the suites, Data Docs) within clean's total.
@@ -247,7 +247,10 @@ def child_env(args: argparse.Namespace) -> dict[str, str]:
 
 def warm_imports(args: argparse.Namespace) -> float:
     """Import what the phases import once, untimed, so the bytecode cache is filled."""
-    code = "import great_expectations, tasks.clean, tasks.ingest, tasks.expectations, PIL.Image"
+    code = (
+        "import great_expectations, tasks.clean, tasks.ingest.stage, tasks.shared.expectations,"
+        " PIL.Image"
+    )
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], check=True, cwd=PROJECT, env=child_env(args))
     return time.perf_counter() - start

@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     if not kinds or any(k not in KINDS for k in kinds):
         parser.error(f"--kinds: each must be one of {sorted(KINDS)}, got {args.kinds!r}")
 
-    from tasks.ingest import run_ingest
+    from tasks.ingest.stage import run_ingest
 
     totals = {"old": 0.0, "new": 0.0, "ingest": 0.0}
     for kind in kinds:

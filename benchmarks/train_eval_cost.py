@@ -4,7 +4,7 @@
         [--eval-every 250] [--patience 3] [--threads 1]
         [--data data/fused] [--evaluator models/evaluator] [--val data/clean/val]
 
-In one process, on the CPU with --threads torch threads, the train stage (tasks.train
+In one process, on the CPU with --threads torch threads, the train stage (tasks.train.stage
 .run_train, the family's defaults from TrainConfig) runs alternately without evaluation
 (train.eval_every 0: the last weights are the output) and with it (--eval-every,
 patience 0, so both arms run every step and compare like with like), --repeats times each.
@@ -13,7 +13,7 @@ Outputs go to a temporary directory. Reported:
 - the median loop seconds of each arm and their ratio (with / without); the with-arm's own
   eval_seconds over its training seconds, a figure less exposed to load from other jobs;
 - the evaluation curve (step, KID) of the last with-run and its best step;
-- what --patience would have done on that curve (tasks.early_stopping replayed: the
+- what --patience would have done on that curve (tasks.train.early_stopping replayed: the
   evaluations draw from no training stream, so the run with patience follows the same
   curve up to its stop), and a run with it, to confirm.
 
@@ -37,8 +37,8 @@ if str(PROJECT) not in sys.path:
 import torch  # noqa: E402
 
 from synthloop.config import TrainConfig  # noqa: E402
-from tasks.early_stopping import EarlyStopping  # noqa: E402
-from tasks.train import run_train  # noqa: E402
+from tasks.train.early_stopping import EarlyStopping  # noqa: E402
+from tasks.train.stage import run_train  # noqa: E402
 
 
 def config(args: argparse.Namespace, out: Path, **update: object) -> TrainConfig:

@@ -7,10 +7,10 @@
 
 For each family and config, in one process and on one device, with the same initial weights:
 
-  fast      the family as tasks/train.py builds it: TrainConfig's fast-path settings (bf16
+  fast      the family as tasks/train/stage.py builds it: TrainConfig's fast-path settings (bf16
             autocast, channels_last, fused Adam on CUDA; foreach Adam on CPU; torch.compile
             with --compile), TF32 and cuDNN autotune on CUDA, the dataset decoded once into a
-            uint8 tensor (on the GPU), each batch one index op (tasks.train.place_dataset /
+            uint8 tensor (on the GPU), each batch one index op (tasks.train.stage.place_dataset /
             get_batch, with the loop's seeded index generator).
   baseline  the same networks trained the plain way: fp32, eager, NCHW (a TrainConfig with
             bf16=False, channels_last=False, compile=False; PyTorch's default TF32/cuDNN
@@ -26,7 +26,7 @@ measured flops_per_image() (a full training step: matmuls and convs, forward and
 and, on CUDA, MFU = flops_per_image * images/s / peak bf16 dense FLOP/s (the table below by
 device name, or --peak-tflops). The baseline's MFU is against the same bf16 peak, so it is
 what fp32 leaves on the table. Sampling images/s: sample() of the fast-path family on
---sample-batch labels from a seeded CPU generator (as tasks/generate.py draws noise); for
+--sample-batch labels from a seeded CPU generator (as tasks/generate/stage.py draws noise); for
 diffusion that is every DDIM step, with classifier-free guidance (two passes per step).
 
 --ablate adds two variants to locate a gap: "fast NCHW" (the fast path with
@@ -74,12 +74,12 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from synthloop.config import TrainConfig  # noqa: E402
 from synthloop.dataset import IMAGE_SCHEMA, ShardWriter, content_id, iter_batches  # noqa: E402
 from synthloop.procedural import make_image_folder  # noqa: E402
-from tasks.generators import FAMILIES, Family  # noqa: E402
-from tasks.generators.base import derive_seed  # noqa: E402
-from tasks.images import load_image_tensors, resolve_device, to_float  # noqa: E402
+from tasks.shared.generators import FAMILIES, Family  # noqa: E402
+from tasks.shared.generators.base import derive_seed  # noqa: E402
+from tasks.shared.images import load_image_tensors, resolve_device, to_float  # noqa: E402
 
-try:  # the training loop's own data path (tasks.train also needs safetensors and tqdm)
-    from tasks.train import get_batch, place_dataset
+try:  # the training loop's own data path (tasks.train.stage also needs safetensors and tqdm)
+    from tasks.train.stage import get_batch, place_dataset
 except ImportError:  # pragma: no cover - the same two functions, for a bare torch box
 
     def place_dataset(images, labels, device, max_bytes):  # type: ignore[no-redef]
@@ -132,7 +132,7 @@ QUICK_CONFIGS = (
 
 def make_dataset(root: Path, cfg: Config, images: int, seed: int = 0) -> Path:
     """A procedural image folder encoded into IMAGE_SCHEMA Parquet shards; returns the
-    dataset directory (the shape tasks.train reads as train.input)."""
+    dataset directory (the shape tasks.train.stage reads as train.input)."""
     per_class = -(-images // cfg.classes)
     folder = make_image_folder(
         root / "folder",
@@ -201,7 +201,7 @@ def sync(device: torch.device) -> None:
 
 
 def set_fast_flags(device: torch.device, fast: bool) -> None:
-    """tasks.train's TF32 + cuDNN autotune for the fast path; PyTorch defaults otherwise."""
+    """tasks.train.stage's TF32 + cuDNN autotune for the fast path; PyTorch defaults otherwise."""
     if device.type != "cuda":
         return
     torch.backends.cuda.matmul.allow_tf32 = fast

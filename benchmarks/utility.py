@@ -51,12 +51,12 @@ if str(PROJECT) not in sys.path:
 
 from synthloop.config import load_params  # noqa: E402
 from synthloop.dataset import IMAGE_SCHEMA, ShardWriter, content_id  # noqa: E402
-from tasks.evaluator import Splits, train_net  # noqa: E402
-from tasks.generate import load_model  # noqa: E402
-from tasks.images import ImageTensors, concat, encode_rows, to_float, to_uint8  # noqa: E402
-from tasks.train import run_train  # noqa: E402
-from tasks.utility import Interval, Recipe, accuracy_of, t_interval, verdict  # noqa: E402
-from tasks.utility_trainer import UtilityTrainer  # noqa: E402
+from tasks.generate.stage import load_model  # noqa: E402
+from tasks.shared.evaluator import Splits, train_net  # noqa: E402
+from tasks.shared.images import ImageTensors, concat, encode_rows, to_float, to_uint8  # noqa: E402
+from tasks.train.stage import run_train  # noqa: E402
+from tasks.validate.utility_protocol import Interval, Recipe, accuracy_of, t_interval, verdict  # noqa: E402
+from tasks.validate.utility_trainer import UtilityTrainer  # noqa: E402
 
 ARMS = ("real", "real+aug", "real+aug+synthetic", "real+aug+selected")
 
@@ -65,7 +65,7 @@ ARMS = ("real", "real+aug", "real+aug+synthetic", "real+aug+selected")
 
 
 def digits() -> tuple[np.ndarray, np.ndarray, list[str], int]:
-    from tasks.demo import digit_images
+    from tasks.ingest.demo import digit_images
 
     images, labels = digit_images()
     return images[:, None], labels, [str(d) for d in range(10)], 60

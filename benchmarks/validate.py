@@ -8,16 +8,16 @@ own. Inputs are random and seeded (no dataset, no trained model needed):
 
   features      the evaluator CNN (untrained: same cost as trained) on N 8x8 grey images
                 -> 128-d features; the step every feature metric below needs first
-  fid_kid       tasks.metrics.fid_kid_features: torchmetrics FID + KID (100 subsets of
+  fid_kid       tasks.shared.metrics.fid_kid_features: torchmetrics FID + KID (100 subsets of
                 1000) through an identity extractor, on random 128-d Gaussian features
-  frechet       tasks.metrics.frechet_distance on the same features (per-class FID's core)
-  prdc          tasks.metrics.prdc, k=5, on the same features
-  near_copy     tasks.metrics.near_copy_rate: N synthetic vs R train 8x8 grey images
+  frechet       tasks.shared.metrics.frechet_distance on the same features (per-class FID's core)
+  prdc          tasks.shared.metrics.prdc, k=5, on the same features
+  near_copy     tasks.shared.metrics.near_copy_rate: N synthetic vs R train 8x8 grey images
                 (64-d pixel space), threshold from R/5 test images
-  consistency   tasks.metrics.class_consistency on N x 10 probabilities
-  privacy       tasks.privacy.privacy_figures: memorisation, DCR and both membership attacks,
-                N synthetic vs R train and R/5 hold-out images and features, 10 classes,
-                1000 bootstrap resamples
+  consistency   tasks.shared.metrics.class_consistency on N x 10 probabilities
+  privacy       tasks.validate.privacy.privacy_figures: memorisation, DCR and both
+                membership attacks, N synthetic vs R train and R/5 hold-out images and features, 10
+                classes, 1000 bootstrap resamples
 
 Prints the median seconds over --repeats per metric and size, and per size the peak RSS
 (VmHWM) after the imports and after each metric in turn.
@@ -65,9 +65,9 @@ def run_size(synthetic: int, real: int, repeats: int, device_name: str) -> dict:
     """Time every metric for one size in this (fresh) process."""
     import torch
 
-    from tasks.evaluator import EvaluatorNet, FeatureExtractor
-    from tasks.images import resolve_device
-    from tasks.metrics import (
+    from tasks.shared.evaluator import EvaluatorNet, FeatureExtractor
+    from tasks.shared.images import resolve_device
+    from tasks.shared.metrics import (
         class_consistency,
         extract_features,
         fid_kid_features,
@@ -76,7 +76,7 @@ def run_size(synthetic: int, real: int, repeats: int, device_name: str) -> dict:
         pixel_space,
         prdc,
     )
-    from tasks.privacy import PrivacySets, privacy_figures
+    from tasks.validate.privacy import PrivacySets, privacy_figures
 
     device = resolve_device(device_name)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None

@@ -104,7 +104,7 @@ def promote_accepted(
     (`replace`: [new id, pooled id] pairs), retiring the rows it replaces; version every
     shard written or rewritten (an emptied shard's record is removed: DVC keeps its data)."""
     from flows.pool_admin import forget_shard, migrate_legacy_names
-    from tasks.pool import RETIRED, promote
+    from tasks.shared.pool import RETIRED, promote
 
     renamed = migrate_legacy_names(Path(workspace), Path(pool))
     pairs = [(new, old) for new, old in replace or []]
@@ -147,7 +147,7 @@ def adopt_pool_orphans(workspace: str, pool: str) -> dict[str, str]:
 
 @task(name="verify-pool")
 def verify_pool_task(pool: str) -> int:
-    from tasks.pool import verify_pool
+    from tasks.shared.pool import verify_pool
 
     return verify_pool(Path(pool))
 
@@ -171,7 +171,7 @@ def run_attempt(
         verify_pool_task(str(params.loop.pool))
     drift = None
     if probe_drift:
-        from tasks.drift import DriftProbe  # torch: imported only when drift is measured
+        from flows.drift import DriftProbe  # torch: imported only when drift is measured
 
         drift = DriftProbe(params)
     drift_fid: float | None = None
@@ -267,7 +267,7 @@ def retire_stale_pool(
     keep the shards; the run's commit records it.
     """
     from flows.pool_admin import retire_shards
-    from tasks.pool import describe_sizes, image_sizes, live_sizes
+    from tasks.shared.pool import describe_sizes, image_sizes, live_sizes
 
     params = load_params(params_file)
     pool, threshold = params.loop.pool, params.loop.drift_threshold
@@ -367,8 +367,8 @@ def promote_within_room(
     workspace: Path, params_file: Path, key: str, round_no: int, clean_report: dict
 ) -> tuple[dict, bool]:
     """Promote within the pool's room; returns the promotion and whether the pool is full."""
-    from tasks.feedback import read_requests
-    from tasks.pool import answer_requests, pool_counts, pool_full, pool_room, pool_targets
+    from tasks.shared.feedback import read_requests
+    from tasks.shared.pool import answer_requests, pool_counts, pool_full, pool_room, pool_targets
 
     params = load_params(params_file)
     pool = params.loop.pool
@@ -380,7 +380,7 @@ def promote_within_room(
     before = pool_counts(pool)
     room, total = pool_room(before, targets, params.loop.max_pool_rows)
     family = read_json(params.train.output / "model_card.json").get("family", "")
-    # The refresh validate scored and kept (tasks/validate.py), pair by pair.
+    # The refresh validate scored and kept (tasks/validate/stage.py), pair by pair.
     refresh = read_json(params.validation.report).get("utility", {}).get("refresh") or {}
     promotion = promote_accepted(
         str(workspace),

@@ -55,7 +55,7 @@ from flows.workspace import (
 )
 from synthloop.config import load_params
 from synthloop.dataset import atomic_file, write_json
-from tasks.feedback import feedback_files
+from tasks.shared.feedback import feedback_files
 
 
 class GatesFailed(RuntimeError):
@@ -140,7 +140,7 @@ def _run_key() -> str:
     flow run id."""
     from prefect.runtime import flow_run
 
-    from tasks.pool import run_key
+    from tasks.shared.pool import run_key
 
     return run_key(datetime.now(UTC), str(flow_run.id) if flow_run.id else None)
 
@@ -160,7 +160,7 @@ def _flow_run_label() -> str:
 
 def _dry_run(workspace: Path, params_file: Path, params, overrides: dict) -> dict:  # noqa: ANN001
     """What a run would do: the stages DVC finds stale and the params it would change."""
-    from tasks.pool import pool_orphans
+    from tasks.shared.pool import pool_orphans
 
     changed = changed_inputs(params.versioning.state, _fingerprint(workspace, params_file))
     stale = stale_stages(workspace)
@@ -299,7 +299,7 @@ def _rounds(workspace: Path, params_file: Path, force: bool, key: str) -> dict:
         logger.info("params.yaml: retrain overrides that did not lead to a promotion undone")
     params = load_params(params_file)
     promoted = [r for r in records if r["passed"]]
-    from tasks.pool import describe_pool, pool_counts
+    from tasks.shared.pool import describe_pool, pool_counts
 
     loop = {
         "run": key,
@@ -352,7 +352,7 @@ def _answered_requests(promoted: list[dict], params) -> dict[str, dict]:  # noqa
     for record in reversed(promoted):
         if "requests" in record.get("promotion", {}):
             return record["promotion"]["requests"]
-    from tasks.feedback import read_requests
+    from tasks.shared.feedback import read_requests
 
     requests = read_requests(params.fuse.feedback)[0]
     why = "the gates failed: nothing was promoted"

@@ -1,6 +1,6 @@
 """What the flow does between DVC stages: change params for a retrain, read artifact
 hashes for the record, version the pool. Plain functions; the flow wraps them in Prefect
-tasks. (Drift, the ML part, is measured by tasks/drift.py.)"""
+tasks. (Drift, the ML part, is measured by flows/drift.py.)"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The pool under DVC: rename legacy shards, adopt orphans, retire shards, reset, show.
 
-`tasks/pool.py` owns the shards' contents; this module owns their DVC records (a new
+`tasks/shared/pool.py` owns the shards' contents; this module owns their DVC records (a new
 shard is versioned with `flows.loop.dvc_add`). Every change goes through DVC (`dvc add`,
 `dvc move`, `dvc remove`), so `.dvc` files, DVC's
 `.gitignore` entries and the cache stay in step, and git keeps the history: a retired
@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from flows.loop import dvc_add, run_dvc
-from tasks.pool import RETIRED, describe_pool, is_pool_shard, legacy_name, pool_orphans
+from tasks.shared.pool import RETIRED, describe_pool, is_pool_shard, legacy_name, pool_orphans
 
 
 def migrate_legacy_names(workspace: Path, pool: Path) -> dict[str, str]:

@@ -204,7 +204,7 @@ def bakeoff_table_markdown(table: dict) -> str:
 
 
 def privacy_table_markdown(privacy: dict) -> str:
-    """The privacy figures (tasks/privacy.py) with their sizes and safe ranges."""
+    """The privacy figures (tasks/validate/privacy.py) with their sizes and safe ranges."""
     sizes = privacy.get("sizes") or {}
     mem = privacy.get("memorisation") or {}
     dcr = privacy.get("dcr") or {}
@@ -258,7 +258,8 @@ def utility_table_markdown(util: dict) -> str:
     overall, short_fig = util.get("overall") or {}, util.get("short") or {}
     reference = util.get("reference") or {}
     baseline = util.get("baseline", "-")
-    # every recipe of the baseline menu val did not choose (tasks/utility.py, RECIPES)
+    # every recipe of the baseline menu val did not choose
+    # (tasks/validate/utility_protocol.py, RECIPES)
     others = [(arm, f) for arm, f in reference.items() if arm != "tstr"]
     rows = [
         *(

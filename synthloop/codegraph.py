@@ -1,9 +1,9 @@
 """Which project source files a module runs: its import closure, read from the source.
 
-`import_closure("tasks.validate")` is every project module that `tasks.validate` imports,
-directly or through another project module, at the top of a file or inside a function
-(lazy imports run too). Only this project's packages count (`PACKAGES`); third-party code
-is pinned by uv.lock instead.
+`import_closure("tasks.validate.stage")` is every project module that
+`tasks.validate.stage` imports, directly or through another project module, at the top of a file or
+inside a function (lazy imports run too). Only this project's packages count (`PACKAGES`);
+third-party code is pinned by uv.lock instead.
 
 Two facts derive from it, so neither can drift from the code:
 - a DVC stage's code deps: `tasks.stages.stage_code(name)`, checked against dvc.yaml by
@@ -23,7 +23,7 @@ from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent  # the project root, where PACKAGES live
-PACKAGES = ("synthloop", "tasks", "flows")
+PACKAGES = ("synthloop", "tasks", "flows", "cli")
 
 
 def module_file(name: str) -> Path:

@@ -338,7 +338,7 @@ class CleanConfig(_Model):
 
 
 Device = Literal["auto", "cpu", "cuda"]
-# The generator families (tasks/generators FAMILIES implements each; a test holds the two
+# The generator families (tasks/shared/generators FAMILIES implements each; a test holds the two
 # equal). The run form, the CLI and TrainConfig take their choices from here.
 FamilyName = Literal["cgan", "diffusion", "vae", "transformer"]
 FAMILY_NAMES: tuple[str, ...] = get_args(FamilyName)
@@ -449,7 +449,7 @@ class VaeConfig(_Model):
 
 
 class TransformerConfig(_Model):
-    """The autoregressive family over quantised pixels (tasks/generators/transformer.py)."""
+    """The autoregressive family over quantised pixels (tasks/shared/generators/transformer.py)."""
 
     levels: int = Field(16, ge=2, le=256, description="values a pixel is quantised to")
     n_layer: PositiveInt = 2
@@ -706,7 +706,7 @@ class ValidateConfig(_Model):
             data,
             "utility_balanced",
             "the utility baseline is the best on val of {real, real+aug} x "
-            "{class-balanced draws, logit-adjusted loss} (tasks/utility.py)",
+            "{class-balanced draws, logit-adjusted loss} (tasks/validate/utility_protocol.py)",
         )
 
 

@@ -20,14 +20,14 @@ from synthloop.codegraph import import_closure, source_files
 from synthloop.config import Params
 
 STAGES: dict[str, str] = {
-    "ingest": "tasks.ingest",
-    "clean": "tasks.clean",
-    "train_evaluator": "tasks.evaluator",
-    "augment": "tasks.augment",
-    "fuse": "tasks.fuse",
-    "train": "tasks.train",
-    "generate": "tasks.generate",
-    "validate": "tasks.validate",
+    "ingest": "tasks.ingest.stage",
+    "clean": "tasks.clean.stage",
+    "train_evaluator": "tasks.evaluator.stage",
+    "augment": "tasks.augment.stage",
+    "fuse": "tasks.fuse.stage",
+    "train": "tasks.train.stage",
+    "generate": "tasks.generate.stage",
+    "validate": "tasks.validate.stage",
 }
 STAGE_ORDER: tuple[str, ...] = tuple(STAGES)
 # The stages a generator family changes (train.family is read from train on): a bake-off

@@ -12,8 +12,8 @@ import torch
 
 from synthloop.config import AugmentConfig, AugmentPolicy
 from synthloop.dataset import IMAGE_SCHEMA, ShardWriter, read_columns
-from tasks.augment import class_quotas, plan_copies, run_augment
-from tasks.images import decode_rows, encode_rows
+from tasks.augment.stage import class_quotas, plan_copies, run_augment
+from tasks.shared.images import decode_rows, encode_rows
 
 
 def make_dataset(

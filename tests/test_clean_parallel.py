@@ -21,7 +21,7 @@ from synthloop.config import parse_params
 from synthloop.procedural import make_image_folder
 from synthloop.sharding import ShardFailed
 from tasks.clean import run_clean
-from tasks.ingest import run_ingest
+from tasks.ingest.stage import run_ingest
 from tests.conftest import small_params
 
 

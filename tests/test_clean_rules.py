@@ -20,7 +20,7 @@ from tasks.clean import (
     pixel_hash,
     resolve_duplicates,
 )
-from tasks.near_duplicates import dhash, near_duplicate_pairs, row_width, thumbnail
+from tasks.clean.near_duplicates import dhash, near_duplicate_pairs, row_width, thumbnail
 
 CFG = CleanConfig(
     image_size=8, channels=1, max_pixels=10_000, labels=["a", "b"], label_map={"A": "a"}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from synthloop.cli import EPHEMERAL_STARTUP_TIMEOUT, _run, build_parser
+from cli.main import EPHEMERAL_STARTUP_TIMEOUT, _run, build_parser
 from synthloop.config import ConfigError
 
 

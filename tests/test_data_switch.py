@@ -16,8 +16,8 @@ import yaml
 from synthloop.config import parse_params
 from synthloop.dataset import IMAGE_SCHEMA, ShardWriter
 from synthloop.procedural import make_image_folder
-from tasks.images import encode_rows
-from tasks.pool import live_sizes, pool_counts, promote
+from tasks.shared.images import encode_rows
+from tasks.shared.pool import live_sizes, pool_counts, promote
 from tests.conftest import build_workspace, git_commit, run_tool, small_params
 from tests.test_loop_parts import write_rows
 
@@ -48,10 +48,10 @@ def stage_params(root, size: int, channels: int):  # noqa: ANN001, ANN201
 
 
 def test_a_new_image_size_or_channel_count_is_infinite_drift_not_an_error(tmp_path):
+    from flows.drift import DriftProbe
     from tasks.clean import run_clean
-    from tasks.drift import DriftProbe
-    from tasks.evaluator import run_train_evaluator
-    from tasks.ingest import run_ingest
+    from tasks.evaluator.stage import run_train_evaluator
+    from tasks.ingest.stage import run_ingest
 
     make_image_folder(tmp_path / "raw", classes=3, per_class=20, size=16, seed=1)
     old = stage_params(tmp_path, size=8, channels=1)

@@ -18,13 +18,14 @@ from safetensors.torch import load_file
 from test_train import make_dataset, make_yardstick
 
 from synthloop.config import PARAMS_ENV, DistributedConfig, TrainConfig, parse_params
-from tasks import distributed, train
-from tasks.distributed import torchrun_command
-from tasks.model_dir import model_version
+from tasks.shared.model_dir import model_version
+from tasks.train import distributed
+from tasks.train import stage as train
+from tasks.train.distributed import torchrun_command
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 240
-TAIL = ["-m", "synthloop.cli", "--params", "/p/params.yaml", "stage", "train"]
+TAIL = ["-m", "cli.main", "--params", "/p/params.yaml", "stage", "train"]
 
 
 def test_torchrun_command_on_one_node_is_standalone() -> None:
@@ -108,7 +109,7 @@ def run_processes(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def run_stage(params: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "synthloop.cli", "--params", str(params), "stage", "train"]
+    cmd = [sys.executable, "-m", "cli.main", "--params", str(params), "stage", "train"]
     return run_processes(cmd, cwd=params.parent)
 
 
@@ -174,9 +175,10 @@ from pathlib import Path
 import torch
 
 from synthloop.config import load_params
-from tasks import distributed, train
-from tasks.generators import FAMILIES
-from tasks.train_eval import FixedBatchScorer
+from tasks.train import distributed
+from tasks.train import stage as train
+from tasks.shared.generators import FAMILIES
+from tasks.train.train_eval import FixedBatchScorer
 
 built = []
 scored = []

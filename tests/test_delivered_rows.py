@@ -11,17 +11,16 @@ import torch
 
 from synthloop.config import FuseConfig, GateConfig, LoopConfig
 from synthloop.dataset import IMAGE_SCHEMA, ShardWriter
-from tasks.fuse import run_fuse
-from tasks.images import ImageTensors, concat, load_image_tensors
-from tasks.pool import (
+from tasks.fuse.stage import run_fuse
+from tasks.shared.images import ImageTensors, concat, load_image_tensors
+from tasks.shared.pool import (
     pool_counts,
     pool_room,
     pool_targets,
     promote,
     select_for_pool,
 )
-from tasks.utility import nothing_to_score, per_class_counts
-from tasks.validate import (
+from tasks.validate.stage import (
     delivered,
     evaluate_gates,
     load_pooled,
@@ -29,6 +28,7 @@ from tasks.validate import (
     subset,
     why_nothing,
 )
+from tasks.validate.utility_protocol import nothing_to_score, per_class_counts
 from tests.test_fuse import write
 
 CLASSES = ["big", "rich", "short"]
@@ -190,7 +190,7 @@ def test_no_row_to_promote_is_no_evidence_and_says_why(tmp_path):
 
 
 def test_a_request_raises_its_class_target_and_is_answered_by_name():
-    from tasks.pool import answer_requests, pool_targets
+    from tasks.shared.pool import answer_requests, pool_targets
 
     train = {"rich": 100, "short": 10}
     plain = pool_targets(train, "auto", 1.0)

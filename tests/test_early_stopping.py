@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tasks.early_stopping import EarlyStopping
+from tasks.train.early_stopping import EarlyStopping
 
 
 def run(patience: int, scores: list[float], every: int = 10) -> tuple[EarlyStopping, list]:

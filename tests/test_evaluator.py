@@ -12,18 +12,18 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from synthloop.config import parse_params
 from synthloop.procedural import make_image_folder
 from tasks.clean import run_clean
-from tasks.evaluator import (
+from tasks.evaluator.stage import run_train_evaluator
+from tasks.ingest.stage import run_ingest
+from tasks.shared.evaluator import (
     CONFIG,
     WEIGHTS,
     Evaluator,
-    inception_fid,
     load_evaluator,
     load_splits,
-    run_train_evaluator,
     train_net,
 )
-from tasks.ingest import run_ingest
-from tasks.metrics import fid_kid
+from tasks.shared.metrics import fid_kid
+from tasks.validate.inception import inception_fid
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance`"),
@@ -149,7 +149,7 @@ def test_standard_fid_reports_the_synthetic_figure_beside_the_real_floor(tmp_pat
     """What validate adds with `train_evaluator.inception_weights`: stand-in weights."""
     from torchvision.models import inception_v3
 
-    from tasks.evaluator import standard_fid
+    from tasks.validate.inception import standard_fid
 
     torch.manual_seed(0)
     model = inception_v3(weights=None, aux_logits=True, init_weights=True)

@@ -1,4 +1,5 @@
-"""Tests for tasks.expectations: real GX Core 1.x validations and Data Docs on small frames."""
+"""Tests for tasks.shared.expectations: real GX Core 1.x validations and Data Docs on small
+frames."""
 
 import json
 import os
@@ -6,7 +7,7 @@ import os
 import pandas as pd
 import pytest
 
-from tasks.expectations import (
+from tasks.shared.expectations import (
     CriticalExpectationFailed,
     raise_on_critical,
     validate_clean_dataset,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from tasks.images import ImageTensors
-from tasks.utility import RECIPES, Recipe, compare_arms
+from tasks.shared.images import ImageTensors
+from tasks.validate.utility_protocol import RECIPES, Recipe, compare_arms
 
 BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "families.py"
 

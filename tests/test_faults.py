@@ -40,7 +40,7 @@ def write_accepted(folder: Path, rows: int = 6) -> None:
 _KILLED_PROMOTION = """
 import os, signal, sys
 from pathlib import Path
-from tasks.pool import promote
+from tasks.shared.pool import promote
 result = promote(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], 1, "cgan")
 assert result["shard"], result
 os.kill(os.getpid(), signal.SIGKILL)
@@ -51,7 +51,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 def test_a_promotion_killed_before_dvc_add_is_adopted_by_the_next_run(workspace):
     from flows.loop import dvc_add, run_dvc
     from flows.pool_admin import adopt_orphans
-    from tasks.pool import pool_orphans, promote, verify_pool
+    from tasks.shared.pool import pool_orphans, promote, verify_pool
 
     accepted, pool = workspace / "data/accepted", workspace / "data/pool"
     write_accepted(accepted)
@@ -102,7 +102,7 @@ def test_an_adopted_orphan_that_is_not_a_pool_shard_is_set_aside(tmp_path):
 def test_an_ingest_write_failing_part_way_keeps_the_previous_output(
     tmp_path, shapes_folder, monkeypatch
 ):
-    from tasks.ingest import run_ingest
+    from tasks.ingest.stage import run_ingest
 
     params = parse_params(small_params("shapes"), root=tmp_path)
     run_ingest(params.ingest)

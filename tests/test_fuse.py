@@ -15,9 +15,9 @@ import torch
 
 from synthloop.config import FuseConfig, LoopConfig
 from synthloop.dataset import IMAGE_SCHEMA, ShardWriter, content_id
-from tasks.fuse import run_fuse, share_caps
-from tasks.images import encode_rows
-from tasks.pool import pool_targets
+from tasks.fuse.stage import run_fuse, share_caps
+from tasks.shared.images import encode_rows
+from tasks.shared.pool import pool_targets
 
 UNBOUNDED = LoopConfig(target_per_class=None)  # no per-class synthetic target
 

@@ -12,9 +12,9 @@ from PIL import Image
 
 from synthloop.config import GenerateConfig, TrainConfig
 from synthloop.dataset import IMAGE_SCHEMA, ShardWriter, content_id
-from tasks.generate import PAD, cell_size, run_generate
-from tasks.images import decode_rows, encode_rows
-from tasks.train import run_train
+from tasks.generate.stage import PAD, cell_size, run_generate
+from tasks.shared.images import decode_rows, encode_rows
+from tasks.train.stage import run_train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -123,7 +123,7 @@ def test_unknown_extra_label_is_named(model: Path, tmp_path: Path) -> None:
 
 
 def test_corrupt_weights_are_refused(tmp_path):
-    from tasks.generate import ModelCorrupt, load_model
+    from tasks.generate.stage import ModelCorrupt, load_model
 
     model_dir = tmp_path / "gen"
     model_dir.mkdir()

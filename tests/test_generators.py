@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from synthloop.config import ConfigError, TrainConfig
-from tasks.generators import FAMILIES
-from tasks.generators.cgan import diff_augment, pyramid
-from tasks.generators.diffusion import Diffusion
-from tasks.generators.vae import kl_weight
+from tasks.shared.generators import FAMILIES
+from tasks.shared.generators.cgan import diff_augment, pyramid
+from tasks.shared.generators.diffusion import Diffusion
+from tasks.shared.generators.vae import kl_weight
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -15,8 +15,8 @@ import tasks.clean as clean_module
 from synthloop.config import load_params, parse_params
 from synthloop.dataset import read_columns, shard_paths
 from tasks.clean import run_clean
-from tasks.ingest import run_ingest
-from tasks.sources import SourceError
+from tasks.ingest.sources import SourceError
+from tasks.ingest.stage import run_ingest
 from tests.conftest import REPO, small_params
 
 
@@ -74,7 +74,7 @@ def test_unreadable_directory_is_quarantined_not_followed(tmp_path, shapes_folde
             raise PermissionError(13, "Permission denied")
         return real_scandir(path)
 
-    monkeypatch.setattr("tasks.sources.os.scandir", scandir)
+    monkeypatch.setattr("tasks.ingest.sources.os.scandir", scandir)
     params = configure(tmp_path, [{"kind": "image_folder", "path": "shapes"}])
     result = run_ingest(params.ingest)
     assert result["ingested"] == 40
@@ -230,7 +230,7 @@ def test_a_crash_mid_stage_leaves_the_previous_version(demo_run, monkeypatch):
 
 
 def test_a_failed_critical_expectation_fails_the_stage_and_keeps_old_data(demo_run):
-    from tasks.expectations import CriticalExpectationFailed
+    from tasks.shared.expectations import CriticalExpectationFailed
 
     params, _ = demo_run
     before = tree_digest(params.clean.output)
@@ -258,7 +258,7 @@ def test_labels_that_allow_nothing_say_so_and_keep_the_old_data(demo_run):
 
 
 def test_the_demo_is_long_tailed_as_documented(demo_run):
-    from tasks.demo import digit_images, long_tail
+    from tasks.ingest.demo import digit_images, long_tail
 
     demo_params, report = demo_run
     totals = {label: c["total"] for label, c in report["per_class"].items()}
@@ -318,8 +318,8 @@ def test_the_kept_rows_are_validated_in_frames_grouped_by_id(demo_run, tmp_path,
 
 def test_a_planned_shard_keeps_its_files_compactly_and_reads_the_same_paths(tmp_path):
     from synthloop.procedural import make_image_folder
-    from tasks.ingest import FileRun, compact, list_entries, plan_ingest
-    from tasks.sources import FileRef, Rejected
+    from tasks.ingest.sources import FileRef, Rejected
+    from tasks.ingest.stage import FileRun, compact, list_entries, plan_ingest
 
     make_image_folder(tmp_path / "raw", classes=3, per_class=7, size=8, seed=0)
     (tmp_path / "raw" / "stray.png").write_bytes(b"x")  # rejected: no class folder

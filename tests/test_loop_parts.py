@@ -14,9 +14,9 @@ import yaml
 from flows.loop import apply_overrides, overrides_for
 from synthloop.config import ConfigError, GateConfig, load_params
 from synthloop.dataset import IMAGE_SCHEMA, ShardWriter, file_hash
-from tasks.feedback import error_extra, read_requests, requested_extra
-from tasks.images import encode_rows
-from tasks.pool import (
+from tasks.shared.feedback import error_extra, read_requests, requested_extra
+from tasks.shared.images import encode_rows
+from tasks.shared.pool import (
     PoolCorrupt,
     legacy_name,
     pool_counts,
@@ -27,7 +27,7 @@ from tasks.pool import (
     run_key,
     verify_pool,
 )
-from tasks.validate import acceptance, evaluate_gates
+from tasks.validate.stage import acceptance, evaluate_gates
 from tests.conftest import REPO
 
 
@@ -134,7 +134,7 @@ def test_promotion_dedupes_against_the_pool_and_is_atomic(tmp_path, monkeypatch)
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("tasks.pool.pq.write_table", crash)
+    monkeypatch.setattr("tasks.shared.pool.pq.write_table", crash)
     with pytest.raises(KeyboardInterrupt):
         promote(tmp_path / "accepted2", pool, KEY, round_no=3)
     assert sorted(p.name for p in pool.iterdir()) == [f"part-{KEY}-r01.parquet"]

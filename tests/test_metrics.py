@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from tasks.metrics import (
+from tasks.shared.metrics import (
     IdentityFeatures,
     _moments,
     class_consistency,
@@ -218,7 +218,7 @@ def test_class_consistency():
 
 
 def test_class_matched_fid_charges_the_images_not_the_class_mix():
-    from tasks.metrics import class_matched_fid, frechet_distance
+    from tasks.shared.metrics import class_matched_fid, frechet_distance
 
     gen = torch.Generator().manual_seed(0)
 

@@ -14,7 +14,6 @@ from PIL import Image, ImageDraw, features
 
 from synthloop.config import CleanConfig, ConfigError, parse_params
 from synthloop.dataset import read_columns
-from tasks import near_duplicates as nd
 from tasks.clean import (
     Rejection,
     convert_image,
@@ -22,8 +21,9 @@ from tasks.clean import (
     resolve_duplicates,
     run_clean,
 )
+from tasks.clean import near_duplicates as nd
 from tasks.clean.report import sheet_pairs
-from tasks.ingest import run_ingest
+from tasks.ingest.stage import run_ingest
 from tests.conftest import REPO, small_params
 
 SPARSE = CleanConfig(image_size=28, channels=1, labels=None)

@@ -10,7 +10,7 @@ import yaml
 
 from flows.attempt import STAGE_ORDER as ALL_STAGES
 from synthloop.config import GenerateConfig
-from tasks.feedback import error_extra
+from tasks.shared.feedback import error_extra
 from tests.conftest import run_tool
 
 pytestmark = pytest.mark.integration
@@ -162,7 +162,7 @@ def test_a_failed_attempt_retrains_within_its_round_then_promotes(workspace, pre
 
 def test_a_corrupt_pool_shard_fails_the_run_before_training(workspace, prefect_api):
     from flows.closed_loop import closed_loop
-    from tasks.pool import PoolCorrupt
+    from tasks.shared.pool import PoolCorrupt
 
     assert closed_loop(params_path=str(workspace / "params.yaml"))["passed"]
     shard = next((workspace / "data/pool").glob("part-*.parquet"))

@@ -11,7 +11,7 @@ import yaml
 from flows.loop import dvc_add
 from flows.pool_admin import migrate_legacy_names
 from synthloop.dataset import file_hash
-from tasks.pool import pool_counts, pool_ids, promote, verify_pool
+from tasks.shared.pool import pool_counts, pool_ids, promote, verify_pool
 from tests.conftest import build_workspace, git_commit, run_tool
 from tests.test_loop_parts import write_rows
 

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import torch
 
 from synthloop.config import LoopConfig
-from tasks.images import ImageTensors, load_image_tensors
-from tasks.pool import (
+from tasks.shared.images import ImageTensors, load_image_tensors
+from tasks.shared.pool import (
     RETIRED,
     describe_pool,
     plan_refresh,
@@ -21,8 +21,8 @@ from tasks.pool import (
     pool_targets,
     promote,
 )
-from tasks.utility import Recipe, compare_arms
-from tasks.validate import delivered, plan_promotion, refreshed_rows, subset
+from tasks.validate.stage import delivered, plan_promotion, refreshed_rows, subset
+from tasks.validate.utility_protocol import Recipe, compare_arms
 from tests.test_delivered_rows import rows_of
 from tests.test_fuse import write
 from tests.test_utility import images

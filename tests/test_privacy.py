@@ -1,5 +1,5 @@
 """The privacy figures bite: a generator that replays its training images fails them, one
-that draws fresh samples from the same distribution passes (tasks/privacy.py)."""
+that draws fresh samples from the same distribution passes (tasks/validate/privacy.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from synthloop.config import GateConfig
-from tasks.privacy import (
+from tasks.validate.privacy import (
     PrivacySets,
     auc,
     auc_interval,
@@ -20,7 +20,7 @@ from tasks.privacy import (
     privacy_figures,
     split_holdout,
 )
-from tasks.validate import acceptance, evaluate_gates
+from tasks.validate.stage import acceptance, evaluate_gates
 
 CLASSES = ["a", "b", "c"]
 DIM = 16  # a 4x4 grey image, flattened
@@ -138,7 +138,7 @@ def test_dcr_leaves_out_a_class_without_hold_out():
 
 @pytest.mark.parametrize("top", [16, 2])  # 2: many rows miss and take the full path
 def test_bootstrap_minima_over_resampled_columns_are_exact(monkeypatch, top):
-    from tasks.privacy import _SortedRows
+    from tasks.validate.privacy import _SortedRows
 
     monkeypatch.setattr(_SortedRows, "TOP", top)
     d = torch.rand(40, 100, generator=torch.Generator().manual_seed(0))

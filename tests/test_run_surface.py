@@ -13,8 +13,8 @@ import yaml
 from flows.binding import SERVED_PARAMS_ENV, WorkspaceNotServed, served_params_file
 from flows.parameters import RunParameters
 from synthloop.config import ConfigError, IngestConfig, load_params, parse_params
-from tasks.feedback import FeedbackOutsideFolder, feedback_files, read_requests
-from tasks.ingest import plan_ingest
+from tasks.ingest.stage import plan_ingest
+from tasks.shared.feedback import FeedbackOutsideFolder, feedback_files, read_requests
 from tests.conftest import REPO
 
 

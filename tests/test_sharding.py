@@ -16,9 +16,9 @@ import pytest
 import torch
 import yaml
 
+from cli.main import main as synthloop
 from flows.sharded import stage_spec
 from synthloop import codegraph
-from synthloop.cli import main as synthloop
 from synthloop.config import load_params
 from synthloop.dataset import IMAGE_SCHEMA, ShardWriter
 from synthloop.procedural import make_image_folder
@@ -103,7 +103,10 @@ def forbid_computing(monkeypatch: pytest.MonkeyPatch, stage: str) -> None:
     def refuse(*_: object, **__: object) -> None:
         raise AssertionError(f"{stage}: a shard was computed again instead of reused")
 
-    target = {"ingest": "tasks.ingest._read_entries", "augment": "tasks.augment.augment_batch"}
+    target = {
+        "ingest": "tasks.ingest.stage._read_entries",
+        "augment": "tasks.augment.stage.augment_batch",
+    }
     monkeypatch.setattr(target[stage], refuse)
 
 
@@ -198,16 +201,16 @@ def test_a_stale_shard_is_never_used(ws, prefect_api):
 
 def fail_on(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     """Reading the file `name` raises (in this process: the threads runner or inline)."""
-    import tasks.ingest
+    import tasks.ingest.stage
 
-    real = tasks.ingest.read_ref
+    real = tasks.ingest.stage.read_ref
 
     def read_ref(ref):  # noqa: ANN001, ANN202
         if ref.path.endswith(name):
             raise RuntimeError("disk on fire")
         return real(ref)
 
-    monkeypatch.setattr(tasks.ingest, "read_ref", read_ref)
+    monkeypatch.setattr(tasks.ingest.stage, "read_ref", read_ref)
 
 
 def test_a_failing_shard_names_stage_and_shard(ws, prefect_api, monkeypatch):
@@ -281,9 +284,9 @@ def test_validate_from_prepared_features_equals_the_inline_run(
     vws, validate_base, prefect_api, monkeypatch
 ):
     from flows.sharded import prepare_shards
-    from tasks.evaluator import Evaluator, load_evaluator, small_image_cpu_threads
-    from tasks.images import load_image_tensors
-    from tasks.validate_features import load_features
+    from tasks.shared.evaluator import Evaluator, load_evaluator, small_image_cpu_threads
+    from tasks.shared.images import load_image_tensors
+    from tasks.validate.features import load_features
 
     _, inline_report, inline_accepted = validate_base
     summary = prepare_shards("validate", str(vws / "params.yaml"))
@@ -329,7 +332,7 @@ def test_validate_keys_change_with_evaluator_weights_and_data(vws):
 
 
 def test_a_missing_validate_shard_is_computed_inline(vws, validate_base, prefect_api, monkeypatch):
-    import tasks.validate_features
+    import tasks.validate.features
     from flows.sharded import prepare_shards
 
     prepare_shards("validate", str(vws / "params.yaml"))
@@ -337,13 +340,13 @@ def test_a_missing_validate_shard_is_computed_inline(vws, validate_base, prefect
     shutil.rmtree(cache_dir(vws, "validate") / missing)
 
     decoded: list[tuple[int, int]] = []
-    real = tasks.validate_features.decode_range
+    real = tasks.validate.features.decode_range
 
     def decode_range(directory: Path, start: int, stop: int) -> torch.Tensor:
         decoded.append((start, stop))
         return real(directory, start, stop)
 
-    monkeypatch.setattr(tasks.validate_features, "decode_range", decode_range)
+    monkeypatch.setattr(tasks.validate.features, "decode_range", decode_range)
     run_stage(vws, "validate")
     assert decoded == [(0, 16)]  # that shard only
     assert validate_outputs(vws) == validate_base[1:]

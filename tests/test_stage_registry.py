@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from synthloop.codegraph import PACKAGES, ROOT, direct_imports, import_closure
-from tasks.stages import STAGE_ORDER, STAGES, is_sharded, stage_code
+from synthloop.codegraph import PACKAGES, ROOT, direct_imports, import_closure, module_file
+from tasks.stages import STAGE_ORDER, STAGES, is_sharded, stage_code, stage_module
 from tests.conftest import REPO, run_tool
 
 
@@ -58,13 +58,13 @@ def test_each_stage_depends_on_exactly_the_code_it_runs(name):
 def test_the_dependency_check_fails_on_a_missing_file_an_extra_one_and_a_package():
     stage = dvc_stages()["validate"]
     deps = [dep_path(d) for d in stage["deps"]]
-    missing = {"deps": [d for d in deps if d != "tasks/utility.py"]}
+    missing = {"deps": [d for d in deps if d != "tasks/validate/utility_protocol.py"]}
     assert code_dep_problems("validate", missing) == [
-        "validate: runs tasks/utility.py but dvc.yaml does not list it"
+        "validate: runs tasks/validate/utility_protocol.py but dvc.yaml does not list it"
     ]
-    extra = {"deps": [*deps, "tasks/train.py"]}
+    extra = {"deps": [*deps, "tasks/train/stage.py"]}
     assert code_dep_problems("validate", extra) == [
-        "validate: lists tasks/train.py, which it does not run"
+        "validate: lists tasks/train/stage.py, which it does not run"
     ]
     package = code_dep_problems("validate", {"deps": ["tasks"]})
     assert package[0] == "validate: depends on the whole package tasks/"
@@ -72,8 +72,10 @@ def test_the_dependency_check_fails_on_a_missing_file_an_extra_one_and_a_package
 
 def test_the_closure_follows_lazy_imports_but_not_module_names_in_strings():
     # The command line imports the flow inside a function: still part of what it runs.
-    assert "flows.closed_loop" in import_closure("synthloop.cli")
-    assert {"tasks.utility", "tasks.online_augment"} <= set(import_closure("tasks.validate"))
+    assert "flows.closed_loop" in import_closure("cli.main")
+    assert {"tasks.validate.utility_protocol", "tasks.validate.online_augment"} <= set(
+        import_closure("tasks.validate.stage")
+    )
     # The registry names stage modules only as strings: it pulls in no stage.
     assert import_closure("tasks.stages") == (
         "synthloop",
@@ -83,7 +85,7 @@ def test_the_closure_follows_lazy_imports_but_not_module_names_in_strings():
         "tasks.stages",
     )
     # A package's __init__ runs before its submodule: it is part of the closure.
-    assert "tasks.generators" in import_closure("tasks.generators.cgan")
+    assert "tasks.shared.generators" in import_closure("tasks.shared.generators.cgan")
 
 
 def _project_modules() -> list[str]:
@@ -96,13 +98,13 @@ def _project_modules() -> list[str]:
 
 
 def test_layers_point_one_way_and_nothing_imports_in_a_cycle():
-    """core (synthloop/, but the command line) <- stages (tasks/) <- flows (flows/) <- cli."""
-    rank = {"synthloop": 0, "tasks": 1, "flows": 2}
+    """core (synthloop/) <- stages (tasks/) <- flows (flows/) <- command line (cli/)."""
+    rank = {"synthloop": 0, "tasks": 1, "flows": 2, "cli": 3}
+    assert set(rank) == set(PACKAGES)
     modules = _project_modules()
     upward = [
         f"{m} imports {d}"
         for m in modules
-        if m != "synthloop.cli"
         for d in direct_imports(m)
         if rank[d.split(".")[0]] > rank[m.split(".")[0]]
     ]
@@ -123,6 +125,48 @@ def test_layers_point_one_way_and_nothing_imports_in_a_cycle():
 
     for module in modules:
         visit(module, [])
+
+
+# The stage packages under tasks/ (tasks/<package>/), by stage name; every other package
+# there is tasks/shared/, what several stages use.
+STAGE_PACKAGES = {name: name.removeprefix("train_") for name in STAGES}
+SHARED = "shared"
+
+
+@pytest.mark.parametrize("name", STAGE_ORDER)
+def test_each_stage_lives_in_its_own_package_beside_the_module_that_registers_it(name):
+    package = ROOT / "tasks" / STAGE_PACKAGES[name]
+    assert (package / "__init__.py").is_file(), f"{name}: no package {package}"
+    module = STAGES[name]
+    assert module.startswith(f"tasks.{STAGE_PACKAGES[name]}."), (
+        f"{name}: registered by {module}, outside tasks/{STAGE_PACKAGES[name]}/"
+    )
+    assert module_file(module).parent == package
+    assert "run_stage" in vars(stage_module(name)), f"{module} does not define run_stage"
+
+
+def test_tasks_holds_the_stage_packages_the_shared_package_and_the_registry_only():
+    tasks = ROOT / "tasks"
+    packages = {p.name for p in tasks.iterdir() if (p / "__init__.py").is_file()}
+    assert packages == {*STAGE_PACKAGES.values(), SHARED}
+    modules = {p.name for p in tasks.glob("*.py")}
+    assert modules == {"__init__.py", "stages.py"}
+
+
+def test_a_stage_imports_no_other_stage_and_shared_code_imports_no_stage():
+    owner = {f"tasks.{package}": name for name, package in STAGE_PACKAGES.items()}
+
+    def stage_of(module: str) -> str | None:
+        return owner.get(".".join(module.split(".")[:2]))
+
+    crossing = [
+        f"{m} imports {d}"
+        for m in _project_modules()
+        if m.startswith("tasks.")
+        for d in direct_imports(m)
+        if stage_of(d) is not None and stage_of(d) != stage_of(m)
+    ]
+    assert not crossing, "\n".join(crossing)
 
 
 def test_sharded_stages_are_the_ones_with_a_sharding_spec():
@@ -153,7 +197,9 @@ def _changed_stages(ws: Path) -> set[str]:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("changed", ["tasks/feedback.py", "synthloop/config.py", "tasks/images.py"])
+@pytest.mark.parametrize(
+    "changed", ["tasks/shared/feedback.py", "synthloop/config.py", "tasks/shared/images.py"]
+)
 def test_changing_code_a_stage_runs_makes_dvc_report_exactly_those_stages(workspace, changed):
     ws = workspace
     _placeholder_outputs(ws)
@@ -168,6 +214,6 @@ def test_changing_code_a_stage_runs_makes_dvc_report_exactly_those_stages(worksp
 
 def test_the_family_names_are_the_registry_families():
     from synthloop.config import FAMILY_NAMES
-    from tasks.generators import FAMILIES
+    from tasks.shared.generators import FAMILIES
 
     assert tuple(FAMILIES) == FAMILY_NAMES

@@ -16,12 +16,12 @@ from safetensors.torch import load_file
 
 from synthloop.config import EvaluatorConfig, TrainConfig
 from synthloop.dataset import IMAGE_SCHEMA, ShardWriter, content_id
-from tasks.evaluator import run_train_evaluator
-from tasks.generate import load_model
-from tasks.images import dataset_version, encode_rows
-from tasks.model_dir import model_version
-from tasks.train import run_train
-from tasks.train_eval import FixedBatchScorer
+from tasks.evaluator.stage import run_train_evaluator
+from tasks.generate.stage import load_model
+from tasks.shared.images import dataset_version, encode_rows
+from tasks.shared.model_dir import model_version
+from tasks.train.stage import run_train
+from tasks.train.train_eval import FixedBatchScorer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -159,7 +159,7 @@ def test_writes_model_card_config_weights_and_reports(tmp_path: Path, data: Path
 def test_resume_reaches_the_uninterrupted_weights(
     tmp_path: Path, data: Path, family: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="tasks.train")
+    caplog.set_level(logging.INFO, logger="tasks.train.stage")
     whole = tiny_cfg(tmp_path, data, "whole", family=family)
     run_train(whole)
 
@@ -215,7 +215,7 @@ def test_resume_refuses_other_settings(tmp_path: Path, data: Path) -> None:
 def test_resume_without_a_checkpoint_starts_over(
     tmp_path: Path, data: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="tasks.train")
+    caplog.set_level(logging.INFO, logger="tasks.train.stage")
     card = run_train(tiny_cfg(tmp_path, data, steps=3, resume=True))
     assert "no checkpoint" in caplog.text and card["resumed_from_step"] is None
 
@@ -229,9 +229,9 @@ def test_checkpoints_inside_the_output_are_refused(tmp_path: Path, data: Path) -
 def test_gpu_stages_import_without_prefect_dvc_or_great_expectations() -> None:
     code = (
         "import sys\n"
-        "import tasks.train, tasks.generate, tasks.generators\n"
-        "import tasks.generators.cgan, tasks.generators.diffusion\n"
-        "import tasks.generators.transformer\n"
+        "import tasks.train.stage, tasks.generate.stage, tasks.shared.generators\n"
+        "import tasks.shared.generators.cgan, tasks.shared.generators.diffusion\n"
+        "import tasks.shared.generators.transformer\n"
         "bad = sorted(m for m in sys.modules\n"
         "             if m.split('.')[0] in {'prefect', 'dvc', 'great_expectations'})\n"
         "print(','.join(bad))\n"
@@ -244,7 +244,7 @@ def test_gpu_stages_import_without_prefect_dvc_or_great_expectations() -> None:
 
 
 def test_class_balance_draws_every_class_equally_often():
-    from tasks.train import class_balance_weights, draw_batch
+    from tasks.train.stage import class_balance_weights, draw_batch
 
     labels = torch.tensor([0] * 90 + [1] * 10)
     assert class_balance_weights(labels, 0.0) is None  # uniform over rows: plain randint
@@ -278,7 +278,7 @@ def scripted_scores(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_the_output_is_the_best_evaluation_and_patience_stops_training(
     tmp_path: Path, data: Path, scripted_scores: list[int], caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="tasks.train")
+    caplog.set_level(logging.INFO, logger="tasks.train.stage")
     cfg = tiny_cfg(tmp_path, data, eval_every=2, patience=2)
     card = run_train(cfg)
 

@@ -8,8 +8,8 @@ import torch
 from pydantic import ValidationError
 
 from synthloop.config import ConfigError, TrainConfig
-from tasks.generators.transformer import KVCache, Transformer, dequantise, pick, quantise
-from tasks.images import to_float, to_uint8
+from tasks.shared.generators.transformer import KVCache, Transformer, dequantise, pick, quantise
+from tasks.shared.images import to_float, to_uint8
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

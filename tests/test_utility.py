@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from synthloop.config import AugmentPolicy, GateConfig
-from tasks.images import ImageTensors
-from tasks.online_augment import batch_augmenter
-from tasks.utility import (
+from tasks.shared.images import ImageTensors
+from tasks.validate.online_augment import batch_augmenter
+from tasks.validate.stage import evaluate_gates
+from tasks.validate.utility_protocol import (
     RECIPES,
     Interval,
     Recipe,
@@ -21,7 +22,6 @@ from tasks.utility import (
     t_interval,
     verdict,
 )
-from tasks.validate import evaluate_gates
 
 
 def test_the_interval_on_a_constructed_case():
@@ -213,7 +213,7 @@ def test_online_augmentation_draws_per_image_and_is_seeded():
 
 
 def test_balanced_epochs_draw_every_class_equally_often():
-    from tasks.evaluator import epoch_order
+    from tasks.shared.evaluator import epoch_order
 
     labels = torch.tensor([0] * 900 + [1] * 90 + [2] * 10)
     order = epoch_order(labels, True, torch.Generator().manual_seed(0))
@@ -230,7 +230,7 @@ def test_one_accepted_image_has_no_tstr_arm_and_the_main_arms_still_run():
     """A classifier cannot train on one image: the synthetic-only reference is left out
     (the real trainer refuses it by name) and the comparison goes on."""
     from synthloop.config import EvaluatorConfig
-    from tasks.evaluator import Splits, train_net
+    from tasks.shared.evaluator import Splits, train_net
 
     classes = ["a", "b"]
     train = images([0] * 6 + [1] * 6, 0, classes)

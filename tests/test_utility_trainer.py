@@ -9,10 +9,15 @@ import pytest
 import torch
 
 from synthloop.config import AugmentPolicy, EvaluatorConfig
-from tasks.evaluator import LOGIT_TAU, Splits, epoch_order, log_prior, logit_adjusted_loss
-from tasks.images import ImageTensors, concat
-from tasks.utility import Recipe
-from tasks.utility_trainer import POOL_MIN_IMAGES, TrainerPool, UtilityTrainer, utility_workers
+from tasks.shared.evaluator import LOGIT_TAU, Splits, epoch_order, log_prior, logit_adjusted_loss
+from tasks.shared.images import ImageTensors, concat
+from tasks.validate.utility_protocol import Recipe
+from tasks.validate.utility_trainer import (
+    POOL_MIN_IMAGES,
+    TrainerPool,
+    UtilityTrainer,
+    utility_workers,
+)
 
 
 def dataset(n_per_class: list[int], tag: str, seed: int) -> ImageTensors:

@@ -17,7 +17,7 @@ Rules, in the order a row meets them (its first failure is its quarantine reason
                       and aligned for a crop of a few pixels), pixel stds within a ratio
                       of clean.near_duplicate_contrast, from 24 px no 3x3 window
                       differing by over clean.near_duplicate_local, and for RGB colour
-                      planes that agree (tasks/near_duplicates.py; relative, so sparse
+                      planes that agree (tasks/clean/near_duplicates.py; relative, so sparse
                       images such as handwriting are judged on their strokes, not on
                       their white background)
 

@@ -1,6 +1,6 @@
 """The hashes a cleaned row is compared by: its exact pixels (`pixel_hash`: exact and
 conflicting duplicates), its dHash and its grey thumbnail (near-duplicates, computed by
-tasks/near_duplicates.py).
+tasks/clean/near_duplicates.py).
 
 Contract: pure functions; `pixel_hashes` and `row_numbers` equal, row by row, the per-image
 functions (`pixel_hash`, `near_duplicates.dhash`, `near_duplicates.thumbnail`), vectorised
@@ -14,8 +14,8 @@ import hashlib
 
 import numpy as np
 
+import tasks.clean.near_duplicates as near_duplicates
 from synthloop.config import CleanConfig
-from tasks import near_duplicates
 
 
 def pixel_hash(pixels: np.ndarray) -> int:

@@ -31,9 +31,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+import tasks.clean.near_duplicates as near_duplicates
 from synthloop.config import CleanConfig
 from synthloop.dataset import atomic_file, shard_paths
-from tasks import near_duplicates
 from tasks.clean.rules import Rejection
 from tasks.clean.splits import SPLITS
 
@@ -172,7 +172,7 @@ def validate_kept(
     failed one."""
     if gx_import is not None:
         gx_import.join()
-    from tasks.expectations import validate_clean_dataset
+    from tasks.shared.expectations import validate_clean_dataset
 
     expectations = validate_clean_dataset(
         kept,
@@ -190,8 +190,8 @@ def validate_kept(
 
 
 def raise_on_critical(expectations: dict) -> None:
-    """Fail the stage on a failed critical expectation (tasks/expectations.py says which)."""
-    from tasks.expectations import raise_on_critical
+    """Fail the stage on a failed critical expectation (tasks/shared/expectations.py says which)."""
+    from tasks.shared.expectations import raise_on_critical
 
     raise_on_critical(expectations)
 

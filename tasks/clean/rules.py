@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+import tasks.clean.near_duplicates as near_duplicates
 from synthloop.config import CleanConfig
-from tasks import near_duplicates
 
 _MODES = {1: "L", 3: "RGB"}
 

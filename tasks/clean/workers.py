@@ -159,7 +159,7 @@ def start_gx_import() -> threading.Thread:
 
     def run() -> None:
         try:
-            from tasks.expectations import _import_gx
+            from tasks.shared.expectations import _import_gx
 
             _import_gx()
         except Exception:  # the main thread imports it again, and reports the error
