@@ -79,7 +79,9 @@ from tasks.shared.evaluator import Splits, load_evaluator  # noqa: E402
 from tasks.shared.generators import FAMILIES  # noqa: E402
 from tasks.shared.images import ImageTensors, encode_rows, load_image_tensors, resolve_device  # noqa: E402
 from tasks.shared.metrics import class_consistency, near_copy_rate  # noqa: E402
-from tasks.validate.stage import acceptance, fidelity, privacy, subset  # noqa: E402
+from tasks.validate.figures import fidelity, privacy  # noqa: E402
+from tasks.validate.gates import acceptance  # noqa: E402
+from tasks.validate.promotion import subset  # noqa: E402
 from tasks.validate.utility_protocol import Recipe, Trainer, compare_arms  # noqa: E402
 from tasks.validate.utility_trainer import UtilityTrainer  # noqa: E402
 

@@ -2,7 +2,9 @@
 
 Long by design: one pydantic model per params.yaml section, the one owner of every
 parameter's type, bounds and description (params.yaml holds the values; a test holds the
-two equal). A new stage's section goes here beside the others.
+two equal). A new stage's section goes here beside the others. Split into a package that
+re-exported the same names, every stage would still import every part (each reads `Params`,
+which holds all sections), so the split would buy no narrower DVC deps, only more files.
 
 Every model forbids unknown keys, so a typo stops the run before any work with a message
 that names the key. Relative paths resolve against the folder that holds `params.yaml`.

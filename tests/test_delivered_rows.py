@@ -20,14 +20,8 @@ from tasks.shared.pool import (
     promote,
     select_for_pool,
 )
-from tasks.validate.stage import (
-    delivered,
-    evaluate_gates,
-    load_pooled,
-    plan_promotion,
-    subset,
-    why_nothing,
-)
+from tasks.validate.gates import evaluate_gates
+from tasks.validate.promotion import delivered, load_pooled, plan_promotion, subset, why_nothing
 from tasks.validate.utility_protocol import nothing_to_score, per_class_counts
 from tests.test_fuse import write
 

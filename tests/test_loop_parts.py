@@ -27,7 +27,7 @@ from tasks.shared.pool import (
     run_key,
     verify_pool,
 )
-from tasks.validate.stage import acceptance, evaluate_gates
+from tasks.validate.gates import acceptance, evaluate_gates
 from tests.conftest import REPO
 
 

@@ -21,7 +21,7 @@ from tasks.shared.pool import (
     pool_targets,
     promote,
 )
-from tasks.validate.stage import delivered, plan_promotion, refreshed_rows, subset
+from tasks.validate.promotion import delivered, plan_promotion, refreshed_rows, subset
 from tasks.validate.utility_protocol import Recipe, compare_arms
 from tests.test_delivered_rows import rows_of
 from tests.test_fuse import write

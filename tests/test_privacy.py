@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from synthloop.config import GateConfig
+from tasks.validate.gates import acceptance, evaluate_gates
 from tasks.validate.privacy import (
     PrivacySets,
     auc,
@@ -20,7 +21,6 @@ from tasks.validate.privacy import (
     privacy_figures,
     split_holdout,
 )
-from tasks.validate.stage import acceptance, evaluate_gates
 
 CLASSES = ["a", "b", "c"]
 DIM = 16  # a 4x4 grey image, flattened

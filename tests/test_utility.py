@@ -10,8 +10,8 @@ import torch
 
 from synthloop.config import AugmentPolicy, GateConfig
 from tasks.shared.images import ImageTensors
+from tasks.validate.gates import evaluate_gates
 from tasks.validate.online_augment import batch_augmenter
-from tasks.validate.stage import evaluate_gates
 from tasks.validate.utility_protocol import (
     RECIPES,
     Interval,

@@ -54,6 +54,11 @@ Cost: candidate pairs within ALIGN_WITHIN plain but over the bound are blurred a
 by far more and cost one comparison. Memory: pass 1 keeps a thumbnail row per kept row in
 a row file that only candidates are read back from: s * s bytes for grey (784 at 28x28,
 64 for the demo's 8x8), s * s * 9 / 8 for RGB (1152 at 32x32).
+
+One module, long by design: clean's one rule, whose thresholds (ALIGNED, CROP, COLOUR,
+LOCAL_BOX, ...) were measured together and are read, and set by the tests, as this
+module's attributes; its sections follow the contract above in order (per-image numbers,
+candidates, confirmation and survivors, the sheet). Only clean runs it.
 """
 
 from __future__ import annotations
