@@ -2,9 +2,11 @@
 
 `STAGES` is the one list of stages. dvc.yaml declares the same stages in the same order,
 each with the command `synthloop stage NAME` (tests/test_stage_registry.py holds the two
-in step), and the flow runs them in this order. A stage module exposes
-`run_stage(params) -> dict` (its summary); a sharded one also has `SHARDING`, its
-`synthloop.sharding.StageSpec`.
+in step), and the flow runs them in this order. Each stage is a package of its own,
+`tasks/<stage>/` (train_evaluator's is `tasks/evaluator/`), whose `stage.py` is the module
+named here: it exposes `run_stage(params) -> dict` (its summary); a sharded one also has
+`SHARDING`, its `synthloop.sharding.StageSpec`. What several stages use is `tasks/shared/`;
+tests/test_stage_registry.py holds the tree to this list.
 
 `stage_code(name)` is the code a stage runs: the import closure of this registry and the
 stage's module (synthloop/codegraph.py). dvc.yaml's code deps must be exactly those files,
