@@ -6,7 +6,8 @@ promotion hold when only `train.seed` changes?
 
 The workspace is a fresh `git clone` of this project (params.yaml as committed, the embedded
 demo source, no DVC cache), with each `--set` applied to its params.yaml (the value parsed
-as YAML, e.g. `--set validate.utility_synthetic_share=1.0`), so variants of the default are
+as YAML, e.g. `--set validate.utility_synthetic_share=1.0`; a number indexes a list, e.g.
+`--set ingest.sources.0.short_keep=25`), so variants of the default are
 measured the same way. The clone's own code runs (PYTHONPATH), not this checkout's. Then:
   shared   `dvc repro fuse train_evaluator`: the stages that do not read train.seed, once;
   per seed `train.seed` set in the clone's params.yaml and `dvc repro`, which skips the

@@ -87,12 +87,14 @@ from tasks.validate.utility_trainer import UtilityTrainer  # noqa: E402
 
 
 def set_value(values: dict, assignment: str) -> None:
-    """'vae.beta=0.5' -> values["vae"]["beta"] = 0.5 (the value parsed as YAML)."""
+    """'vae.beta=0.5' -> values["vae"]["beta"] = 0.5 (the value parsed as YAML); a number
+    after a list indexes it: 'ingest.sources.0.short_keep=25'."""
     key, _, raw = assignment.partition("=")
     *parents, leaf = key.split(".")
+    node = values
     for part in parents:
-        values = values.setdefault(part, {})
-    values[leaf] = yaml.safe_load(raw)
+        node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+    node[int(leaf) if isinstance(node, list) else leaf] = yaml.safe_load(raw)
 
 
 def shared_baseline(trainer: Trainer, train: ImageTensors) -> Trainer:
