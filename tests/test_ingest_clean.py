@@ -346,3 +346,15 @@ def test_a_planned_shard_keeps_its_files_compactly_and_reads_the_same_paths(tmp_
     # the plan: every listed entry in exactly one shard, in order
     plan = plan_ingest(params.ingest.model_copy(update={"shard_rows": 5}))
     assert [e for shard in plan for e in expand(shard.work)] == entries
+
+
+def test_the_demo_takes_any_digits_as_short_classes_seven_included():
+    """The defects pick a kept 7 for the label-map case: with 7 short, fewer than 50 remain."""
+    from synthloop.config import DemoSource
+    from tasks.ingest.demo import read_demo
+
+    items = list(read_demo(DemoSource(kind="demo", short_classes=["7", "3"], short_keep=20)))
+    digits = [i for i in items if i.path.startswith("demo://digits/")]
+    assert sum(i.label == "7" for i in digits) == 20 and sum(i.label == "3" for i in digits) == 20
+    (seven,) = [i for i in items if i.path.startswith("demo://fixable/label_seven/")]
+    assert seven.path.rsplit("/", 1)[1] in {i.path.rsplit("/", 1)[1] for i in digits}

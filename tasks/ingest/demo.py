@@ -104,7 +104,8 @@ def _defects(
     yield Item("demo://defect/blank", label(d), _png(np.full((8, 8), 7, dtype=np.uint8)))
 
     # Kept after fixing: a label the label map renames, and an odd size and mode.
-    seven = int(kept[targets[kept] == 7][int(rng.integers(0, 50))])
+    sevens = kept[targets[kept] == 7]  # fewer than 50 when 7 is a short class
+    seven = int(sevens[int(rng.integers(0, min(50, len(sevens))))])
     shifted = np.roll(images[seven], 1, axis=1)
     yield Item(f"demo://fixable/label_seven/{seven}", "seven", _png(shifted))
     big = np.kron(images[e][:, ::-1], np.ones((2, 2), dtype=np.uint8))
