@@ -21,10 +21,11 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.bakeoff import bakeoff_row, run_bakeoff
-from flows.loop import apply_overrides, dvc_add, dvc_hashes, stale_stages, tool_env
+from flows.loop import dvc_add, dvc_hashes, stale_stages, tool_env
+from flows.params_file import ParamsFile
 from flows.rounds import Next, failed_gate_texts
 from flows.sharded import prepare_shards
-from synthloop.config import load_params
+from synthloop.config import Params
 from tasks.stages import FAMILY_STAGES, STAGE_ORDER, is_sharded
 
 # DVC output that marks a failure worth retrying (another process holds the repo lock).
@@ -154,7 +155,7 @@ def verify_pool_task(pool: str) -> int:
 
 def run_attempt(
     workspace: Path,
-    params_file: Path,
+    run_params: ParamsFile,
     step: Next,
     force: bool,
     probe_drift: bool,
@@ -164,8 +165,9 @@ def run_attempt(
     With `bakeoff`, the family stages run once per family of `loop.families` first
     (flows/bakeoff.py), and params.yaml is left at the winner's family. Before fuse, the
     drift since the start is measured (when clean reran) and a pool made from data the run
-    moved away from is retired (`retire_stale_pool`)."""
-    params = load_params(params_file)
+    moved away from is retired (`retire_stale_pool`). params.yaml changes only through
+    `run_params` (the bake-off's families)."""
+    params = run_params.params
     table = None
     if not probe_drift:
         verify_pool_task(str(params.loop.pool))
@@ -184,14 +186,20 @@ def run_attempt(
     stale = set(stale_stages(workspace))
     for stage in STAGE_ORDER:
         if bakeoff and stage == FAMILY_STAGES[0]:
-            table = _bakeoff(workspace, params_file, params.loop.families, force)
+            table = _bakeoff(workspace, run_params, params.loop.families, force)
             force = False  # the winner's outputs come back from DVC's run cache
             stale = set(stale_stages(workspace))
         if stage == "fuse":  # before fuse reads the pool
             if drift is not None and (stages["clean"] == "ran" or drift.moved_at_start):
                 drift_fid = _measure_drift(drift, params)
+            now = run_params.params  # as the file stands now (the bake-off runs later)
             retired = retire_stale_pool(
-                str(workspace), str(params_file), drift_fid, drift.reason if drift else None
+                str(workspace),
+                str(now.loop.pool),
+                str(now.clean.output / "train"),
+                now.loop.drift_threshold,
+                drift_fid,
+                drift.reason if drift else None,
             )
             if retired:
                 stale = set(stale_stages(workspace))  # the pool changed: fuse must rerun
@@ -201,13 +209,15 @@ def run_attempt(
         began = time.perf_counter()
         if is_sharded(stage):
             # Its shards as parallel tasks first; the DVC stage then assembles them.
-            shards[stage] = prepare_shards(stage, str(params_file))
+            shards[stage] = prepare_shards(
+                stage, str(run_params.path), run_params.params.orchestration
+            )
         run_stage(stage, str(workspace), force)
         stages[stage] = "ran"
         seconds[stage] = round(time.perf_counter() - began, 2)
         if stage != STAGE_ORDER[-1]:
             stale = set(stale_stages(workspace))
-    params = load_params(params_file)  # after a bake-off: the winner's
+    params = run_params.params  # after a bake-off: the winner's
     validation = read_json(params.validation.report)
     record = {
         "round": step.round,
@@ -255,10 +265,16 @@ def _measure_drift(drift, params) -> float | None:  # noqa: ANN001 (a DriftProbe
 # Never cached: what it retires depends on the pool on disk, not on its arguments.
 @task(name="retire-stale-pool", cache_policy=NO_CACHE)
 def retire_stale_pool(
-    workspace: str, params_file: str, drift_fid: float | None, drift_reason: str | None
+    workspace: str,
+    pool: str,
+    clean_train: str,
+    threshold: float,
+    drift_fid: float | None,
+    drift_reason: str | None,
 ) -> dict | None:
     """Retire the live pool shards made from data the run moved away from, before fuse reads
-    them; returns the record (None: nothing retired).
+    them; returns the record (None: nothing retired). `pool`, `threshold`: `loop.pool` and
+    `loop.drift_threshold`; `clean_train`: the clean stage's train split.
 
     Beyond `loop.drift_threshold` (infinity included) every live shard goes; within it, a
     shard whose image size differs from the clean train split's (drift beyond measuring, and
@@ -269,8 +285,7 @@ def retire_stale_pool(
     from flows.pool_admin import retire_shards
     from tasks.shared.pool import describe_sizes, image_sizes, live_sizes
 
-    params = load_params(params_file)
-    pool, threshold = params.loop.pool, params.loop.drift_threshold
+    pool = Path(pool)
     live = live_sizes(pool)
     if not live:
         return None
@@ -279,7 +294,7 @@ def retire_stale_pool(
         why = drift_reason or f"evaluator FID {drift_fid:.3f}"
         reason = f"the real data moved beyond loop.drift_threshold ({threshold}): {why}"
     else:
-        train = image_sizes(params.clean.output / "train")
+        train = image_sizes(Path(clean_train))
         names = sorted(name for name, sizes in live.items() if train and not sizes <= train)
         if not names:
             return None
@@ -314,17 +329,16 @@ class BakeoffFailed(RuntimeError):
     """Every family of the bake-off failed its stages."""
 
 
-def _bakeoff(workspace: Path, params_file: Path, families: list[str], force: bool) -> dict:
+def _bakeoff(workspace: Path, run_params: ParamsFile, families: list[str], force: bool) -> dict:
     """Every family through the family stages on the same upstream data; params.yaml ends at
     the winner's family. Raises BakeoffFailed when no family got through."""
     logger = get_run_logger()
 
     def run_family(family: str) -> dict:
-        apply_overrides(params_file, {"train": {"family": family}})
+        params = run_params.set_family(family)
         for stage in FAMILY_STAGES:
             if force or stale_stages(workspace, stage):
                 run_stage(stage, str(workspace), force)
-        params = load_params(params_file)
         row = bakeoff_row(
             family,
             read_json(params.validation.report),
@@ -344,7 +358,7 @@ def _bakeoff(workspace: Path, params_file: Path, families: list[str], force: boo
             logger.warning("bake-off: %s failed: %s", row["family"], row["error"])
     if table["winner"] is None:
         raise BakeoffFailed(f"every family of the bake-off failed: {table['rows']}")
-    apply_overrides(params_file, {"train": {"family": table["winner"]}})
+    run_params.set_family(table["winner"])
     logger.info("bake-off: %s wins (%s)", table["winner"], table["rule"])
     return table
 
@@ -364,13 +378,13 @@ _RECORDED_FIGURES = (
 
 
 def promote_within_room(
-    workspace: Path, params_file: Path, key: str, round_no: int, clean_report: dict
+    workspace: Path, params: Params, key: str, round_no: int, clean_report: dict
 ) -> tuple[dict, bool]:
-    """Promote within the pool's room; returns the promotion and whether the pool is full."""
+    """Promote within the pool's room; returns the promotion and whether the pool is full.
+    `params`: what the attempt ran with."""
     from tasks.shared.feedback import read_requests
     from tasks.shared.pool import answer_requests, pool_counts, pool_full, pool_room, pool_targets
 
-    params = load_params(params_file)
     pool = params.loop.pool
     train_per_class = {c: v["train"] for c, v in clean_report.get("per_class", {}).items()}
     requests = read_requests(params.fuse.feedback)[0]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
 from flows.attempt import (
@@ -30,12 +31,9 @@ from flows.attempt import (
 )
 from flows.bakeoff import ranking
 from flows.binding import running_in_deployment, served_params_file
-from flows.loop import (
-    apply_overrides,
-    overrides_for,
-    stale_stages,
-)
+from flows.loop import overrides_for, stale_stages
 from flows.parameters import RunParameters
+from flows.params_file import ParamsFile
 from flows.retrain import Retrain, choose_retrain, evidence_from
 from flows.rounds import Attempt, Finish, decide, nothing_promoted_reason
 from flows.summaries import (
@@ -53,8 +51,8 @@ from flows.workspace import (
     input_fingerprint,
     record_run,
 )
-from synthloop.config import load_params
-from synthloop.dataset import atomic_file, write_json
+from synthloop.config import Params, load_params
+from synthloop.dataset import write_json
 from tasks.shared.feedback import feedback_files
 
 
@@ -62,9 +60,11 @@ class GatesFailed(RuntimeError):
     """No round of the run promoted anything: every attempt failed its gates."""
 
 
-@task(name="retrain-params")
-def retrain_params(params_file: str, overrides: dict) -> None:
-    apply_overrides(Path(params_file), overrides)
+# Never cached: it changes params.yaml, whose text (not its arguments) decides what that
+# does; a cached result would skip the write.
+@task(name="retrain-params", cache_policy=NO_CACHE)
+def retrain_params(run_params: ParamsFile, overrides: dict) -> None:
+    run_params.apply(overrides)
     get_run_logger().info("retrain: params.yaml updated with %s", overrides)
 
 
@@ -97,21 +97,24 @@ def closed_loop(
     workspace = params_file.parent
     overrides = run.overrides()
     # A bad value (a missing folder, a source outside ingest.allowed_roots, a family that is
-    # not there) stops before any work; so does a feedback file that leads outside.
+    # not there) stops before any work; so does a feedback file that leads outside. (The
+    # run's own parse of params.yaml comes once it holds the lock: the file may change while
+    # it waits.)
     params = load_params(params_file, overrides=overrides)
     feedback_files(params.fuse.feedback)
     run_name = _flow_run_label()
     with WorkspaceLock(workspace, params.orchestration.lock_timeout_s, holder=run_name):
         verify_pool_task(str(params.loop.pool))  # a corrupt pool fails the run before training
+        run_params = ParamsFile(params_file)  # parsed here; every change goes through it
         if run.dry_run:
-            return _dry_run(workspace, params_file, params, overrides)
+            return _dry_run(workspace, run_params, params, overrides)
         # A promotion killed before `dvc add` left a shard DVC does not know: settle it first.
         adopt_pool_orphans(str(workspace), str(params.loop.pool))
-        if overrides and load_params(params_file) != params:
-            apply_overrides(params_file, overrides)
+        if overrides and run_params.params != params:
+            run_params.apply(overrides)
             logger.info("run parameters written into params.yaml: %s", overrides)
-        params = load_params(params_file)
-        changed = changed_inputs(params.versioning.state, _fingerprint(workspace, params_file))
+        params = run_params.params
+        changed = changed_inputs(params.versioning.state, _fingerprint(workspace, run_params))
         if changed == [] and not run.force:
             logger.info("nothing to do: no input changed since the last successful run")
             create_markdown_artifact(
@@ -126,10 +129,18 @@ def closed_loop(
         # Until this run succeeds, no later run may call the workspace done.
         write_json(params.versioning.state, {"passed": False, "run": run_name})
         key = _run_key()
-        result = _rounds(workspace, params_file, run.force, key)
+        result = _rounds(workspace, run_params, run.force, key)
         # Something was promoted at this data version: the next run can skip.
-        _write_state(load_params(params_file), workspace, params_file, run_name)
-        result["version"] = version_run(str(params_file), run_name, result)
+        _write_state(workspace, run_params, run_name)
+        params = run_params.params  # as the run left it: the last promoted attempt's
+        result["version"] = version_run(
+            str(workspace),
+            run_name,
+            result,
+            params.versioning.git_branch,
+            params.versioning.dvc_push,
+            str(params.loop.pool),
+        )
     # The state's message is the end state in words ("promoted in round 1", "nothing
     # promoted: every class at its target ..."): what the UI's run list shows.
     return Completed(message=result["message"], data=result)
@@ -145,9 +156,9 @@ def _run_key() -> str:
     return run_key(datetime.now(UTC), str(flow_run.id) if flow_run.id else None)
 
 
-def _fingerprint(workspace: Path, params_file: Path) -> dict[str, str]:
+def _fingerprint(workspace: Path, params: ParamsFile) -> dict[str, str]:
     """What the run reads, plus what DVC finds stale (a deleted output shows up there)."""
-    found = input_fingerprint(workspace, params_file, load_params(params_file))
+    found = input_fingerprint(workspace, params.path, params.params)
     found["dvc_status"] = ",".join(sorted(stale_stages(workspace)))
     return found
 
@@ -158,11 +169,12 @@ def _flow_run_label() -> str:
     return f"flow run {flow_run.name} ({flow_run.id})" if flow_run.id else "a local run"
 
 
-def _dry_run(workspace: Path, params_file: Path, params, overrides: dict) -> dict:  # noqa: ANN001
-    """What a run would do: the stages DVC finds stale and the params it would change."""
+def _dry_run(workspace: Path, run_params: ParamsFile, params: Params, overrides: dict) -> dict:
+    """What a run would do: the stages DVC finds stale and the params it would change.
+    `params`: with the run's overrides; `run_params`: params.yaml as it stands."""
     from tasks.shared.pool import pool_orphans
 
-    changed = changed_inputs(params.versioning.state, _fingerprint(workspace, params_file))
+    changed = changed_inputs(params.versioning.state, _fingerprint(workspace, run_params))
     stale = stale_stages(workspace)
     plan = {
         "result": "dry run",
@@ -182,36 +194,42 @@ def _dry_run(workspace: Path, params_file: Path, params, overrides: dict) -> dic
     return plan
 
 
-def _write_state(params, workspace: Path, params_file: Path, run_name: str) -> None:  # noqa: ANN001
+def _write_state(workspace: Path, params: ParamsFile, run_name: str) -> None:
     """The inputs at the end of a successful run: the next run compares against them."""
     write_json(
-        params.versioning.state,
+        params.params.versioning.state,
         {
             "passed": True,
             "run": run_name,
             "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-            "fingerprint": _fingerprint(workspace, params_file),
+            "fingerprint": _fingerprint(workspace, params),
         },
     )
 
 
 @task(name="version-run")
-def version_run(params_path: str, run_name: str, result: dict) -> dict:
-    """Record the run's versions in git (when the workspace is a repo) and push the data to
-    the DVC remote (when one is configured)."""
+def version_run(
+    workspace: str,
+    run_name: str,
+    result: dict,
+    git_branch: str | None,
+    push: bool,
+    pool: str,
+) -> dict:
+    """Record the run's versions in git on `git_branch` (when the workspace is a repo and a
+    branch is set) and push the data to the DVC remote (when `push` and one is configured).
+    Plain values in, as params.yaml's `versioning` and `loop.pool` say."""
     logger = get_run_logger()
-    params = load_params(params_path)
-    workspace = Path(params_path).parent
+    root = Path(workspace)
     version: dict = {}
-    if params.versioning.git_branch:
+    if git_branch:
         message = (
             f"synthloop run: {run_name}\n\n{result['message']} ({result['attempts']} "
             f"attempt(s)); pool per class: {result['pool_per_class']}"
         )
-        pool = os.path.relpath(params.loop.pool, workspace)
-        commit = record_run(workspace, params.versioning.git_branch, message, pool)
+        commit = record_run(root, git_branch, message, os.path.relpath(pool, root))
         if commit is None:
-            logger.info("versioning: %s is not in a git repository; no commit", workspace)
+            logger.info("versioning: %s is not in a git repository; no commit", root)
         else:
             version["git"] = {"branch": commit.branch, "commit": commit.commit}
             logger.info(
@@ -220,21 +238,22 @@ def version_run(params_path: str, run_name: str, result: dict) -> dict:
                 commit.commit[:12],
                 commit.branch,
             )
-    remote = dvc_default_remote(workspace) if params.versioning.dvc_push else None
+    remote = dvc_default_remote(root) if push else None
     if remote:
         version["dvc_remote"] = remote
-        version["dvc_push"] = dvc_push(workspace)
+        version["dvc_push"] = dvc_push(root)
         logger.info("versioning: pushed to DVC remote %r: %s", remote, version["dvc_push"])
     return version
 
 
-def _rounds(workspace: Path, params_file: Path, force: bool, key: str) -> dict:
+def _rounds(workspace: Path, run_params: ParamsFile, force: bool, key: str) -> dict:
     """Attempts of: the DVC stages and the validation gates, then promote the accepted samples
     into the pool (gates pass) or retry with the next retrain step (gates fail), as
-    `flows.rounds.decide` says; returns the run's result or raises GatesFailed."""
+    `flows.rounds.decide` says; returns the run's result or raises GatesFailed. params.yaml
+    changes only through `run_params`; it ends as `_kept_params` says."""
     logger = get_run_logger()
-    loop_cfg = load_params(params_file).loop
-    start_text = params_file.read_text()
+    loop_cfg = run_params.params.loop
+    start_text = run_params.snapshot()
     ran_with: dict[tuple[int, int], str] = {}  # (round, attempt) -> params.yaml it ran with
     history: list[Attempt] = []
     records: list[dict] = []
@@ -252,20 +271,21 @@ def _rounds(workspace: Path, params_file: Path, force: bool, key: str) -> dict:
                 else:
                     applied = overrides_for(step.retrain_step, loop_cfg.retrain)
                     reason = f"loop.retrain step {step.retrain_step}"
-                retrain_params(str(params_file), applied)
+                retrain_params(run_params, applied)
                 logger.info("retrain: %s", reason)
             first = not history
             bakeoff = bool(loop_cfg.families) and step.attempt == 1
-            record = run_attempt(workspace, params_file, step, force and first, first, bakeoff)
+            record = run_attempt(workspace, run_params, step, force and first, first, bakeoff)
             # What it ran with, after a bake-off the winner's family: kept if it promotes.
-            ran_with[(step.round, step.attempt)] = params_file.read_text()
+            ran_with[(step.round, step.attempt)] = run_params.snapshot()
             record["retrain_step"], record["retrain_overrides"] = step.retrain_step, applied
             record["retrain_reason"] = reason
-            clean_report = read_json(load_params(params_file).clean.report)
+            params = run_params.params  # what the attempt ran with
+            clean_report = read_json(params.clean.report)
             full, pending, nothing = False, None, None
             if record["passed"]:
                 record["promotion"], full = promote_within_room(
-                    workspace, params_file, key, step.round, clean_report
+                    workspace, params, key, step.round, clean_report
                 )
                 nothing = nothing_promoted_reason(record["promotion"])
             else:
@@ -276,7 +296,7 @@ def _rounds(workspace: Path, params_file: Path, force: bool, key: str) -> dict:
                     "; ".join(record["failed_gates"]),
                 )
                 if loop_cfg.retrain == "auto":
-                    pending = _next_retrain(params_file, record, records, loop_cfg)
+                    pending = _next_retrain(params, record, records, loop_cfg)
                     record["next_retrain"] = pending.reason if pending else None
             records.append(record)
             history.append(
@@ -291,13 +311,13 @@ def _rounds(workspace: Path, params_file: Path, force: bool, key: str) -> dict:
                 )
             )
     except BaseException:
-        _restore_params(params_file, _kept_params(history, ran_with, start_text))
+        run_params.restore(_kept_params(history, ran_with, start_text))
         raise
     finish = step
-    restored = _restore_params(params_file, _kept_params(history, ran_with, start_text))
+    restored = run_params.restore(_kept_params(history, ran_with, start_text))
     if restored:
         logger.info("params.yaml: retrain overrides that did not lead to a promotion undone")
-    params = load_params(params_file)
+    params = run_params.params
     promoted = [r for r in records if r["passed"]]
     from tasks.shared.pool import describe_pool, pool_counts
 
@@ -367,9 +387,9 @@ def run_result(finish: Finish) -> str:
     return "nothing promoted" if finish.succeeded else "failed"
 
 
-def _next_retrain(params_file: Path, record: dict, records: list[dict], loop_cfg) -> Retrain | None:  # noqa: ANN001
-    """The auto policy's change after this failed attempt (flows/retrain.py), or None."""
-    params = load_params(params_file)
+def _next_retrain(params: Params, record: dict, records: list[dict], loop_cfg) -> Retrain | None:  # noqa: ANN001
+    """The auto policy's change after this failed attempt (flows/retrain.py), or None.
+    `params`: what the attempt ran with."""
     this_round = [r for r in (*records, record) if r["round"] == record["round"]]
     table = next((r["bakeoff"] for r in this_round if r.get("bakeoff")), {})
     evidence = evidence_from(
@@ -392,14 +412,6 @@ def _kept_params(history: list[Attempt], ran_with: dict, start_text: str) -> str
     """params.yaml as the last promoted attempt ran it; the run's start when none promoted."""
     promoted = [a for a in history if a.passed]
     return ran_with[(promoted[-1].round, promoted[-1].attempt)] if promoted else start_text
-
-
-def _restore_params(params_file: Path, text: str) -> bool:
-    if params_file.read_text() == text:
-        return False
-    with atomic_file(params_file) as tmp:
-        tmp.write_text(text)
-    return True
 
 
 def _publish(params, clean_report: dict, loop: dict) -> None:  # noqa: ANN001

@@ -98,10 +98,15 @@ def shard_stage(stage: str, params_path: str) -> dict:
     return summary
 
 
-def prepare_shards(stage: str, params_path: str) -> dict:
-    """Compute `stage`'s shards on the task runner of `params.orchestration` (a subflow when
-    called inside a flow); returns {stage, shards, computed, reused}."""
+def prepare_shards(
+    stage: str, params_path: str, orchestration: OrchestrationConfig | None = None
+) -> dict:
+    """Compute `stage`'s shards on the task runner of `orchestration` (default: params.yaml's
+    `orchestration`; a subflow when called inside a flow); returns {stage, shards, computed,
+    reused}. The subflow reads the stage's config from `params_path` itself, as the stage
+    will: its shard keys are that config's."""
     stage_spec(stage)  # not sharded: a clear error before any task runs
-    params = load_params(params_path)
-    runner = task_runner(params.orchestration)
+    if orchestration is None:
+        orchestration = load_params(params_path).orchestration
+    runner = task_runner(orchestration)
     return shard_stage.with_options(task_runner=runner)(stage, str(Path(params_path).resolve()))

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from synthloop.config import parse_params
+from synthloop.config import load_params, parse_params
 from synthloop.dataset import IMAGE_SCHEMA, ShardWriter
 from synthloop.procedural import make_image_folder
 from tasks.shared.images import encode_rows
@@ -111,18 +111,29 @@ def test_retire_stale_pool_on_drift_or_another_image_size(tmp_path, monkeypatch)
             }
         )
     )
-    retire = retire_stale_pool.fn
+
+    def retire(ws: str, drift_fid: float | None, drift_reason: str | None) -> dict | None:
+        params = load_params(tmp_path / "params.yaml")
+        return retire_stale_pool.fn(
+            ws,
+            str(params.loop.pool),
+            str(params.clean.output / "train"),
+            params.loop.drift_threshold,
+            drift_fid,
+            drift_reason,
+        )
+
     write_rows(tmp_path / "accepted", ["a", "a", "b"])  # 8x8 grey rows
     pool = tmp_path / "pool"
     shard = promote(tmp_path / "accepted", pool, KEY, 1)["shard"]
     write_split(tmp_path / "clean/train", 4, size=8)
-    ws, params_file = str(tmp_path), str(tmp_path / "params.yaml")
+    ws = str(tmp_path)
 
-    assert retire(ws, params_file, 12.0, None) is None  # within the threshold, same size
-    assert retire(ws, params_file, None, None) is None  # no drift measured, same size
+    assert retire(ws, 12.0, None) is None  # within the threshold, same size
+    assert retire(ws, None, None) is None  # no drift measured, same size
 
     write_split(tmp_path / "clean/train", 4, size=12)  # a run that stopped after clean
-    record = retire(ws, params_file, None, None)
+    record = retire(ws, None, None)
     assert record["shards"] == [shard] and record["rows"] == 3
     assert record["per_class"] == {"a": 2, "b": 1} and record["drift_fid"] == math.inf
     assert record["reason"] == (
@@ -136,7 +147,7 @@ def test_retire_stale_pool_on_drift_or_another_image_size(tmp_path, monkeypatch)
     write_rows(tmp_path / "accepted2", ["c"], seed=5)
     second = promote(tmp_path / "accepted2", pool, KEY, 2)["shard"]
     write_split(tmp_path / "clean/train", 4, size=8)
-    record = retire(ws, params_file, math.inf, "classes changed: ...")
+    record = retire(ws, math.inf, "classes changed: ...")
     assert record["shards"] == [second] and record["drift_fid"] == math.inf
     assert record["reason"] == (
         "the real data moved beyond loop.drift_threshold (50.0): classes changed: ..."
