@@ -176,9 +176,9 @@ def test_the_ui_shows_the_manual_deployment_and_its_parameter_form(server, serve
         # Submit the form as it stands (every field empty: params.yaml as it is).
         before = {r.id for r in server.call(manual_runs)}
         page.get_by_role("button", name="Submit").click()
-        run = wait_until(
+        run = wait_until(  # a liveness wait: on a loaded machine the UI's request is slow
             lambda: next((r for r in server.call(manual_runs) if r.id not in before), None),
-            60,
+            180,
             "the run the form submitted",
         )
         run = wait_for_run(server, run.id)
