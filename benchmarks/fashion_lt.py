@@ -46,6 +46,7 @@ from default_robustness import (  # noqa: E402 (benchmarks/default_robustness.py
     check_workspace,
     environment,
     make_workspace,
+    write_params,
 )
 from fashion_mnist import CLASSES, LONG_TAIL, ROOT, load, long_tailed  # noqa: E402
 
@@ -94,7 +95,7 @@ def judge(ws: Path, root: Path) -> dict:
     from synthloop.config import load_params
     from tasks.shared.evaluator import Splits
     from tasks.shared.images import ImageTensors, load_image_tensors, resolve_device
-    from tasks.validate.utility_protocol import compare_arms, per_class_counts
+    from tasks.validate.utility_protocol import compare_arms, per_class_counts, trainings
     from tasks.validate.utility_trainer import TrainerPool, UtilityTrainer, utility_workers
 
     params = load_params(ws / "params.yaml")
@@ -121,7 +122,9 @@ def judge(ws: Path, root: Path) -> dict:
         resolve_device(cfg.device),
     )  # fmt: skip
     seeds = [cfg.seed + s for s in range(cfg.utility_seeds)]
-    with TrainerPool(trainer, utility_workers(cfg.utility_workers, trainer, 20)) as workers:
+    with TrainerPool(
+        trainer, utility_workers(cfg.utility_workers, trainer, trainings(len(seeds)))
+    ) as workers:
         result = compare_arms(train, pool, val.labels, test.labels, workers, seeds, three)
     result["pool_per_class"] = per_class_counts(pool)
     return result
@@ -155,8 +158,8 @@ def main() -> None:
     rows = []
     for seed in [int(s) for s in args.loop_seeds.split(",")]:
         ws = args.workdir / f"ws-seed{seed}"
-        raw = make_workspace(ws, [*DEFAULTS, f"train.seed={seed}", *args.overrides])
-        (ws / "params.yaml").write_text(__import__("yaml").safe_dump(raw, sort_keys=False))
+        raw = make_workspace(ws, [*DEFAULTS, *args.overrides])
+        write_params(ws, raw, seed)
         write_folder(ws / RAW, images[picked], labels[picked])
         subprocess.run([str(BIN / "dvc"), "add", "-q", RAW], cwd=ws, env=environment(ws),
                        check=True)  # fmt: skip

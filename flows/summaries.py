@@ -108,7 +108,7 @@ def loop_summary_markdown(loop: dict) -> str:
     if reasons:
         lines += ["", "Retrains, and why:", *reasons]
     lines += [pool_retired_markdown(r) for r in loop["attempts"] if r.get("pool_retired")]
-    lines += [refresh_markdown(r) for r in loop["attempts"] if refresh_markdown(r)]
+    lines += [text for text in map(refresh_markdown, loop["attempts"]) if text]
     if loop.get("requests"):
         lines += ["", "Requests (data/feedback, `label,extra`):", *requests_markdown(loop)]
     verdict = loop.get("verdict")

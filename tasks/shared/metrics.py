@@ -162,7 +162,8 @@ def class_matched_fid(
     the long-tailed train split charges them the mix, not the images. Weighted mean and
     reliability-weighted covariance in float64; NaN with fewer than 2 rows on a side."""
     ref_labels, labels = ref_labels.to(ref_feats.device), labels.to(ref_feats.device)
-    shared = torch.unique(ref_labels)[torch.isin(torch.unique(ref_labels), labels)]
+    present = torch.unique(ref_labels)
+    shared = present[torch.isin(present, labels)]
     ref_rows, rows = torch.isin(ref_labels, shared), torch.isin(labels, shared)
     if min(int(ref_rows.sum()), int(rows.sum())) < 2:
         return math.nan

@@ -329,12 +329,16 @@ def retire_rows(pool: Path, ids: set[str], key: str, round_no: int) -> dict:
         return {"retired_shard": None, "rewritten": [], "emptied": []}
     kept_tables: dict[Path, pa.Table] = {}
     moved: list[pa.Table] = []
+    wanted = pa.array(sorted(ids), pa.string())
     for path in _shards(pool):
+        # The small id column first: only the shards that hold a row are read whole.
+        held = pq.read_table(path, columns=["id"]).column("id")
+        if not pc.any(pc.is_in(held, value_set=wanted)).as_py():
+            continue
         table = pq.read_table(path)
-        hit = pc.is_in(table.column("id"), value_set=pa.array(sorted(ids), pa.string()))
-        if pc.any(hit).as_py():
-            moved.append(table.filter(hit))
-            kept_tables[path] = table.filter(pc.invert(hit))
+        hit = pc.is_in(table.column("id"), value_set=wanted)
+        moved.append(table.filter(hit))
+        kept_tables[path] = table.filter(pc.invert(hit))
     found = sum(len(t) for t in moved)
     if found != len(ids):
         raise ValueError(
