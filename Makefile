@@ -36,8 +36,10 @@ run: setup
 serve: setup
 	$(UV) run synthloop serve
 
+# One pytest worker per CPU, idle ones stealing queued tests; most tests wait on subprocesses
+# (DVC, Prefect, stage processes) as much as they compute.
 test: setup browser
-	$(UV) run pytest
+	$(UV) run pytest -n auto --dist worksteal
 
 lint: setup
 	$(UV) run ruff check .

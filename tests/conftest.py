@@ -179,7 +179,19 @@ def prefect_api():
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test that starts Prefect's API runs the real tools: it is an integration test,
-    whether or not its module says so (`pytest -m "not integration"` skips it)."""
+    whether or not its module says so (`pytest -m "not integration"` skips it).
+
+    The long tests run first, then the other integration tests, then the rest, each group in
+    its own order: `make test` spreads the tests over one worker per CPU (pytest-xdist,
+    work stealing), and a minutes-long test started last would leave the other workers idle.
+    """
     for item in items:
         if "prefect_api" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.integration)
+
+    def rank(item: pytest.Item) -> int:
+        if item.get_closest_marker("long"):
+            return 0
+        return 1 if item.get_closest_marker("integration") else 2
+
+    items.sort(key=rank)  # stable: the collected order within a group

@@ -155,6 +155,7 @@ def test_retire_stale_pool_on_drift_or_another_image_size(tmp_path, monkeypatch)
 
 
 @pytest.mark.integration
+@pytest.mark.long
 def test_own_images_of_another_size_after_a_run_retire_the_old_pool(tmp_path, prefect_api):
     """A run on 16x16 RGB shapes promotes a pool; the source then switches to 8x8 grey images
     with the same class names: the next run completes, with the old pool retired (reason,

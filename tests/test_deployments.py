@@ -70,6 +70,7 @@ def test_a_bad_parameter_is_rejected_before_a_run_exists(server, served):
     assert "max_rounds" in message or "Validation" in message, message
 
 
+@pytest.mark.long
 def test_a_manual_run_with_parameters_completes_with_its_artifacts_and_a_second_waits(
     server, served
 ):

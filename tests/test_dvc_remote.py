@@ -68,6 +68,7 @@ def digests(root: Path, folders: list[str]) -> dict[str, str]:
     return found
 
 
+@pytest.mark.long
 def test_a_run_pushes_to_the_remote_and_a_fresh_clone_pulls_it_back(
     tmp_path, s3_endpoint, prefect_api, monkeypatch
 ):

@@ -50,6 +50,7 @@ def pool_digests(root: Path) -> dict[str, str]:
     }
 
 
+@pytest.mark.long
 def test_five_nights_in_one_workspace(tmp_path, prefect_api):
     from flows.closed_loop import GatesFailed, closed_loop
 
