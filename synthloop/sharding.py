@@ -15,7 +15,7 @@ not find. DVC stays the authority on what is stale and versions what the merge w
 merge consumes the cache.
 
 A stage module opts in with a module-level `SHARDING = StageSpec(...)` (tasks/stages.py finds
-it there); its `run_stage(params)` is `run_inline(SHARDING, params)`, and its plain
+it there); the registry runs it as `run_inline(SHARDING, params)`, and its plain
 `run_<stage>(cfg)` is `run_uncached`, the same code without a cache.
 """
 

@@ -4,9 +4,11 @@
 each with the command `synthloop stage NAME` (tests/test_stage_registry.py holds the two
 in step), and the flow runs them in this order. Each stage is a package of its own,
 `tasks/<stage>/` (train_evaluator's is `tasks/evaluator/`), whose `stage.py` is the module
-named here: it exposes `run_stage(params) -> dict` (its summary); a sharded one also has
-`SHARDING`, its `synthloop.sharding.StageSpec`. What several stages use is `tasks/shared/`;
-tests/test_stage_registry.py holds the tree to this list.
+named here: it exposes `run_stage(params) -> dict` (its summary), or is sharded: its
+`SHARDING` (a `synthloop.sharding.StageSpec`) runs through `run_inline`, reusing the shards
+the flow computed beforehand; a sharded stage that needs more around it keeps a
+`run_stage`. What several stages use is `tasks/shared/`; tests/test_stage_registry.py holds
+the tree to this list.
 
 `stage_code(name)` is the code a stage runs: the import closure of this registry and the
 stage's module (synthloop/codegraph.py). dvc.yaml's code deps must be exactly those files,
@@ -20,6 +22,7 @@ from types import ModuleType
 
 from synthloop.codegraph import import_closure, source_files
 from synthloop.config import Params
+from synthloop.sharding import run_inline
 
 STAGES: dict[str, str] = {
     "ingest": "tasks.ingest.stage",
@@ -45,7 +48,10 @@ def stage_module(name: str) -> ModuleType:
 
 def run_stage(name: str, params: Params) -> dict:
     """Run one stage on the params; what `synthloop stage NAME` (so DVC) and the flow run."""
-    return stage_module(name).run_stage(params)
+    module = stage_module(name)
+    if hasattr(module, "run_stage"):
+        return module.run_stage(params)
+    return run_inline(module.SHARDING, params)
 
 
 def is_sharded(name: str) -> bool:

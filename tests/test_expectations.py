@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from tasks.shared.expectations import (
+    CleanExpectations,
     CriticalExpectationFailed,
     raise_on_critical,
     validate_clean_dataset,
@@ -47,10 +48,9 @@ def run(rows: pd.DataFrame, docs_dir, **overrides) -> dict:
         split_fractions=SPLITS,
         split_tolerance=0.05,
         min_class_count=10,
-        docs_dir=docs_dir,
     )
     kwargs.update(overrides)
-    result = validate_clean_dataset(rows, **kwargs)
+    result = validate_clean_dataset(rows, CleanExpectations(**kwargs), docs_dir)
     json.dumps(result, allow_nan=False)  # must be strict-JSON serialisable
     return result
 

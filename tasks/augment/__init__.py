@@ -1,4 +1,4 @@
 """Augment: classic torchvision augmentation of the clean train split, per-class quotas.
 
-stage.py  the sharded stage: `SHARDING`, `run_stage(params)` (what tasks/stages.py runs)
+stage.py  the sharded stage: `SHARDING` (what tasks/stages.py runs)
 """

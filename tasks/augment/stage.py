@@ -44,7 +44,7 @@ import torch
 import torchvision
 from torchvision.transforms import v2
 
-from synthloop.config import AugmentConfig, AugmentPolicy, Params
+from synthloop.config import AugmentConfig, AugmentPolicy
 from synthloop.dataset import (
     IMAGE_SCHEMA,
     ShardWriter,
@@ -61,7 +61,6 @@ from synthloop.sharding import (
     cached_result,
     chunks,
     digest,
-    run_inline,
     run_uncached,
 )
 from tasks.shared.images import decode_rows, encode_rows, resolve_device
@@ -418,8 +417,3 @@ SHARDING = StageSpec(
     run_shard=run_augment_shard,
     merge=merge_augment,
 )
-
-
-def run_stage(params: Params) -> dict:
-    """The DVC stage: reuse the shards the flow computed beforehand, compute the rest."""
-    return run_inline(SHARDING, params)

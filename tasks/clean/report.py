@@ -172,10 +172,9 @@ def validate_kept(
     failed one."""
     if gx_import is not None:
         gx_import.join()
-    from tasks.shared.expectations import validate_clean_dataset
+    from tasks.shared.expectations import CleanExpectations, validate_clean_dataset
 
-    expectations = validate_clean_dataset(
-        kept,
+    spec = CleanExpectations(
         known_labels=known_labels,
         height=cfg.image_size,
         width=cfg.image_size,
@@ -183,8 +182,8 @@ def validate_kept(
         split_fractions=cfg.split.fractions(),
         split_tolerance=cfg.split_tolerance,
         min_class_count=cfg.min_class_count,
-        docs_dir=cfg.data_docs,
     )
+    expectations = validate_clean_dataset(kept, spec, cfg.data_docs)
     expectations["data_docs"] = os.path.relpath(expectations["data_docs"], cfg.report.parent)
     return expectations
 

@@ -23,7 +23,6 @@ from synthloop.config import (
     ImageFolderSource,
     IngestConfig,
     ManifestSource,
-    Params,
     TorchvisionSource,
     source_name,
 )
@@ -37,7 +36,7 @@ from synthloop.dataset import (
     write_json,
     write_table,
 )
-from synthloop.sharding import Shard, StageSpec, cached_result, digest, run_inline, run_uncached
+from synthloop.sharding import Shard, StageSpec, cached_result, digest, run_uncached
 from tasks.ingest.demo import read_demo
 from tasks.ingest.sources import (
     FileRef,
@@ -359,8 +358,3 @@ SHARDING = StageSpec(
     run_shard=run_ingest_shard,
     merge=merge_ingest,
 )
-
-
-def run_stage(params: Params) -> dict:
-    """The DVC stage: reuse the shards the flow computed beforehand, compute the rest."""
-    return run_inline(SHARDING, params)

@@ -304,71 +304,58 @@ def train_net(
     other remedy for a long tail; with `balanced` draws the prior is flat: no change).
     """
     with small_image_cpu_threads(device, splits.train.images.shape[-1], cfg.cpu_threads):
-        return _train(
-            cfg, splits, device, augment, balanced, synthetic, synthetic_share, logit_adjusted
+        _, channels, size, _ = splits.train.images.shape
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            net = build_net(cfg, channels, size, len(splits.train.classes)).to(device)
+        images = splits.train.images.to(device)
+        labels = splits.train.labels.to(device)
+        n = len(images)
+        if n < 2:
+            raise ValueError(
+                f"a classifier needs at least 2 training images, got {n} (BatchNorm cannot "
+                "train on one); add images or leave this arm out"
+            )
+        # Drop a trailing batch of one: BatchNorm cannot train on a single sample.
+        steps_per_epoch = max(1, n // cfg.batch_size + (n % cfg.batch_size > 1))
+        optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, cfg.epochs * steps_per_epoch
         )
-
-
-def _train(
-    cfg: EvaluatorConfig,
-    splits: Splits,
-    device: torch.device,
-    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    balanced: bool = False,
-    synthetic: Tensor | None = None,
-    synthetic_share: float = 1.0,
-    logit_adjusted: bool = False,
-) -> tuple[EvaluatorNet, dict]:
-    _, channels, size, _ = splits.train.images.shape
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        net = build_net(cfg, channels, size, len(splits.train.classes)).to(device)
-    images = splits.train.images.to(device)
-    labels = splits.train.labels.to(device)
-    n = len(images)
-    if n < 2:
-        raise ValueError(
-            f"a classifier needs at least 2 training images, got {n} (BatchNorm cannot "
-            "train on one); add images or leave this arm out"
-        )
-    # Drop a trailing batch of one: BatchNorm cannot train on a single sample.
-    steps_per_epoch = max(1, n // cfg.batch_size + (n % cfg.batch_size > 1))
-    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs * steps_per_epoch)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    n_classes = len(splits.train.classes)
-    # Each class is drawn as often as its rows (balanced draws: equally): that is its prior.
-    prior = (torch.zeros(n_classes) if balanced else log_prior(splits.train.labels, n_classes)).to(
-        device
-    )
-    best_acc, best_epoch, best_state, history = -1.0, 0, None, []
-    for epoch in range(1, cfg.epochs + 1):
-        net.train()
-        order = epoch_order(
-            splits.train.labels, balanced, generator, synthetic, synthetic_share
+        generator = torch.Generator().manual_seed(cfg.seed)
+        n_classes = len(splits.train.classes)
+        # Each class is drawn as often as its rows (balanced draws: equally): that is its prior.
+        prior = (
+            torch.zeros(n_classes) if balanced else log_prior(splits.train.labels, n_classes)
         ).to(device)
-        total = 0.0
-        for step in range(steps_per_epoch):
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            batch = images[idx] if augment is None else augment(images[idx])
-            logits = net(to_float(batch))
-            if logit_adjusted:
-                loss = logit_adjusted_loss(logits, labels[idx], prior, LOGIT_TAU)
-            else:
-                loss = F.cross_entropy(logits, labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += float(loss.detach()) * len(idx)
-        val_acc, _ = accuracy(net, splits.val, cfg.batch_size)
-        history.append({"epoch": epoch, "loss": total / n, "val_accuracy": val_acc})
-        if val_acc > best_acc:
-            best_acc, best_epoch = val_acc, epoch
-            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    assert best_state is not None
-    net.load_state_dict(best_state)
-    return net.eval(), {"best_epoch": best_epoch, "history": history}
+        best_acc, best_epoch, best_state, history = -1.0, 0, None, []
+        for epoch in range(1, cfg.epochs + 1):
+            net.train()
+            order = epoch_order(
+                splits.train.labels, balanced, generator, synthetic, synthetic_share
+            ).to(device)
+            total = 0.0
+            for step in range(steps_per_epoch):
+                idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+                batch = images[idx] if augment is None else augment(images[idx])
+                logits = net(to_float(batch))
+                if logit_adjusted:
+                    loss = logit_adjusted_loss(logits, labels[idx], prior, LOGIT_TAU)
+                else:
+                    loss = F.cross_entropy(logits, labels[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                total += float(loss.detach()) * len(idx)
+            val_acc, _ = accuracy(net, splits.val, cfg.batch_size)
+            history.append({"epoch": epoch, "loss": total / n, "val_accuracy": val_acc})
+            if val_acc > best_acc:
+                best_acc, best_epoch = val_acc, epoch
+                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        assert best_state is not None
+        net.load_state_dict(best_state)
+        return net.eval(), {"best_epoch": best_epoch, "history": history}
 
 
 def load_evaluator(

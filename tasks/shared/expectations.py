@@ -27,6 +27,7 @@ import math
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,33 +76,49 @@ def _class_summary(counts: Counter, known_labels: list[str]) -> pd.DataFrame:
     )
 
 
-def _suites(
-    *,
-    known_labels: list[str],
-    height: int,
-    width: int,
-    channels: int,
-    split_fractions: dict[str, float],
-    split_tolerance: float,
-    min_class_count: int,
-) -> dict[str, list[tuple[Any, bool]]]:
+@dataclass(frozen=True)
+class CleanExpectations:
+    """What the clean dataset must hold: its labels, image shape, split fractions and bounds."""
+
+    known_labels: list[str]
+    height: int
+    width: int
+    channels: int
+    split_fractions: dict[str, float]
+    split_tolerance: float
+    min_class_count: int
+
+
+def _suites(spec: CleanExpectations) -> dict[str, list[tuple[Any, bool]]]:
     """Batch name -> [(expectation, critical)]."""
     gxe = _import_gx().expectations
     rows: list[tuple[Any, bool]] = [
         (gxe.ExpectTableColumnsToMatchSet(column_set=COLUMNS, exact_match=True), True),
         *[(gxe.ExpectColumnValuesToNotBeNull(column=c), True) for c in _NOT_NULL],
-        (gxe.ExpectColumnValuesToBeInSet(column="label", value_set=list(known_labels)), True),
+        (gxe.ExpectColumnValuesToBeInSet(column="label", value_set=list(spec.known_labels)), True),
         *[
             (gxe.ExpectColumnValuesToBeInSet(column=c, value_set=[v]), True)
-            for c, v in (("height", height), ("width", width), ("channels", channels))
+            for c, v in (
+                ("height", spec.height),
+                ("width", spec.width),
+                ("channels", spec.channels),
+            )
         ],
         (gxe.ExpectColumnValuesToBeUnique(column="id"), True),
-        (gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(split_fractions)), True),
+        (
+            gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(spec.split_fractions)),
+            True,
+        ),
     ]
     splits = [
-        (gxe.ExpectColumnValuesToBeBetween(column="abs_error", max_value=split_tolerance), False)
+        (
+            gxe.ExpectColumnValuesToBeBetween(column="abs_error", max_value=spec.split_tolerance),
+            False,
+        )
     ]
-    classes = [(gxe.ExpectColumnValuesToBeBetween(column="count", min_value=min_class_count), True)]
+    classes = [
+        (gxe.ExpectColumnValuesToBeBetween(column="count", min_value=spec.min_class_count), True)
+    ]
     return {"rows": rows, "splits": splits, "classes": classes}
 
 
@@ -264,30 +281,13 @@ def run_suites(
 
 
 def validate_clean_dataset(
-    rows: pd.DataFrame | Iterable[pd.DataFrame],
-    *,
-    known_labels: list[str],
-    height: int,
-    width: int,
-    channels: int,
-    split_fractions: dict[str, float],
-    split_tolerance: float,
-    min_class_count: int,
-    docs_dir: Path,
+    rows: pd.DataFrame | Iterable[pd.DataFrame], spec: CleanExpectations, docs_dir: Path
 ) -> dict:
     """Run the clean-dataset expectation suites and build GX Data Docs into ``docs_dir``.
 
     ``rows`` is the row table, or a stream of frames that holds each id in one frame (each
     frame is a batch of the rows suite; the summaries count them all)."""
-    suites = _suites(
-        known_labels=known_labels,
-        height=height,
-        width=width,
-        channels=channels,
-        split_fractions=split_fractions,
-        split_tolerance=split_tolerance,
-        min_class_count=min_class_count,
-    )
+    suites = _suites(spec)
     splits: Counter = Counter()
     labels: Counter = Counter()
 
@@ -300,8 +300,8 @@ def validate_clean_dataset(
 
     frames: dict[str, Batches] = {
         "rows": counted([rows] if isinstance(rows, pd.DataFrame) else rows),
-        "splits": lambda: _split_summary(splits, split_fractions),
-        "classes": lambda: _class_summary(labels, known_labels),
+        "splits": lambda: _split_summary(splits, spec.split_fractions),
+        "classes": lambda: _class_summary(labels, spec.known_labels),
     }
     return run_suites(frames, suites, _KEYS, docs_dir, "clean_dataset")
 

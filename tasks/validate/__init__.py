@@ -1,6 +1,6 @@
 """Validate: is the synthetic data faithful, diverse, not a copy, and does it help?
 
-stage.py             the sharded stage: `SHARDING`, `run_stage(params)` (what
+stage.py             the sharded stage: `SHARDING` (what
                      tasks/stages.py runs): gather the rows and features, write the report
 features.py          the sharded pass: evaluator features of the real splits and the
                      synthetic rows

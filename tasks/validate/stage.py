@@ -81,7 +81,6 @@ from synthloop.dataset import (
 from synthloop.sharding import (
     Shard,
     StageSpec,
-    run_inline,
 )
 from tasks.shared.evaluator import (
     CONFIG,
@@ -389,8 +388,3 @@ SHARDING = StageSpec(
     run_shard=run_validate_shard,
     merge=merge_validate,
 )
-
-
-def run_stage(params: Params) -> dict:
-    """The DVC stage: reuse the shards the flow computed beforehand, compute the rest."""
-    return run_inline(SHARDING, params)
