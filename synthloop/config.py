@@ -639,6 +639,12 @@ class ValidateConfig(_Model):
     min_confidence: float = Field(
         0.6, ge=0, le=1, description="accept a sample when the evaluator gives its class this much"
     )
+    delivery_order: Literal["generated", "hardest"] = Field(
+        "generated",
+        description="the order the accepted rows are offered to the pool in (a class with "
+        "less room takes the first ones): as generated, or hardest first (least evaluator "
+        "confidence in the intended class, every one above min_confidence)",
+    )
     near_copy_percentile: float = Field(5.0, gt=0, lt=100)
     k: PositiveInt = Field(5, description="neighbours for precision/recall/density/coverage")
     utility_steps: PositiveInt = Field(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 
@@ -20,7 +21,7 @@ from tasks.shared.pool import (
     promote,
     select_for_pool,
 )
-from tasks.validate.gates import evaluate_gates
+from tasks.validate.gates import delivery_order, evaluate_gates
 from tasks.validate.promotion import delivered, load_pooled, plan_promotion, subset, why_nothing
 from tasks.validate.utility_protocol import nothing_to_score, per_class_counts
 from tests.test_fuse import write
@@ -54,6 +55,29 @@ def test_the_selection_skips_known_ids_and_fills_each_class_in_order():
     assert picked.chosen == [1, 2, 3, 6]
     assert (picked.already_in_pool, picked.over_target) == (2, 2)
     assert select_for_pool(ids, labels, set(), {}, None).chosen == [0, 1, 2, 3, 5, 6, 7]
+
+
+def test_the_hardest_order_offers_the_least_confident_accepted_rows_first():
+    confidence = np.array([0.9, 0.61, 0.75, 0.61, 0.99])
+    assert delivery_order(confidence, "generated").tolist() == [0, 1, 2, 3, 4]
+    assert delivery_order(confidence, "hardest").tolist() == [1, 3, 2, 0, 4]  # ties as sampled
+    # With room for two rows of the class, the promotion keeps the two hardest.
+    ids = [f"s{i}" for i in range(5)]
+    order = delivery_order(confidence, "hardest")
+    picked = select_for_pool([ids[i] for i in order], ["short"] * 5, set(), {"short": 2}, None)
+    assert [ids[order[i]] for i in picked.chosen] == ["s1", "s3"]
+
+
+def test_the_accepted_rows_are_written_in_the_order_the_pool_is_offered_them(tmp_path):
+    from synthloop.config import ValidateConfig
+    from tasks.validate.stage import _write_accepted
+
+    ids = write(tmp_path / "synthetic", [("short", None)] * 7, "synthetic")
+    cfg = ValidateConfig(synthetic=tmp_path / "synthetic", accepted=tmp_path / "accepted")
+    for chosen in ([ids[1], ids[2], ids[5]], [ids[5], ids[1], ids[2]]):  # streamed, then held
+        _write_accepted(cfg, chosen)
+        written = pq.read_table(cfg.accepted, columns=["id"]).column("id").to_pylist()
+        assert written == chosen
 
 
 def test_the_utility_arm_holds_what_fuse_mixes_in_after_promotion(tmp_path):

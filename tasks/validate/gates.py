@@ -1,5 +1,6 @@
 """Validate's verdicts from its figures: which synthetic rows are accepted, one by one
-(`acceptance`), and which gates the round passes (`evaluate_gates`). Pure functions of the
+(`acceptance`), in which order the pool is offered them (`delivery_order`), and which gates
+the round passes (`evaluate_gates`). Pure functions of the
 figures the stage computes (tasks/validate/stage.py); the loop reads the gates to decide
 whether to promote the accepted rows.
 """
@@ -40,6 +41,25 @@ def acceptance(
             accepted[i] = True
             seen.add(row_id)
     return accepted, reasons
+
+
+def delivery_order(confidence: np.ndarray, order: str) -> np.ndarray:
+    """Positions of the accepted rows in the order the pool is offered them. A class with
+    less room than accepted rows takes the first ones (tasks/shared/pool.py
+    `select_for_pool`), so the order is what the promotion keeps.
+
+    generated  as sampled.
+    hardest    the least evaluator confidence in the intended class first (ties as
+               sampled): the evaluator has already confirmed each row's class, and among
+               confirmed rows the ones a classifier is least sure of carry the most for it
+               (feedback-guided selection: Askari-Hemmat et al., TMLR 2024, keep the samples
+               the downstream classifier finds hard; ActGen, ECCV 2024, generates what it gets
+               wrong)."""
+    if order == "generated":
+        return np.arange(len(confidence))
+    if order == "hardest":
+        return np.argsort(confidence, kind="stable")
+    raise ValueError(f"validate.delivery_order: {order!r}; use generated or hardest")
 
 
 def evaluate_gates(gates: GateConfig, figures: dict) -> dict:

@@ -104,7 +104,7 @@ from tasks.shared.metrics import (
 from tasks.shared.metrics import round_figure as _round
 from tasks.validate.features import features_shard, load_features, plan_features
 from tasks.validate.figures import fidelity, privacy, utility
-from tasks.validate.gates import acceptance, evaluate_gates
+from tasks.validate.gates import acceptance, delivery_order, evaluate_gates
 from tasks.validate.inception import standard_fid
 from tasks.validate.privacy import membership_auc_high
 from tasks.validate.promotion import (
@@ -226,7 +226,9 @@ def _validate(
     accepted_mask, reasons = acceptance(
         synthetic.ids, intended, near_copy, cfg.min_confidence, memorised.numpy()
     )
-    accepted = subset(synthetic, torch.from_numpy(np.flatnonzero(accepted_mask)))
+    kept = np.flatnonzero(accepted_mask)
+    kept = kept[delivery_order(intended[kept], cfg.delivery_order)]
+    accepted = subset(synthetic, torch.from_numpy(kept))
 
     figures["class_consistency"] = _round(consistency)
     figures["near_copy_rate"] = _round(copy_rate)
@@ -277,7 +279,7 @@ def _validate(
         **figures,
         "passed": figures["gates"]["passed"],
     }
-    _write_accepted(cfg, set(accepted.ids))
+    _write_accepted(cfg, accepted.ids)
     write_json(cfg.report, report)
     gates = report["gates"]
     failed = [name for name, g in gates.items() if name != "passed" and not g["passed"]]
@@ -337,15 +339,32 @@ def _expectations(
     return result
 
 
-def _write_accepted(cfg: ValidateConfig, accepted_ids: set[str]) -> None:
-    """Stream the accepted rows, unchanged, into `cfg.accepted` (atomically)."""
+def _write_accepted(cfg: ValidateConfig, accepted_ids: list[str]) -> None:
+    """Write the accepted rows, unchanged, into `cfg.accepted` (atomically), in the order of
+    `accepted_ids` (the order the pool is offered them). In the generated order the rows
+    stream through; another order holds the accepted rows until they are all read."""
+    wanted = set(accepted_ids)
+    generated = dict.fromkeys(
+        row_id
+        for batch in iter_batches(cfg.synthetic, columns=["id"])
+        for row_id in batch.column("id").to_pylist()
+        if row_id in wanted
+    )
+    streaming = list(generated) == list(accepted_ids)
     with atomic_dir(cfg.accepted) as out, ShardWriter(out, IMAGE_SCHEMA) as writer:
-        written: set[str] = set()
+        seen: set[str] = set()
+        held: dict[str, dict] = {}
         for batch in iter_batches(cfg.synthetic, columns=IMAGE_SCHEMA.names):
             for row in batch.to_pylist():
-                if row["id"] in accepted_ids and row["id"] not in written:
-                    written.add(row["id"])
+                if row["id"] not in wanted or row["id"] in seen:
+                    continue
+                seen.add(row["id"])
+                if streaming:
                     writer.append(row)
+                else:
+                    held[row["id"]] = row
+        for row_id in [] if streaming else accepted_ids:
+            writer.append(held[row_id])
 
 
 def _check_rows(data: dict[str, ImageTensors], features: dict[str, torch.Tensor]) -> None:
