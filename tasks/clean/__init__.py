@@ -32,6 +32,11 @@ beside the kept image it matched.
 The package, in the order a row goes through it (each module states its own contract):
   rules.py    the rules above, per image, vectorised, and the whole-dataset duplicate rules
   hashing.py  pixel hashes, dHashes and thumbnails: what duplicates are compared by
+  image_numbers.py  the dHashes and thumbnails themselves, per image and batched
+  candidates.py  near-duplicate candidates: dHashes within a few bits
+  near_duplicates.py  the near-duplicate rule's contract, its confirmation and survivors
+  alignment.py  the confirmation's blurred, aligned comparison
+  sheet.py    the near-duplicate sheet
   splits.py   the seeded, stratified train/val/test assignment
   decode.py   pass 1 on a batch of rows: rules, conversion, staging, numbers
   workers.py  the decode worker processes, the Great Expectations import beside them, and
