@@ -161,7 +161,7 @@ def local_differences(thumbs: np.ndarray, first: np.ndarray, second: np.ndarray)
     differ most. Thumbnails of ALIGN_MIN_SIDE px or more are blurred and compared as
     `compare_aligned` compares them (as they are, or aligned either way, whichever is closest on
     the mean); the largest mean absolute difference over a LOCAL_BOX-square window of
-    that comparison counts (`_local_gap`). Smaller thumbnails give 0: too few pixels to
+    that comparison counts (tasks/clean/alignment.py). Smaller thumbnails give 0: too few pixels to
     tell texture.
     Why: a copy differs little everywhere, while two photos of look-alike products (two
     dresses on black, one plain and one printed) match in their silhouettes, which
@@ -172,10 +172,13 @@ def local_differences(thumbs: np.ndarray, first: np.ndarray, second: np.ndarray)
     side, _ = _layout(np.shape(thumbs)[1])
     if side < ALIGN_MIN_SIDE or not len(first):
         return np.zeros(len(first))
-    rows = np.asarray(thumbs[:, : side * side], dtype=np.float32)
+    # Only the rows in these pairs (few: those that passed the rest) are blurred.
+    members, index = np.unique(np.stack([first, second]), return_inverse=True)
+    index = index.reshape(2, -1)
+    rows = np.asarray(np.asarray(thumbs[members])[:, : side * side], dtype=np.float32)
     rows -= rows.mean(axis=1, keepdims=True)
     rows /= np.maximum(np.sqrt((rows * rows).mean(axis=1)), np.float32(MIN_SCALE))[:, None]
-    return compare_aligned(rows.reshape(-1, side, side), None, first, second, local=True)[2]
+    return compare_aligned(rows.reshape(-1, side, side), None, index[0], index[1], local=True)[2]
 
 
 def _layout(width: int) -> tuple[int, int]:
