@@ -89,8 +89,9 @@ def copies(image: Image.Image) -> dict[str, bytes]:
     return made
 
 
-def dedupe(ids: list[str], images: list[bytes], cfg: CleanConfig):
-    """clean's per-image pass and duplicate rules on in-memory images."""
+def dedupe(ids: list[str], images: list[bytes], cfg: CleanConfig, crop_keys: bool = True):
+    """clean's per-image pass and duplicate rules on in-memory images (without the crop
+    keys' candidates if asked)."""
     chunk = decode_chunk(["x"] * len(images), images, cfg)
     assert chunk.kept == list(range(len(images))), chunk.rejected
     return resolve_duplicates(
@@ -103,6 +104,8 @@ def dedupe(ids: list[str], images: list[bytes], cfg: CleanConfig):
         cfg.near_duplicate_difference,
         cfg.near_duplicate_contrast,
         cfg.near_duplicate_local,
+        crop_dhashes=chunk.crop_dhashes if crop_keys else None,
+        crop_share=numbers.key_share(cfg.image_size),
     )
 
 
@@ -144,6 +147,52 @@ def test_reencoded_resized_alpha_and_cropped_copies_are_caught(cfg, originals):
             assert why[i].detail.endswith(of[row]), (row, why[i].detail)
         else:
             assert keep[i], (row, why[i])
+
+
+def garment(side: int, printed: bool = False, seed: int = 0) -> Image.Image:
+    """A product photo as Fashion-MNIST's: a sweater's silhouette on black, knitted (stripes
+    4 px apart at 28 px, shaded across, grain) and, if `printed`, with four bright dots."""
+    s = side / 28
+    outline = [(8, 2), (20, 2), (26, 8), (22, 11), (21, 26), (7, 26), (6, 11), (2, 8)]
+    mask = Image.new("L", (side, side), 0)
+    ImageDraw.Draw(mask).polygon([(x * s, y * s) for x, y in outline], fill=255)
+    y, x = np.mgrid[0:side, 0:side] / side
+    rng = np.random.default_rng(seed)
+    shade = 140 + 50 * np.sin(2 * np.pi * 7 * y) + 30 * x + rng.normal(0, 12, size=x.shape)
+    if printed:
+        for cx, cy in rng.uniform(0.35, 0.75, size=(4, 2)):
+            shade += 100 * (((x - cx) ** 2 + (y - cy) ** 2) < 0.06**2)
+    pixels = np.where(np.asarray(mask) > 0, np.clip(shade, 0, 255), 0).astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
+def cropped(image: Image.Image, k: int) -> bytes:
+    """The image with k px cut off each edge (clean scales it back to its size)."""
+    return encode(image.crop((k, k, image.width - k, image.height - k)))
+
+
+@pytest.mark.parametrize(("side", "k"), [(28, 1), (56, 2)], ids=["28px-1", "56px-2"])
+def test_a_copy_cropped_a_pixel_a_side_is_found_through_the_crop_key(side, k):
+    """Cleaned at 28 px, a crop of a pixel a side (of 28, or 2 of 56) magnifies the photo by
+    7%: its dHash moves past the candidates' distance, and only the crop key finds it."""
+    original = garment(side)
+    images = [encode(original), cropped(original, k)]
+    keep, why = dedupe(["a", "b"], images, SPARSE)
+    assert keep.tolist() == [True, False], why
+    assert why[1].reason == "near_duplicate" and why[1].detail.endswith(" a")
+    assert dedupe(["a", "b"], images, SPARSE, crop_keys=False)[0].all()
+
+
+def test_distinct_photos_with_one_silhouette_are_kept_and_their_crops_removed():
+    """A plain sweater and two printed ones, one silhouette and one knit: distinct photos,
+    kept; a copy of each cropped by a pixel a side goes, for its own original."""
+    photos_ = [garment(28), garment(28, printed=True, seed=0), garment(28, printed=True, seed=1)]
+    ids = ["a0", "a1", "a2", "b0", "b1", "b2"]
+    images = [encode(p) for p in photos_] + [cropped(p, 1) for p in photos_]
+    keep, why = dedupe(ids, images, SPARSE)
+    assert keep.tolist() == [True] * 3 + [False] * 3, why
+    for k in range(3):
+        assert why[3 + k].detail.endswith(f" a{k}"), why[3 + k]
 
 
 def test_a_shape_moved_across_its_own_brightness_is_kept(monkeypatch):
@@ -216,6 +265,7 @@ def test_batch_numbers_equal_the_per_image_ones():
             expected = np.stack([numbers.thumbnail(p, side) for p in stack])
             np.testing.assert_array_equal(numbers.thumbnails(stack, side), expected)
         assert numbers.dhashes(gray).tolist() == [numbers.dhash(p) for p in stack]
+        assert numbers.crop_dhashes(gray).tolist() == [numbers.crop_dhash(p) for p in stack]
 
 
 def test_brightness_is_ignored_and_contrast_is_bounded():

@@ -9,7 +9,8 @@ Rules, in the order a row meets them (its first failure is its quarantine reason
   blank               near-constant pixels (std below clean.blank_std)
   conflicting_labels  identical pixels under different labels: every copy goes
   exact_duplicate     identical pixels (after conversion) as a kept row
-  near_duplicate      dHash within clean.near_duplicate_distance bits of a kept row (the
+  near_duplicate      dHash within clean.near_duplicate_distance bits of a kept row, or of
+                      its crop key (its dHash once cropped a pixel or so a side; the
                       candidates), confirmed on grey thumbnails of side
                       min(clean.near_duplicate_size, clean.image_size), each
                       standardised (mean removed, divided by its pixel std): mean absolute

@@ -136,6 +136,30 @@ def _blurred(rows: np.ndarray) -> np.ndarray:
 Maps = tuple[np.ndarray, np.ndarray, np.ndarray]  # `_crop_maps`: (lower, upper, weight)
 
 
+def zoomed(rows: np.ndarray, share: float) -> np.ndarray:
+    """(m, h, w) float32: each row as a copy of it cropped by `share` of its side at each
+    edge and scaled back (bilinear) would be."""
+    out = np.asarray(rows, dtype=np.float32)
+    for axis in (1, 2):
+        lower, upper, weight = _crop_map(out.shape[axis], share, share)
+        shape = [1, 1, 1]
+        shape[axis] = len(weight)
+        low = np.take(out, lower, axis=axis)
+        out = low + (np.take(out, upper, axis=axis) - low) * weight.reshape(shape)
+    return out
+
+
+def _crop_map(side: int, start: float, end: float) -> Maps:
+    """The resampling (lower, upper, weight), each (side,), of a side-long axis cropped by
+    (start, end) shares of its side and scaled back: output pixel i = (1 - weight) *
+    input[lower] + weight * input[upper]."""
+    out = np.arange(side)
+    where = (start + (1 - start - end) * (out + 0.5) / side) * side - 0.5
+    where = np.clip(where, 0, side - 1)
+    lower = np.floor(where).astype(np.intp)
+    return lower, np.minimum(lower + 1, side - 1), (where - lower).astype(np.float32)
+
+
 @functools.cache
 def _crop_maps(side: int) -> Maps:
     """Linear resamplings of a side-long axis, identity first: (lower, upper, weight), each
@@ -143,15 +167,8 @@ def _crop_maps(side: int) -> Maps:
     is the axis a copy cropped by (start, end) shares of its side, 0 to CROP each, and
     scaled back would have."""
     shares = np.linspace(0.0, CROP, _CROP_STEPS)
-    out = np.arange(side)
-    lower, upper, weight = [], [], []
-    for start, end in itertools.product(shares, shares):
-        where = (start + (1 - start - end) * (out + 0.5) / side) * side - 0.5
-        where = np.clip(where, 0, side - 1)
-        lo = np.floor(where).astype(np.intp)
-        lower.append(lo)
-        upper.append(np.minimum(lo + 1, side - 1))
-        weight.append((where - lo).astype(np.float32))
+    maps = [_crop_map(side, start, end) for start, end in itertools.product(shares, shares)]
+    lower, upper, weight = zip(*maps, strict=True)
     return np.stack(lower), np.stack(upper), np.stack(weight)
 
 

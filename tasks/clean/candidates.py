@@ -50,6 +50,21 @@ def near_duplicate_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
     return np.unique(pairs, axis=0) if len(pairs) else pairs
 
 
+def crop_pairs(hashes: np.ndarray, crop_hashes: np.ndarray, max_distance: int) -> np.ndarray:
+    """All pairs (i, j), i != j, where row i's crop key (tasks/clean/image_numbers.py's
+    `crop_dhash`) is within `max_distance` bits of row j's dHash: j may be a copy of i
+    cropped on every side. The pairs of `near_duplicate_pairs` over both sets of hashes
+    that join a crop key to a dHash. Returns an (n_pairs, 2) int64 array of (i, j), sorted.
+    """
+    n = len(hashes)
+    both = np.concatenate([np.asarray(hashes, np.uint64), np.asarray(crop_hashes, np.uint64)])
+    pairs = near_duplicate_pairs(both, max_distance)
+    pairs = pairs[(pairs[:, 0] < n) & (pairs[:, 1] >= n)]  # (dHash of j, crop key of i)
+    pairs = np.stack([pairs[:, 1] - n, pairs[:, 0]], axis=1)
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+
+
 _SMALL_BUCKET = 128  # larger buckets go through _close_pairs, a block at a time
 _PAIRS_PER_STEP = 1 << 20  # bounds the candidate pairs _bucket_pairs holds at once
 _COST_SAMPLE = 16384  # hashes sampled to choose the scheme

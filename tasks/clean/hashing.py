@@ -3,7 +3,8 @@ conflicting duplicates), its dHash and its grey thumbnail (near-duplicates, comp
 tasks/clean/image_numbers.py).
 
 Contract: pure functions; `pixel_hashes` and `row_numbers` equal, row by row, the per-image
-functions (`pixel_hash`, `image_numbers.dhash`, `image_numbers.thumbnail`), vectorised
+functions (`pixel_hash`, `image_numbers.dhash`, `image_numbers.thumbnail`,
+`image_numbers.crop_dhash`), vectorised
 when the images share a shape. Hashes are (m,) uint64; thumbnails (m, `thumbnail_width`)
 uint8: side x side grey (side = `thumbnail_side(cfg)`), plus colour planes for RGB.
 """
@@ -43,19 +44,24 @@ def thumbnail_width(cfg: CleanConfig) -> int:
     return image_numbers.row_width(thumbnail_side(cfg), cfg.channels)
 
 
-def row_numbers(pixels: list[np.ndarray], side: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(pixel hashes, dHashes, thumbnails of `image_numbers.row_width` bytes) of kept
-    rows, vectorised when they share a shape."""
+def row_numbers(
+    pixels: list[np.ndarray], side: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(pixel hashes, dHashes, thumbnails of `image_numbers.row_width` bytes, crop keys) of
+    kept rows, vectorised when they share a shape."""
     shape = pixels[0].shape
     if all(p.shape == shape for p in pixels):
         stack = np.stack(pixels)
+        gray = image_numbers.grays(stack)
         return (
             pixel_hashes(pixels),
-            image_numbers.dhashes(image_numbers.grays(stack)),
+            image_numbers.dhashes(gray),
             image_numbers.thumbnails(stack, side),
+            image_numbers.crop_dhashes(gray),
         )
     return (
         np.array([pixel_hash(p) for p in pixels], dtype=np.uint64),
         np.array([image_numbers.dhash(p) for p in pixels], dtype=np.uint64),
         np.stack([image_numbers.thumbnail(p, side) for p in pixels]),
+        np.array([image_numbers.crop_dhash(p) for p in pixels], dtype=np.uint64),
     )

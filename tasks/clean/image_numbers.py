@@ -144,3 +144,41 @@ def dhashes(gray: np.ndarray) -> np.ndarray:
     small = _resize_many(gray, (9, 8), Image.Resampling.BILINEAR).astype(np.int16)
     bits = (small[:, :, 1:] > small[:, :, :-1] + DHASH_MARGIN).reshape(len(gray), 64)
     return np.packbits(bits, axis=1, bitorder="little").view("<u8").ravel()
+
+
+# --- the crop key: the dHash a copy cropped on every side would have ---------------------
+# A copy cropped by a pixel a side of a 28 px image and scaled back is magnified by 7%: its
+# dHash moves by 5-8 bits as often as not, past the candidates' distance. The crop key is the
+# dHash of the image itself cropped by `key_crop` px a side, so that such a copy's dHash is
+# near its original's crop key (tasks/clean/candidates.py's `crop_pairs`).
+KEY_CROP = 0.04  # share of the side the crop key crops at each edge (at least a pixel)
+
+
+def key_crop(side: int) -> int:
+    """Pixels the crop key crops at each edge of a side-px image: KEY_CROP of the side,
+    rounded, at least 1 (never so many that nothing is left)."""
+    return min(max(1, round(KEY_CROP * side)), max(0, (side - 1) // 2))
+
+
+def key_share(side: int) -> float:
+    """`key_crop` as a share of the side: what the confirmation crops a thumbnail by."""
+    return key_crop(side) / side
+
+
+def crop_dhash(pixels: np.ndarray) -> int:
+    """`dhash` of the image cropped by `key_crop` px at each edge and scaled back to its
+    size (BILINEAR, as clean converts every image to clean.image_size): the dHash a copy so
+    cropped has once cleaned."""
+    gray = grays(pixels[None])[0]
+    h, w = gray.shape
+    k = key_crop(min(h, w))
+    crop = Image.fromarray(np.ascontiguousarray(gray[k : h - k, k : w - k]))
+    return dhash(np.asarray(crop.resize((w, h), Image.Resampling.BILINEAR)))
+
+
+def crop_dhashes(gray: np.ndarray) -> np.ndarray:
+    """(m,) uint64: `crop_dhash` of each image of an (m, H, W) grey stack."""
+    _, h, w = gray.shape
+    k = key_crop(min(h, w))
+    crop = np.ascontiguousarray(gray[:, k : h - k, k : w - k])
+    return dhashes(_resize_many(crop, (w, h), Image.Resampling.BILINEAR))

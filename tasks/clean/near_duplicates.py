@@ -6,7 +6,10 @@ colour), and a sheet of what was removed.
 Contract (clean's `near_duplicate` rule; docs/data.md's table of quarantine reasons):
   candidates    64-bit dHashes (`dhash`, a bit a step of over DHASH_MARGIN grey levels)
                 within clean.near_duplicate_distance bits (`near_duplicate_pairs`):
-                cheap, and coarse on purpose.
+                cheap, and coarse on purpose. From s = ALIGN_MIN_SIDE up also a row's
+                crop key (`crop_dhash`: its dHash once cropped by KEY_CROP of each edge
+                and scaled back) within as many bits of another row's dHash
+                (`crop_pairs`): that row may be it cropped on every side.
   confirmation  on thumbnails (`thumbnail`): grey, of side s = min(clean.
                 near_duplicate_size, clean.image_size), plus for RGB images two colour-
                 opponent planes of side s / 4 (`colour_planes`). Grey rows are each
@@ -19,6 +22,10 @@ Contract (clean's `near_duplicate` rule; docs/data.md's table of quarantine reas
                 COLOUR (`pair_differences`); and, from s = ALIGN_MIN_SIDE, no LOCAL_BOX-
                 square window of the blurred comparison further apart than
                 clean.near_duplicate_local (`local_differences`, `confirmed_pairs`).
+                A crop-key pair is confirmed the same way once the first row's
+                thumbnail is cropped as its key was and scaled back, with stricter
+                bounds: aligned only within KEY_WITHIN plain, and its local bound
+                KEY_LOCAL times clean.near_duplicate_local (`_confirmed_crops`).
   survivor      rows ranked by id: of a confirmed pair the later one goes, unless the
                 earlier one has already gone (`drop_order`).
 
@@ -46,11 +53,21 @@ Why local: two real product photos on black with one silhouette (Fashion-MNIST: 
 dress and a printed one) are within the mean bound once blurred and aligned, since the
 silhouette dominates the mean; they differ in one place. A copy differs little everywhere.
 The price: a copy cropped by 1-3% of each edge, aligned, keeps a residual along its edges,
-and about 4 in 10 such crops are now kept (docs/measurements.md's near-duplicate table, from
-benchmarks/near_duplicates.py, gives every transform's recall on procedural and real images).
+and about 4 in 10 such crops are kept by the plain candidates' confirmation
+(docs/measurements.md's near-duplicate table, from benchmarks/near_duplicates.py, gives
+every transform's recall on procedural and real images).
+Why a crop key: cleaned at 28 px, a copy cropped by a pixel a side is the original
+magnified by 7%, past both the dHash distance (its dHash moves by 5-8 bits as often as
+not) and the alignment's CROP. Its original cropped the same way is nearly the copy, so
+the pair is found by the key and compared with the crop undone, where a copy differs by
+under 0.02 and look-alikes by 0.12 and up; the stricter local bound (0.12 at the default
+0.16) is what keeps the few photos with one silhouette that the key also proposes
+(Fashion-MNIST-LT with planted copies: 1 wrong pair instead of 23 at the plain bound).
 
 Cost: candidate pairs within ALIGN_WITHIN plain but over the bound are blurred and aligned
 (tasks/clean/alignment.py): most candidates differ by far more and cost one comparison.
+The crop key doubles the hashes the candidate search sorts and adds its pairs, most of
+which cost one comparison (KEY_WITHIN is tighter than ALIGN_WITHIN).
 
 Where: the per-image numbers are tasks/clean/image_numbers.py's, the candidate search
 tasks/clean/candidates.py's, the aligned comparison tasks/clean/alignment.py's (BLUR,
@@ -65,8 +82,8 @@ import math
 
 import numpy as np
 
-from tasks.clean.alignment import colour_gap, compare_aligned
-from tasks.clean.candidates import near_duplicate_pairs
+from tasks.clean.alignment import colour_gap, compare_aligned, zoomed
+from tasks.clean.candidates import crop_pairs, near_duplicate_pairs
 from tasks.clean.image_numbers import colour_side, row_width
 
 MIN_SCALE = 1.0  # std floor (0-255): a constant thumbnail divides by this, not by 0
@@ -90,10 +107,19 @@ ALIGNED = 2.5  # its bound, as a multiple of clean.near_duplicate_difference
 ALIGN_MIN_SIDE = 24  # thumbnails smaller than this are compared plain only
 ALIGN_WITHIN = 0.35  # pairs aligned: plain within this (few-pixel crops: under 0.26)
 COLOUR = 16.0  # largest colour-plane difference (0-255 opponent units) of RGB copies
+# Pairs found through a crop key (`_confirmed_crops`), compared once the first is cropped
+# as its key was: aligned only if within this plain (copies: under 0.02), and held to this
+# share of clean.near_duplicate_local.
+KEY_WITHIN = 0.15
+KEY_LOCAL = 0.75
 
 
 def pair_differences(
-    thumbs: np.ndarray, first: np.ndarray, second: np.ndarray, bound: float = 0.0
+    thumbs: np.ndarray,
+    first: np.ndarray,
+    second: np.ndarray,
+    bound: float = 0.0,
+    within: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(difference, contrast ratio, colour), float64 (m,), of rows thumbs[first] and
     thumbs[second] (`thumbnail` rows: grey, plus colour planes for RGB).
@@ -139,7 +165,8 @@ def pair_differences(
     if c:
         planes = np.asarray(thumbs[:, side * side :], dtype=np.float32).reshape(-1, 2, c, c)
         colour = colour_gap(planes[first], planes[second])
-    near = np.flatnonzero((difference > bound) & (difference <= ALIGN_WITHIN))
+    within = ALIGN_WITHIN if within is None else within
+    near = np.flatnonzero((difference > bound) & (difference <= within))
     if side >= ALIGN_MIN_SIDE and len(near):
         members, index = np.unique(np.stack([first[near], second[near]]), return_inverse=True)
         index = index.reshape(2, -1)
@@ -200,6 +227,8 @@ def confirmed_pairs(
     max_difference: float,
     max_contrast: float,
     max_local: float,
+    crop_hashes: np.ndarray | None = None,
+    crop_share: float = 0.0,
 ) -> np.ndarray:
     """Pairs (i, j), i < j, of positions in `rows` whose dHashes are within `max_distance`
     bits and whose thumbnails are within `max_difference`, `max_contrast` and `max_local`
@@ -213,6 +242,21 @@ def confirmed_pairs(
     pairs = near_duplicate_pairs(hashes[rows], max_distance)
     confirmed = [np.empty((0, 2), dtype=np.int64)]
     step = max(1, _CONFIRM_FLOATS // max(1, thumbs.shape[1]))
+    side, _ = _layout(thumbs.shape[1])
+    if crop_hashes is not None and crop_share > 0 and side >= ALIGN_MIN_SIDE:
+        keyed = crop_pairs(hashes[rows], crop_hashes[rows], max_distance)
+        for lo in range(0, len(keyed), step):
+            confirmed.append(
+                _confirmed_crops(
+                    thumbs,
+                    rows,
+                    keyed[lo : lo + step],
+                    crop_share,
+                    max_difference,
+                    max_contrast,
+                    max_local,
+                )
+            )
     for lo in range(0, len(pairs), step):
         part = pairs[lo : lo + step]
         members, index = np.unique(part, return_inverse=True)
@@ -227,7 +271,65 @@ def confirmed_pairs(
         # Only pairs that pass the rest (few) are compared locally.
         local = local_differences(thumbs_part, index[same, 0], index[same, 1])
         confirmed.append(part[same[local <= max_local]])
-    return np.concatenate(confirmed)
+    return np.unique(np.concatenate(confirmed), axis=0)
+
+
+def _confirmed_crops(
+    thumbs: np.ndarray,
+    rows: np.ndarray,
+    part: np.ndarray,
+    share: float,
+    max_difference: float,
+    max_contrast: float,
+    max_local: float,
+) -> np.ndarray:
+    """Of crop-key pairs (i, j) (j may be i cropped by `share` of each edge), those whose
+    thumbnails are within the bounds once i's is cropped so and scaled back, with the
+    stricter KEY_WITHIN and KEY_LOCAL; as (smaller, larger) position pairs."""
+    keys, first = np.unique(part[:, 0], return_inverse=True)
+    plains, second = np.unique(part[:, 1], return_inverse=True)
+    key_thumbs = np.asarray(thumbs[rows[keys]])
+    side, c = _layout(key_thumbs.shape[1])
+    zoomed_rows = [zoomed(key_thumbs[:, : side * side].reshape(-1, side, side), share)]
+    if c:
+        planes = key_thumbs[:, side * side :].reshape(-1, c, c)
+        zoomed_rows.append(zoomed(planes, share).reshape(len(keys), -1))
+    zoomed_thumbs = np.concatenate([z.reshape(len(keys), -1) for z in zoomed_rows], axis=1)
+    both = np.concatenate([zoomed_thumbs, np.asarray(thumbs[rows[plains]], np.float32)])
+    second = second + len(keys)
+    # Most key pairs are look-alikes far apart: a bound below their plain difference drops
+    # them without comparing every pixel.
+    close = _plain_lower_bound(both[:, : side * side], side, first, second) <= KEY_WITHIN
+    part, first, second = part[close], first[close], second[close]
+    difference, ratio, colour = pair_differences(
+        both, first, second, max_difference, within=KEY_WITHIN
+    )
+    same = np.flatnonzero(
+        (difference <= max_difference) & (ratio <= max_contrast) & (colour <= COLOUR)
+    )
+    local = local_differences(both, first[same], second[same])
+    return np.sort(part[same[local <= max_local * KEY_LOCAL]], axis=1)
+
+
+_BOUND_CELL = 4  # px: `_plain_lower_bound` sums the differences over cells this wide
+
+
+def _plain_lower_bound(
+    grey: np.ndarray, side: int, first: np.ndarray, second: np.ndarray
+) -> np.ndarray:
+    """(m,) float64, at most the plain difference `pair_differences` finds for each pair
+    (less a rounding slack): grey rows standardised as there, the absolute difference of
+    their sums over each _BOUND_CELL-square cell (never more than the sum of the absolute
+    differences in it), over all the pixels. 16x fewer numbers a pair than the plain
+    comparison."""
+    rows = np.asarray(grey, dtype=np.float32)
+    rows = rows - rows.mean(axis=1, keepdims=True)
+    rows /= np.maximum(np.sqrt((rows * rows).mean(axis=1)), np.float32(MIN_SCALE))[:, None]
+    q = side // _BOUND_CELL
+    cells = rows.reshape(-1, side, side)[:, : q * _BOUND_CELL, : q * _BOUND_CELL]
+    cells = cells.reshape(-1, q, _BOUND_CELL, q, _BOUND_CELL).sum(axis=(2, 4)).reshape(-1, q * q)
+    gap = np.abs(cells[first] - cells[second]).sum(axis=1, dtype=np.float64)
+    return gap / (side * side) - 1e-4
 
 
 def drop_order(pairs: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
