@@ -20,7 +20,8 @@ from tasks.clean import (
     pixel_hash,
     resolve_duplicates,
 )
-from tasks.clean.near_duplicates import dhash, near_duplicate_pairs, row_width, thumbnail
+from tasks.clean.candidates import near_duplicate_pairs
+from tasks.clean.image_numbers import dhash, row_width, thumbnail
 
 CFG = CleanConfig(
     image_size=8, channels=1, max_pixels=10_000, labels=["a", "b"], label_map={"A": "a"}

@@ -16,12 +16,15 @@ from synthloop.config import CleanConfig, ConfigError, parse_params
 from synthloop.dataset import read_columns
 from tasks.clean import (
     Rejection,
+    candidates,
     convert_image,
     decode_chunk,
     resolve_duplicates,
     run_clean,
 )
+from tasks.clean import image_numbers as numbers
 from tasks.clean import near_duplicates as nd
+from tasks.clean import sheet as sheets
 from tasks.clean.report import sheet_pairs
 from tasks.ingest.stage import run_ingest
 from tests.conftest import REPO, small_params
@@ -86,8 +89,9 @@ def copies(image: Image.Image) -> dict[str, bytes]:
     return made
 
 
-def dedupe(ids: list[str], images: list[bytes], cfg: CleanConfig):
-    """clean's per-image pass and duplicate rules on in-memory images."""
+def dedupe(ids: list[str], images: list[bytes], cfg: CleanConfig, crop_keys: bool = True):
+    """clean's per-image pass and duplicate rules on in-memory images (without the crop
+    keys' candidates if asked)."""
     chunk = decode_chunk(["x"] * len(images), images, cfg)
     assert chunk.kept == list(range(len(images))), chunk.rejected
     return resolve_duplicates(
@@ -100,6 +104,8 @@ def dedupe(ids: list[str], images: list[bytes], cfg: CleanConfig):
         cfg.near_duplicate_difference,
         cfg.near_duplicate_contrast,
         cfg.near_duplicate_local,
+        crop_dhashes=chunk.crop_dhashes if crop_keys else None,
+        crop_share=numbers.key_share(cfg.image_size),
     )
 
 
@@ -108,7 +114,7 @@ def test_distinct_drawings_of_one_character_are_all_kept():
     images = [encode(d) for d in drawings]
     chunk = decode_chunk(["x"] * len(images), images, SPARSE)
     # The dHash alone pairs some of them up: the confirmation is what keeps them.
-    assert len(nd.near_duplicate_pairs(chunk.dhashes, SPARSE.near_duplicate_distance))
+    assert len(candidates.near_duplicate_pairs(chunk.dhashes, SPARSE.near_duplicate_distance))
     keep, why = dedupe([f"d{i:02d}" for i in range(len(images))], images, SPARSE)
     assert keep.all(), [w for w in why if w]
 
@@ -141,6 +147,52 @@ def test_reencoded_resized_alpha_and_cropped_copies_are_caught(cfg, originals):
             assert why[i].detail.endswith(of[row]), (row, why[i].detail)
         else:
             assert keep[i], (row, why[i])
+
+
+def garment(side: int, printed: bool = False, seed: int = 0) -> Image.Image:
+    """A product photo as Fashion-MNIST's: a sweater's silhouette on black, knitted (stripes
+    4 px apart at 28 px, shaded across, grain) and, if `printed`, with four bright dots."""
+    s = side / 28
+    outline = [(8, 2), (20, 2), (26, 8), (22, 11), (21, 26), (7, 26), (6, 11), (2, 8)]
+    mask = Image.new("L", (side, side), 0)
+    ImageDraw.Draw(mask).polygon([(x * s, y * s) for x, y in outline], fill=255)
+    y, x = np.mgrid[0:side, 0:side] / side
+    rng = np.random.default_rng(seed)
+    shade = 140 + 50 * np.sin(2 * np.pi * 7 * y) + 30 * x + rng.normal(0, 12, size=x.shape)
+    if printed:
+        for cx, cy in rng.uniform(0.35, 0.75, size=(4, 2)):
+            shade += 100 * (((x - cx) ** 2 + (y - cy) ** 2) < 0.06**2)
+    pixels = np.where(np.asarray(mask) > 0, np.clip(shade, 0, 255), 0).astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
+def cropped(image: Image.Image, k: int) -> bytes:
+    """The image with k px cut off each edge (clean scales it back to its size)."""
+    return encode(image.crop((k, k, image.width - k, image.height - k)))
+
+
+@pytest.mark.parametrize(("side", "k"), [(28, 1), (56, 2)], ids=["28px-1", "56px-2"])
+def test_a_copy_cropped_a_pixel_a_side_is_found_through_the_crop_key(side, k):
+    """Cleaned at 28 px, a crop of a pixel a side (of 28, or 2 of 56) magnifies the photo by
+    7%: its dHash moves past the candidates' distance, and only the crop key finds it."""
+    original = garment(side)
+    images = [encode(original), cropped(original, k)]
+    keep, why = dedupe(["a", "b"], images, SPARSE)
+    assert keep.tolist() == [True, False], why
+    assert why[1].reason == "near_duplicate" and why[1].detail.endswith(" a")
+    assert dedupe(["a", "b"], images, SPARSE, crop_keys=False)[0].all()
+
+
+def test_distinct_photos_with_one_silhouette_are_kept_and_their_crops_removed():
+    """A plain sweater and two printed ones, one silhouette and one knit: distinct photos,
+    kept; a copy of each cropped by a pixel a side goes, for its own original."""
+    photos_ = [garment(28), garment(28, printed=True, seed=0), garment(28, printed=True, seed=1)]
+    ids = ["a0", "a1", "a2", "b0", "b1", "b2"]
+    images = [encode(p) for p in photos_] + [cropped(p, 1) for p in photos_]
+    keep, why = dedupe(ids, images, SPARSE)
+    assert keep.tolist() == [True] * 3 + [False] * 3, why
+    for k in range(3):
+        assert why[3 + k].detail.endswith(f" a{k}"), why[3 + k]
 
 
 def test_a_shape_moved_across_its_own_brightness_is_kept(monkeypatch):
@@ -187,11 +239,11 @@ def test_a_few_pixels_cropped_are_aligned_before_comparing():
     difference, _, _ = nd.pair_differences(thumbs, np.array([0, 0]), np.array([1, 2]))
     assert difference[0] <= SPARSE.near_duplicate_difference < difference[1]
     assert _plain(thumbs[0], thumbs[1]) > SPARSE.near_duplicate_difference  # plain: missed
-    side = nd.thumbnail_side(SPARSE.image_size, SPARSE.near_duplicate_size)
+    side = numbers.thumbnail_side(SPARSE.image_size, SPARSE.near_duplicate_size)
     assert side >= nd.ALIGN_MIN_SIDE
     # 8x8 thumbnails (the demo's digits) are too small to align: compared plain only
     small = [np.asarray(i.resize((8, 8), Image.Resampling.BILINEAR)) for i in (first, cropped)]
-    flat = nd.thumbnails(np.stack(small), 8)
+    flat = numbers.thumbnails(np.stack(small), 8)
     plain, _, _ = nd.relative_difference(flat[:1], flat[1:])
     assert np.isclose(plain[0], _plain(flat[0], flat[1]))
 
@@ -208,15 +260,16 @@ def test_batch_numbers_equal_the_per_image_ones():
     rng = np.random.default_rng(0)
     for shape in ((7, 28, 28), (5, 32, 32, 3)):
         stack = rng.integers(0, 256, size=shape, dtype=np.uint8)
-        gray = nd.grays(stack)
+        gray = numbers.grays(stack)
         for side in (8, 16, 28):
-            expected = np.stack([nd.thumbnail(p, side) for p in stack])
-            np.testing.assert_array_equal(nd.thumbnails(stack, side), expected)
-        assert nd.dhashes(gray).tolist() == [nd.dhash(p) for p in stack]
+            expected = np.stack([numbers.thumbnail(p, side) for p in stack])
+            np.testing.assert_array_equal(numbers.thumbnails(stack, side), expected)
+        assert numbers.dhashes(gray).tolist() == [numbers.dhash(p) for p in stack]
+        assert numbers.crop_dhashes(gray).tolist() == [numbers.crop_dhash(p) for p in stack]
 
 
 def test_brightness_is_ignored_and_contrast_is_bounded():
-    image = nd.thumbnail(np.asarray(character_drawings(1)[0].resize((28, 28))), 16)[None]
+    image = numbers.thumbnail(np.asarray(character_drawings(1)[0].resize((28, 28))), 16)[None]
     darker = np.clip(image.astype(np.int16) - 20, 0, 255).astype(np.uint8)
     faint = (image // 3 + 170).astype(np.uint8)
     difference, ratio, _ = nd.relative_difference(image, darker)
@@ -247,14 +300,14 @@ def test_sheet_pairs_are_the_first_removed_ids_with_their_keepers():
 def test_sheet_puts_each_removed_image_left_of_its_keeper():
     a = np.zeros((8, 8), np.uint8)
     b = np.full((8, 8, 3), 200, np.uint8)
-    sheet = nd.sheet([(a, b)] * 5, per_row=4)
-    assert sheet.size == nd.sheet_size(5, per_row=4)
+    sheet = sheets.sheet([(a, b)] * 5, per_row=4)
+    assert sheet.size == sheets.sheet_size(5, per_row=4)
     pixels = np.asarray(sheet)
-    x, y = nd._PAIR_GAP, nd._GAP
-    assert (pixels[y : y + nd.SHEET_CELL, x : x + nd.SHEET_CELL] == 0).all()
-    x += nd.SHEET_CELL + nd._GAP
-    assert (pixels[y : y + nd.SHEET_CELL, x : x + nd.SHEET_CELL] == 200).all()
-    assert nd.sheet([]).size == nd.sheet_size(0)
+    x, y = sheets._PAIR_GAP, sheets._GAP
+    assert (pixels[y : y + sheets.SHEET_CELL, x : x + sheets.SHEET_CELL] == 0).all()
+    x += sheets.SHEET_CELL + sheets._GAP
+    assert (pixels[y : y + sheets.SHEET_CELL, x : x + sheets.SHEET_CELL] == 200).all()
+    assert sheets.sheet([]).size == sheets.sheet_size(0)
 
 
 def test_clean_writes_the_sheet_of_what_it_removed(tmp_path):
@@ -277,17 +330,17 @@ def test_clean_writes_the_sheet_of_what_it_removed(tmp_path):
     assert report["quarantined"]["near_duplicate"] == 3
     assert report["near_duplicate_sheet"]["pairs"] == 2
     sheet = Image.open(params.clean.near_duplicate_sheet)
-    assert sheet.size == nd.sheet_size(2)
+    assert sheet.size == sheets.sheet_size(2)
     # Left: the first removed row (by id) as clean converted it; right: the row it matched.
     pixels = np.asarray(sheet.convert("RGB"))
-    x, y, cell = nd._PAIR_GAP, nd._GAP, nd.SHEET_CELL
+    x, y, cell = sheets._PAIR_GAP, sheets._GAP, sheets.SHEET_CELL
 
     def cell_at(x: int) -> np.ndarray:
         return pixels[y : y + cell, x : x + cell]
 
     data = Path(removed[0]["path"]).read_bytes()
     np.testing.assert_array_equal(
-        cell_at(x), np.asarray(nd._cell(convert_image(data, params.clean).pixels))
+        cell_at(x), np.asarray(sheets._cell(convert_image(data, params.clean).pixels))
     )
     keeper = removed[0]["detail"].rsplit(" ", 1)[-1]
     kept = read_columns(params.clean.output / "train", ["id", "path"]).to_pylist()
@@ -297,8 +350,8 @@ def test_clean_writes_the_sheet_of_what_it_removed(tmp_path):
     assert Path(next(r["path"] for r in kept if r["id"] == keeper)) == original
     data = original.read_bytes()
     np.testing.assert_array_equal(
-        cell_at(x + cell + nd._GAP),
-        np.asarray(nd._cell(convert_image(data, params.clean).pixels)),
+        cell_at(x + cell + sheets._GAP),
+        np.asarray(sheets._cell(convert_image(data, params.clean).pixels)),
     )
 
 
@@ -328,7 +381,7 @@ def test_clean_report_artifact_shows_the_sheet_only_with_pairs(tmp_path):
     from flows.summaries import clean_summary_markdown
 
     png = tmp_path / "near_duplicates.png"
-    nd.sheet([]).save(png)
+    sheets.sheet([]).save(png)
     report = {"kept": 1, "ingested": 2, "quarantined_total": 1, "per_class": {}}
     report["quarantined"] = {"near_duplicate": 1}
     shown = clean_summary_markdown(report | {"near_duplicate_sheet": {"pairs": 1}}, png)

@@ -9,7 +9,8 @@ Rules, in the order a row meets them (its first failure is its quarantine reason
   blank               near-constant pixels (std below clean.blank_std)
   conflicting_labels  identical pixels under different labels: every copy goes
   exact_duplicate     identical pixels (after conversion) as a kept row
-  near_duplicate      dHash within clean.near_duplicate_distance bits of a kept row (the
+  near_duplicate      dHash within clean.near_duplicate_distance bits of a kept row, or of
+                      its crop key (its dHash once cropped a pixel or so a side; the
                       candidates), confirmed on grey thumbnails of side
                       min(clean.near_duplicate_size, clean.image_size), each
                       standardised (mean removed, divided by its pixel std): mean absolute
@@ -32,6 +33,11 @@ beside the kept image it matched.
 The package, in the order a row goes through it (each module states its own contract):
   rules.py    the rules above, per image, vectorised, and the whole-dataset duplicate rules
   hashing.py  pixel hashes, dHashes and thumbnails: what duplicates are compared by
+  image_numbers.py  the dHashes and thumbnails themselves, per image and batched
+  candidates.py  near-duplicate candidates: dHashes within a few bits
+  near_duplicates.py  the near-duplicate rule's contract, its confirmation and survivors
+  alignment.py  the confirmation's blurred, aligned comparison
+  sheet.py    the near-duplicate sheet
   splits.py   the seeded, stratified train/val/test assignment
   decode.py   pass 1 on a batch of rows: rules, conversion, staging, numbers
   workers.py  the decode worker processes, the Great Expectations import beside them, and

@@ -27,7 +27,8 @@ from tasks.clean.splits import split_keys
 # Read by stage.py, workers.py and route.py: a test that changes it patches each.
 BATCH_ROWS = 4096
 MAX_CHUNK_ROWS = 4096  # rows decoded at once within a task (fewer for large images)
-NUMBERS = ("split_keys", "pixel_hashes", "dhashes", "thumbnails")  # per kept row, as .npy
+# Per kept row, as .npy.
+NUMBERS = ("split_keys", "pixel_hashes", "dhashes", "thumbnails", "crop_dhashes")
 
 
 def chunk_rows(cfg: CleanConfig) -> int:
@@ -57,6 +58,7 @@ class DecodedChunk:
     pixel_hashes: np.ndarray  # per kept row (m,) uint64
     dhashes: np.ndarray  # (m,) uint64
     thumbnails: np.ndarray  # (m, thumbnail_width(cfg)) uint8
+    crop_dhashes: np.ndarray  # (m,) uint64
 
 
 def decode_chunk(labels: list[str | None], images: list[bytes], cfg: CleanConfig) -> DecodedChunk:
@@ -97,7 +99,7 @@ def decode_chunk(labels: list[str | None], images: list[bytes], cfg: CleanConfig
         numbers = row_numbers(kept_pixels, side)
     else:
         empty = np.empty(0, dtype=np.uint64)
-        numbers = (empty, empty, empty_numbers("thumbnails", cfg))
+        numbers = (empty, empty, empty_numbers("thumbnails", cfg), empty)
     return DecodedChunk(out_labels, rejected, kept, pngs, resized, channels_converted, *numbers)
 
 
@@ -116,6 +118,7 @@ class StagedBatch:
     pixel_hashes: np.ndarray  # (m,) uint64
     dhashes: np.ndarray  # (m,) uint64
     thumbnails: np.ndarray  # (m, thumbnail_width(cfg)) uint8
+    crop_dhashes: np.ndarray  # (m,) uint64
 
 
 def stage_batch(batch: pa.RecordBatch, staging_file: str, cfg: CleanConfig) -> StagedBatch:
@@ -125,7 +128,7 @@ def stage_batch(batch: pa.RecordBatch, staging_file: str, cfg: CleanConfig) -> S
     quarantined: list[dict] = []
     ids: list[str] = []
     labels: list[str] = []
-    numbers: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    numbers: list[tuple[np.ndarray, ...]] = []
     resized = channels_converted = 0
     step = chunk_rows(cfg)
     with pq.ParquetWriter(staging_file, IMAGE_SCHEMA) as writer:
@@ -144,11 +147,15 @@ def stage_batch(batch: pa.RecordBatch, staging_file: str, cfg: CleanConfig) -> S
             labels.extend(kept_labels)
             resized += chunk.resized
             channels_converted += chunk.channels_converted
-            numbers.append((chunk.pixel_hashes, chunk.dhashes, chunk.thumbnails))
+            numbers.append(
+                (chunk.pixel_hashes, chunk.dhashes, chunk.thumbnails, chunk.crop_dhashes)
+            )
     if numbers:
-        hashes, dhashes, thumbnails = (np.concatenate(n) for n in zip(*numbers, strict=True))
+        hashes, dhashes, thumbnails, crop_dhashes = (
+            np.concatenate(n) for n in zip(*numbers, strict=True)
+        )
     else:
-        hashes = dhashes = empty_numbers("dhashes", cfg)
+        hashes = dhashes = crop_dhashes = empty_numbers("dhashes", cfg)
         thumbnails = empty_numbers("thumbnails", cfg)
     return StagedBatch(
         batch.num_rows,
@@ -161,6 +168,7 @@ def stage_batch(batch: pa.RecordBatch, staging_file: str, cfg: CleanConfig) -> S
         hashes,
         dhashes,
         thumbnails,
+        crop_dhashes,
     )
 
 

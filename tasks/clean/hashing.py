@@ -1,9 +1,10 @@
 """The hashes a cleaned row is compared by: its exact pixels (`pixel_hash`: exact and
 conflicting duplicates), its dHash and its grey thumbnail (near-duplicates, computed by
-tasks/clean/near_duplicates.py).
+tasks/clean/image_numbers.py).
 
 Contract: pure functions; `pixel_hashes` and `row_numbers` equal, row by row, the per-image
-functions (`pixel_hash`, `near_duplicates.dhash`, `near_duplicates.thumbnail`), vectorised
+functions (`pixel_hash`, `image_numbers.dhash`, `image_numbers.thumbnail`,
+`image_numbers.crop_dhash`), vectorised
 when the images share a shape. Hashes are (m,) uint64; thumbnails (m, `thumbnail_width`)
 uint8: side x side grey (side = `thumbnail_side(cfg)`), plus colour planes for RGB.
 """
@@ -14,7 +15,7 @@ import hashlib
 
 import numpy as np
 
-import tasks.clean.near_duplicates as near_duplicates
+import tasks.clean.image_numbers as image_numbers
 from synthloop.config import CleanConfig
 
 
@@ -35,27 +36,32 @@ def pixel_hashes(pixels: list[np.ndarray]) -> np.ndarray:
 
 def thumbnail_side(cfg: CleanConfig) -> int:
     """The side of the near-duplicate thumbnails for this config."""
-    return near_duplicates.thumbnail_side(cfg.image_size, cfg.near_duplicate_size)
+    return image_numbers.thumbnail_side(cfg.image_size, cfg.near_duplicate_size)
 
 
 def thumbnail_width(cfg: CleanConfig) -> int:
     """Bytes a row's thumbnail takes (grey, plus the colour planes of RGB images)."""
-    return near_duplicates.row_width(thumbnail_side(cfg), cfg.channels)
+    return image_numbers.row_width(thumbnail_side(cfg), cfg.channels)
 
 
-def row_numbers(pixels: list[np.ndarray], side: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(pixel hashes, dHashes, thumbnails of `near_duplicates.row_width` bytes) of kept
-    rows, vectorised when they share a shape."""
+def row_numbers(
+    pixels: list[np.ndarray], side: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(pixel hashes, dHashes, thumbnails of `image_numbers.row_width` bytes, crop keys) of
+    kept rows, vectorised when they share a shape."""
     shape = pixels[0].shape
     if all(p.shape == shape for p in pixels):
         stack = np.stack(pixels)
+        gray = image_numbers.grays(stack)
         return (
             pixel_hashes(pixels),
-            near_duplicates.dhashes(near_duplicates.grays(stack)),
-            near_duplicates.thumbnails(stack, side),
+            image_numbers.dhashes(gray),
+            image_numbers.thumbnails(stack, side),
+            image_numbers.crop_dhashes(gray),
         )
     return (
         np.array([pixel_hash(p) for p in pixels], dtype=np.uint64),
-        np.array([near_duplicates.dhash(p) for p in pixels], dtype=np.uint64),
-        np.stack([near_duplicates.thumbnail(p, side) for p in pixels]),
+        np.array([image_numbers.dhash(p) for p in pixels], dtype=np.uint64),
+        np.stack([image_numbers.thumbnail(p, side) for p in pixels]),
+        np.array([image_numbers.crop_dhash(p) for p in pixels], dtype=np.uint64),
     )

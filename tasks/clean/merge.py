@@ -45,6 +45,7 @@ from synthloop.dataset import (
 )
 from synthloop.sharding import cached_result
 from tasks.clean.hashing import thumbnail_width
+from tasks.clean.image_numbers import key_share
 from tasks.clean.quarantine import QuarantineSink
 from tasks.clean.report import (
     build_report,
@@ -78,7 +79,12 @@ class Gathered:
     labels: list[np.ndarray] = field(default_factory=list)  # (m,) int32: label_index codes
     label_index: dict[str, int] = field(default_factory=dict)  # name -> code, first met first
     numbers: dict[str, list[np.ndarray]] = field(  # (m,) uint64 each
-        default_factory=lambda: {"split_keys": [], "pixel_hashes": [], "dhashes": []}
+        default_factory=lambda: {
+            "split_keys": [],
+            "pixel_hashes": [],
+            "dhashes": [],
+            "crop_dhashes": [],
+        }
     )
 
     def label_codes(self, labels: pa.ChunkedArray) -> np.ndarray:
@@ -184,6 +190,8 @@ def decide(cfg: CleanConfig, gathered: Gathered, thumbnails: np.ndarray) -> Deci
         cfg.near_duplicate_contrast,
         cfg.near_duplicate_local,
         names=lambda rows: read_ids(gathered.files, rows),
+        crop_dhashes=_take(numbers["crop_dhashes"], np.uint64),
+        crop_share=key_share(cfg.image_size),
     )
     splits = np.full(len(ranks), -1, dtype=np.int8)
     keys = _take(numbers["split_keys"], np.uint64)

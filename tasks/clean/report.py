@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-import tasks.clean.near_duplicates as near_duplicates
+import tasks.clean.sheet as near_duplicate_sheet
 from synthloop.config import CleanConfig
 from synthloop.dataset import atomic_file, shard_paths
 from tasks.clean.rules import Rejection
@@ -205,11 +205,11 @@ def sheet_pairs(ids: np.ndarray, rejections: list[Rejection | None], limit: int)
 
 
 def write_sheet(path: Path, pairs: np.ndarray, images: dict[int, bytes]) -> None:
-    """The near-duplicate sheet (`near_duplicates.sheet`) of `pairs`, written atomically."""
+    """The near-duplicate sheet (tasks/clean/sheet.py) of `pairs`, written atomically."""
 
     def pixels(row: int) -> np.ndarray:
         return np.asarray(Image.open(io.BytesIO(images[row])))
 
-    image = near_duplicates.sheet([(pixels(j), pixels(i)) for j, i in pairs.tolist()])
+    image = near_duplicate_sheet.sheet([(pixels(j), pixels(i)) for j, i in pairs.tolist()])
     with atomic_file(path) as tmp:
         image.save(tmp, format="PNG")

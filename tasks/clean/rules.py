@@ -155,6 +155,8 @@ def resolve_duplicates(
     max_contrast: float,
     max_local: float,
     names: Callable[[np.ndarray], list[str]] | None = None,
+    crop_dhashes: np.ndarray | None = None,
+    crop_share: float = 0.0,
 ) -> tuple[np.ndarray, list[Rejection | None]]:
     """Decide which rows survive de-duplication.
 
@@ -163,6 +165,8 @@ def resolve_duplicates(
     (`near_duplicates.relative_difference`: relative to their own pixel std). A hash alone
     is too coarse: distinct 8x8 digits and distinct sparse drawings of one character often
     share a dHash.
+    `crop_dhashes` (image_numbers.crop_dhash, keyed by `crop_share`, image_numbers.key_share)
+    propose pairs too: a row and a copy of it cropped on every side (near_duplicates.py).
     Rows are ranked by id so the survivor of a group does not depend on file order. `ids`
     may be the ids or anything that orders and groups rows as they do (their ranks); then
     `names(rows)` gives the ids of those rows (default: `str(ids[row])`), called once, for
@@ -203,7 +207,15 @@ def resolve_duplicates(
     del by_id
     # Positions in `survivors`, which is id-ordered: a pair's first row ranks first.
     pairs = near_duplicates.confirmed_pairs(
-        dhashes, thumbnails, survivors, max_distance, max_difference, max_contrast, max_local
+        dhashes,
+        thumbnails,
+        survivors,
+        max_distance,
+        max_difference,
+        max_contrast,
+        max_local,
+        crop_hashes=crop_dhashes,
+        crop_share=crop_share,
     )
     dropped, keepers = near_duplicates.drop_order(pairs, len(survivors))
     near = list(zip(survivors[dropped].tolist(), survivors[keepers].tolist(), strict=True))
