@@ -225,6 +225,9 @@ def resolve_duplicates(
         rejections[j] = Rejection("exact_duplicate", f"same pixels as {name[i]}")
     for j, i in near:
         keep[j] = False
-        detail = f"within {max_distance} dHash bits of {name[i]}"
+        detail = (
+            f"a copy (dHash or crop key within {max_distance} bits, confirmed on thumbnails) "
+            f"of {name[i]}"
+        )
         rejections[j] = Rejection("near_duplicate", detail, keeper=i)
     return keep, rejections
