@@ -24,14 +24,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until(check, timeout: float, what: str, interval: float = 0.5):  # noqa: ANN001, ANN201
+def poll(check, timeout: float, interval: float = 0.5):  # noqa: ANN001, ANN201
+    """What `check` returns once it is truthy, or None after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = check()
         if found:
             return found
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    return None
+
+
+def wait_until(check, timeout: float, what: str, interval: float = 0.5):  # noqa: ANN001, ANN201
+    found = poll(check, timeout, interval)
+    if not found:
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    return found
 
 
 class PrefectServer:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, build_workspace, small_params
-from tests.prefect_server import PrefectServer, serving, wait_for_run, wait_until
+from tests.prefect_server import PrefectServer, poll, serving, wait_for_run
 
 pytestmark = pytest.mark.integration
 
@@ -176,12 +176,19 @@ def test_the_ui_shows_the_manual_deployment_and_its_parameter_form(server, serve
 
         # Submit the form as it stands (every field empty: params.yaml as it is).
         before = {r.id for r in server.call(manual_runs)}
-        page.get_by_role("button", name="Submit").click()
-        run = wait_until(  # a liveness wait: on a loaded machine the UI's request is slow
-            lambda: next((r for r in server.call(manual_runs) if r.id not in before), None),
-            180,
-            "the run the form submitted",
-        )
+
+        def submitted():  # noqa: ANN202
+            return next((r for r in server.call(manual_runs) if r.id not in before), None)
+
+        # On a loaded machine a click can land before the UI has wired the button, and then
+        # nothing is sent: click again while no run has appeared (liveness waits, not timings).
+        run = None
+        for _ in range(3):
+            page.get_by_role("button", name="Submit").click()
+            run = poll(submitted, 90)
+            if run is not None:
+                break
+        assert run is not None, "three clicks on Submit created no flow run"
         run = wait_for_run(server, run.id)
         assert run.state.is_completed(), run.state
         page.goto(f"{server.url}/runs/flow-run/{run.id}", wait_until="networkidle")
