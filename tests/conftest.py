@@ -177,6 +177,14 @@ def prefect_api():
         yield
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`make test`'s `-n auto`: the CPUs this process may use (affinity and cgroup quota),
+    not the host's cores, which a container's quota may be a small share of."""
+    from synthloop.threads import usable_cpus
+
+    return usable_cpus()
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test that starts Prefect's API runs the real tools: it is an integration test,
     whether or not its module says so (`pytest -m "not integration"` skips it).
