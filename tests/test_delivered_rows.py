@@ -74,8 +74,8 @@ def test_the_accepted_rows_are_written_in_the_order_the_pool_is_offered_them(tmp
 
     ids = write(tmp_path / "synthetic", [("short", None)] * 7, "synthetic")
     cfg = ValidateConfig(synthetic=tmp_path / "synthetic", accepted=tmp_path / "accepted")
-    for chosen in ([ids[1], ids[2], ids[5]], [ids[5], ids[1], ids[2]]):  # streamed, then held
-        _write_accepted(cfg, chosen)
+    for chosen, in_order in (([ids[1], ids[2], ids[5]], True), ([ids[5], ids[1], ids[2]], False)):
+        _write_accepted(cfg, chosen, in_order)
         written = pq.read_table(cfg.accepted, columns=["id"]).column("id").to_pylist()
         assert written == chosen
 

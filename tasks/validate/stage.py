@@ -279,7 +279,7 @@ def _validate(
         **figures,
         "passed": figures["gates"]["passed"],
     }
-    _write_accepted(cfg, accepted.ids)
+    _write_accepted(cfg, accepted.ids, in_order=bool((np.diff(kept) > 0).all()))
     write_json(cfg.report, report)
     gates = report["gates"]
     failed = [name for name, g in gates.items() if name != "passed" and not g["passed"]]
@@ -339,18 +339,12 @@ def _expectations(
     return result
 
 
-def _write_accepted(cfg: ValidateConfig, accepted_ids: list[str]) -> None:
+def _write_accepted(cfg: ValidateConfig, accepted_ids: list[str], in_order: bool) -> None:
     """Write the accepted rows, unchanged, into `cfg.accepted` (atomically), in the order of
-    `accepted_ids` (the order the pool is offered them). In the generated order the rows
-    stream through; another order holds the accepted rows until they are all read."""
+    `accepted_ids` (the order the pool is offered them). `in_order`: that is the synthetic
+    rows' own order, and the rows stream through; otherwise the accepted rows are held until
+    all are read."""
     wanted = set(accepted_ids)
-    generated = dict.fromkeys(
-        row_id
-        for batch in iter_batches(cfg.synthetic, columns=["id"])
-        for row_id in batch.column("id").to_pylist()
-        if row_id in wanted
-    )
-    streaming = list(generated) == list(accepted_ids)
     with atomic_dir(cfg.accepted) as out, ShardWriter(out, IMAGE_SCHEMA) as writer:
         seen: set[str] = set()
         held: dict[str, dict] = {}
@@ -359,11 +353,11 @@ def _write_accepted(cfg: ValidateConfig, accepted_ids: list[str]) -> None:
                 if row["id"] not in wanted or row["id"] in seen:
                     continue
                 seen.add(row["id"])
-                if streaming:
+                if in_order:
                     writer.append(row)
                 else:
                     held[row["id"]] = row
-        for row_id in [] if streaming else accepted_ids:
+        for row_id in [] if in_order else accepted_ids:
             writer.append(held[row_id])
 
 
