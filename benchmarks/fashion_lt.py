@@ -15,15 +15,18 @@ params.yaml points `ingest.sources` at it with `clean.image_size: 28` and any `-
 (defaults sized for two cores: one round, one attempt, `train.steps` 400), and
 `synthloop run` runs the real loop, the project's clean split and gates included.
 Then the outside judge: the official balanced 10,000-image test set, which the pipeline
-never sees, scores the project's own utility protocol (tasks/utility.py `compare_arms`:
-the cheap menu {real, real+aug} x {balanced draws, logit-adjusted loss} chosen on the clean
-val split, 5 paired classifier seeds) trained on the clean real train split alone and plus
-the live pool. Reported per loop seed and over loop seeds (95% t-interval of the per-seed
-means): the average per-class accuracy (the overall accuracy of a balanced test set) and
-the accuracy of the 3 shortest classes; every cheap arm on seed 0; the project's end state
-beside the judge's verdict, and whether they disagree (a promoted pool the judge finds
-harmful). DeepSMOTE's Table III figures (another classifier: a reference, not a
-like-for-like comparison) are printed beside. Figures only: nothing is asserted.
+never sees, scores the project's own utility protocol
+(tasks/validate/utility_protocol.py `compare_arms`: the cheap menu {real, real+aug} x
+{balanced draws, logit-adjusted loss} chosen on the clean val split, 5 paired classifier
+seeds) trained on the clean real train split alone and plus the live pool. When nothing
+was promoted it judges the rows the gate refused instead (the accepted rows promotion would
+have added), so it says whether refusing them was right. Reported per loop seed and over
+loop seeds (95% t-interval of the per-seed means): the average per-class accuracy (the
+overall accuracy of a balanced test set) and the accuracy of the 3 shortest classes; every
+cheap arm on seed 0; the project's end state beside the judge's verdict, and whether they
+disagree (a promoted pool the judge finds harmful, or refused rows it finds helpful).
+DeepSMOTE's Table III figures (another classifier: a reference, not a like-for-like
+comparison) are printed beside. Figures only: nothing is asserted.
 """
 
 from __future__ import annotations
@@ -88,13 +91,18 @@ def run_loop(ws: Path, log: Path) -> tuple[float, dict]:
     return seconds, json.loads(report.read_text())
 
 
-def judge(ws: Path, root: Path) -> dict:
-    """The project's utility protocol with the official test set as its test split."""
+def judge(ws: Path, root: Path, promoted: bool) -> dict:
+    """The project's utility protocol with the official test set as its test split, on the
+    live pool; when nothing was promoted, on the rows the gate refused (the accepted rows
+    promotion would have added), so the judge can say whether refusing was right."""
     import torch
 
     from synthloop.config import load_params
+    from synthloop.dataset import read_columns
     from tasks.shared.evaluator import Splits
-    from tasks.shared.images import ImageTensors, load_image_tensors, resolve_device
+    from tasks.shared.feedback import read_requests
+    from tasks.shared.images import ImageTensors, concat, load_image_tensors, resolve_device
+    from tasks.validate.promotion import plan_promotion, subset
     from tasks.validate.utility_protocol import compare_arms, per_class_counts, trainings
     from tasks.validate.utility_trainer import TrainerPool, UtilityTrainer, utility_workers
 
@@ -107,6 +115,13 @@ def judge(ws: Path, root: Path) -> dict:
         pool = load_image_tensors(pool_dir, classes=classes)
     else:
         pool = ImageTensors(train.images[:0], train.labels[:0], [], classes, [])
+    accepted_dir = ws / "data/accepted"
+    if not promoted and accepted_dir.is_dir() and read_columns(accepted_dir, ["id"]).num_rows:
+        # what the gate refused
+        accepted = load_image_tensors(ws / "data/accepted", classes=classes)
+        requests = read_requests(ws / "data/feedback")[0]
+        plan = plan_promotion(accepted, per_class_counts(train), params.loop, requests)
+        pool = concat(pool, subset(accepted, torch.tensor(plan.selection.chosen, dtype=torch.long)))
     images, labels = load("test", root)
     index = torch.tensor([classes.index(CLASSES[int(c)]) for c in labels])
     test = ImageTensors(
@@ -137,7 +152,9 @@ def agreement(loop: dict, judged: dict) -> str:
         return "DISAGREE: promoted a pool the judge finds harmful"
     if promoted:
         return f"agree: promoted; the judge says {judged['verdict']}"
-    return f"agree: nothing promoted; the judge says {judged['verdict']} for the pool"
+    if low is not None and low > 0:
+        return "refused a gain: nothing promoted; the judge says helped for the refused rows"
+    return f"agree: nothing promoted; the judge says {judged['verdict']} for the refused rows"
 
 
 def main() -> None:
@@ -165,7 +182,7 @@ def main() -> None:
                        check=True)  # fmt: skip
         check_workspace(ws)
         seconds, loop = run_loop(ws, args.workdir / f"run-seed{seed}.log")
-        judged = judge(ws, args.root)
+        judged = judge(ws, args.root, loop.get("result") == "promoted")
         short = judged["short"]
         rows.append({"seed": seed, "seconds": seconds, "result": loop.get("result"),
                      "message": loop.get("message"), "judge": judged,
@@ -173,9 +190,11 @@ def main() -> None:
         d, s = judged["overall"]["delta"], short["delta"]
         print(
             f"loop seed {seed}: {seconds:.0f} s; project: {loop.get('result')} "
-            f"({loop.get('message')}); pool {sum(judged['pool_per_class'].values())} rows\n"
+            f"({loop.get('message')}); judged "
+            f"{'pool' if loop.get('result') == 'promoted' else 'refused rows'} "
+            f"{sum(judged['pool_per_class'].values())}\n"
             f"  baseline {judged['baseline']}: per-class avg "
-            f"{100 * judged['overall']['baseline']:.2f}, +pool "
+            f"{100 * judged['overall']['baseline']:.2f}, +synthetic "
             f"{100 * judged['overall']['baseline+synthetic']:.2f}, "
             f"delta {_cell(d)}; 3 shortest {', '.join(judged['short_classes'])}: "
             f"{100 * short['baseline']:.2f} -> {100 * short['baseline+synthetic']:.2f}, "

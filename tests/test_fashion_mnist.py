@@ -53,3 +53,21 @@ def test_the_long_tailed_draw_has_the_documented_sizes_from_idx_files(tmp_path):
     (tmp_path / "bad-images-idx3-ubyte").write_bytes(b"\x00\x00\x0d\x03" + bytes(12))
     with pytest.raises(ValueError, match="not an unsigned-byte IDX file"):
         fm.read_idx(tmp_path / "bad-images-idx3-ubyte")
+
+
+def judged(low: float, high: float, verdict: str) -> dict:
+    return {"delta": {"mean": (low + high) / 2, "low": low, "high": high}, "verdict": verdict}
+
+
+def test_the_outside_judge_flags_a_harmful_promotion_and_a_refused_gain():
+    spec = importlib.util.spec_from_file_location(
+        "fashion_lt_benchmark", BENCHMARK.with_name("fashion_lt.py")
+    )
+    lt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lt)
+    promoted, refused = {"result": "promoted"}, {"result": "gates failed"}
+    assert lt.agreement(promoted, judged(-0.05, -0.01, "hurt")).startswith("DISAGREE")
+    assert lt.agreement(promoted, judged(-0.01, 0.03, "no evidence")).startswith("agree")
+    assert lt.agreement(refused, judged(0.01, 0.05, "helped")).startswith("refused a gain")
+    assert lt.agreement(refused, judged(-0.02, 0.02, "no evidence")).startswith("agree")
+    assert lt.agreement(refused, judged(-0.05, -0.01, "hurt")).startswith("agree")
