@@ -212,8 +212,11 @@ def main() -> None:
         interval = t_interval(means)
         print(
             f"over {len(rows)} loop seeds, {name}: delta {_cell(interval.as_dict())} "
-            f"{verdict(interval)} (points; 95% t-interval of the per-seed means)"
+            f"{verdict(interval)} (points; 95% t-interval of the per-seed means; the judged "
+            "rows: the pool where promoted, else the refused rows)"
         )
+    promoted = sum(r["result"] == "promoted" for r in rows)
+    print(f"promoted on {promoted} of {len(rows)} loop seeds")
     best = max(100 * r["judge"]["overall"]["baseline+synthetic"] for r in rows)
     print(
         "reference (DeepSMOTE Table III, another classifier): "
