@@ -118,7 +118,7 @@ def judge(ws: Path, root: Path, promoted: bool) -> dict:
     accepted_dir = ws / "data/accepted"
     if not promoted and accepted_dir.is_dir() and read_columns(accepted_dir, ["id"]).num_rows:
         # what the gate refused
-        accepted = load_image_tensors(ws / "data/accepted", classes=classes)
+        accepted = load_image_tensors(accepted_dir, classes=classes)
         requests = read_requests(ws / "data/feedback")[0]
         plan = plan_promotion(accepted, per_class_counts(train), params.loop, requests)
         pool = concat(pool, subset(accepted, torch.tensor(plan.selection.chosen, dtype=torch.long)))
@@ -182,7 +182,8 @@ def main() -> None:
                        check=True)  # fmt: skip
         check_workspace(ws)
         seconds, loop = run_loop(ws, args.workdir / f"run-seed{seed}.log")
-        judged = judge(ws, args.root, loop.get("result") == "promoted")
+        promoted = loop.get("result") == "promoted"
+        judged = judge(ws, args.root, promoted)
         short = judged["short"]
         rows.append({"seed": seed, "seconds": seconds, "result": loop.get("result"),
                      "message": loop.get("message"), "judge": judged,
@@ -191,7 +192,7 @@ def main() -> None:
         print(
             f"loop seed {seed}: {seconds:.0f} s; project: {loop.get('result')} "
             f"({loop.get('message')}); judged "
-            f"{'pool' if loop.get('result') == 'promoted' else 'refused rows'} "
+            f"{'pool' if promoted else 'refused rows'} "
             f"{sum(judged['pool_per_class'].values())}\n"
             f"  baseline {judged['baseline']}: per-class avg "
             f"{100 * judged['overall']['baseline']:.2f}, +synthetic "
@@ -215,8 +216,7 @@ def main() -> None:
             f"{verdict(interval)} (points; 95% t-interval of the per-seed means; the judged "
             "rows: the pool where promoted, else the refused rows)"
         )
-    promoted = sum(r["result"] == "promoted" for r in rows)
-    print(f"promoted on {promoted} of {len(rows)} loop seeds")
+    print(f"promoted on {sum(r['result'] == 'promoted' for r in rows)} of {len(rows)} loop seeds")
     best = max(100 * r["judge"]["overall"]["baseline+synthetic"] for r in rows)
     print(
         "reference (DeepSMOTE Table III, another classifier): "
