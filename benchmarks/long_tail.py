@@ -3,7 +3,7 @@ generator trained on all of it add anything to the cheap alternative?
 
     python benchmarks/long_tail.py [--data digits|styled] [--family cgan] [--short-train 10]
         [--rich-train 120] [--gseeds 2] [--cseeds 3] [--steps 1500] [--multiple 1.0]
-        [--share 0.5] [--set key=value ...]
+        [--share 0.5] [--pool gap|proportional] [--sampler prior|posterior] [--set key=value ...]
 
 The question behind issue 25's default: which data would let the loop show a gain on any
 machine? Here the rich classes can teach the short ones: the generator trains on every
@@ -21,6 +21,12 @@ gate it).
              (min(multiple x R, R_max - R) for R train rows: the short classes get R each);
   arm        the same classifier, remedy and seed, plus the kept rows (at most `--share` of
              a class's draws).
+  --pool     which classes get synthetic rows: `gap`, the pool rule above (the short classes
+             only); `proportional`, every class up to `--multiple` x R, the rich ones too, so
+             that whether a row is synthetic says nothing about its class.
+  --sampler  `prior`, the family's own sampling; `posterior` (vae only), each sample a draw
+             from the encoder's posterior of one of the class's own train images, decoded by
+             the EMA decoder: variants of the user's images.
 Prints the baselines' short-class accuracy, per generator seed the acceptance rate of the
 short classes and the paired gain per remedy, then the gain over every (generator seed,
 classifier seed) pair with its 95% t-interval. The generator trains on the real train rows
@@ -115,6 +121,32 @@ def split(labels: np.ndarray, short_train: int, rich_train: int) -> tuple[np.nda
     return np.array(train), np.array(val), np.array(test)
 
 
+def posterior_samples(work: Path, train, labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """Per label, a draw from the VAE's posterior q(z | x, y) of one of that class's train
+    images (chosen at random), decoded by the EMA decoder (uint8). The encoder is not part
+    of the export, so it is read from the last training checkpoint."""
+    from tasks.generate.stage import load_model
+    from tasks.shared.images import to_uint8
+
+    family = load_model(work / "generator", torch.device("cpu")).family
+    state = torch.load(work / "checkpoints" / "last.pt", weights_only=False)["family"]
+    encoder = family.encoder
+    encoder.load_state_dict(state["modules"]["encoder"])
+    generator = torch.Generator().manual_seed(seed)
+    x, y = to_float(train.images), train.labels
+    picks = torch.empty(len(labels), dtype=torch.long)
+    for c in labels.unique().tolist():
+        own, where = torch.nonzero(y == c).flatten(), torch.nonzero(labels == c).flatten()
+        picks[where] = own[torch.randint(len(own), (len(where),), generator=generator)]
+    out = []
+    with torch.no_grad():
+        for batch in picks.split(256):
+            mu, logvar = encoder.eval()(x[batch], y[batch])
+            z = mu + torch.randn(mu.shape, generator=generator) * (0.5 * logvar).exp()
+            out.append(to_uint8(torch.sigmoid(family.decoder_ema(z, y[batch])) * 2 - 1))
+    return torch.cat(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", choices=sorted(DATASETS), default="digits")
@@ -126,6 +158,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--multiple", type=float, default=1.0, help="loop.synthetic_multiple")
     p.add_argument("--share", type=float, default=0.5, help="validate.utility_synthetic_share")
+    p.add_argument("--pool", choices=("gap", "proportional"), default="gap")
+    p.add_argument("--sampler", choices=("prior", "posterior"), default="prior")
     p.add_argument("--set", action="append", default=[], help="key=value on the family's section")
     a = p.parse_args()
     torch.set_num_threads(1)
@@ -154,7 +188,10 @@ def main() -> None:
     base = {(r, s): short_accuracy(splits.train, s, r) for r in RECIPES for s in range(a.cseeds)}
     for r in RECIPES:
         mean = np.mean([base[r, s] for s in range(a.cseeds)])
-        print(f"[{a.data} {a.family} short_train={a.short_train}] {r.name}: short {mean:.3f}")
+        print(
+            f"[{a.data} {a.family} short_train={a.short_train} pool={a.pool} "
+            f"sampler={a.sampler}] {r.name}: short {mean:.3f}"
+        )
 
     family = getattr(params.train, a.family)
     for assignment in a.set:
@@ -164,10 +201,13 @@ def main() -> None:
     params = params.model_copy(update={"train": train_cfg})
     gains: dict[str, list[float]] = {r.name: [] for r in RECIPES}
     for g in range(a.gseeds):
+        per_class = SAMPLES_PER_CLASS if a.pool == "gap" else 2 * a.rich_train
         with tempfile.TemporaryDirectory() as work:
             samples, sample_labels, seconds = synthesize(
-                params, splits.train, g, a.steps, SAMPLES_PER_CLASS, Path(work)
+                params, splits.train, g, a.steps, per_class, Path(work)
             )
+            if a.sampler == "posterior":
+                samples = posterior_samples(Path(work), splits.train, sample_labels, g)
         with torch.no_grad():
             probs = torch.softmax(yardstick.eval()(to_float(samples)), 1)
         confident = probs[torch.arange(len(sample_labels)), sample_labels] >= (
@@ -176,7 +216,9 @@ def main() -> None:
         kept = []
         for c in range(10):
             real = int((splits.train.labels == c).sum())
-            target = max(0, min(int(a.multiple * real), a.rich_train - real))
+            target = int(a.multiple * real)
+            if a.pool == "gap":
+                target = max(0, min(target, a.rich_train - real))
             kept.append(torch.nonzero((sample_labels == c) & confident).flatten()[:target])
         kept = torch.cat(kept)
         synthetic = tensors(samples[kept].numpy(), sample_labels[kept].numpy(), classes, "syn")

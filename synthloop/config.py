@@ -343,6 +343,9 @@ Device = Literal["auto", "cpu", "cuda"]
 # The generator families (tasks/shared/generators FAMILIES implements each; a test holds the two
 # equal). The run form, the CLI and TrainConfig take their choices from here.
 FamilyName = Literal["cgan", "diffusion", "vae", "transformer"]
+# loop.target_per_class: a rule (tasks/shared/pool.py pool_targets), one bound for every
+# class, or none
+TargetRule = PositiveInt | Literal["auto", "proportional"] | None
 FAMILY_NAMES: tuple[str, ...] = get_args(FamilyName)
 
 
@@ -723,18 +726,20 @@ class LoopConfig(_Model):
 
     max_rounds: PositiveInt = 2
     max_retrains: int = Field(2, ge=0)
-    target_per_class: PositiveInt | Literal["auto"] | None = Field(
+    target_per_class: TargetRule = Field(
         "auto",
         description="a class stops growing in the pool, and fuse mixes in, at most this "
         "many synthetic rows of it; auto: its gap to the largest class, at most "
-        "synthetic_multiple times its real train rows (the largest class gets none); null: "
-        "no per-class bound. The run ends once every class is there",
+        "synthetic_multiple times its real train rows (the largest class gets none); "
+        "proportional: synthetic_multiple times its real train rows, every class alike; "
+        "null: no per-class bound. The run ends once every class is there",
     )
     synthetic_multiple: float = Field(
         1.0,
         gt=0,
-        description="target_per_class auto: a class gets at most this many synthetic rows "
-        "per real train row (1: synthetic rows never outnumber a class's real ones)",
+        description="target_per_class auto or proportional: a class gets at most this many "
+        "synthetic rows per real train row (1: synthetic rows never outnumber a class's "
+        "real ones)",
     )
     max_pool_rows: PositiveInt | None = Field(
         50_000, description="the pool as a whole stops growing at this many rows"

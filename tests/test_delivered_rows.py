@@ -225,3 +225,15 @@ def test_a_request_raises_its_class_target_and_is_answered_by_name():
     assert full["rich"]["why"] == "the pool is at loop.max_pool_rows"
     gated = answer_requests({"rich": 5}, asked, {}, 10, why_not="the gates failed")
     assert gated["rich"]["why"] == "the gates failed"
+
+
+def test_proportional_targets_give_every_class_the_same_multiple_the_largest_too():
+    from tasks.shared.pool import describe_targets, pool_targets
+
+    train = {"rich": 100, "mid": 40, "short": 10, "none": 0}
+    assert pool_targets(train, "auto", 1.0) == {"rich": 0, "mid": 40, "short": 10, "none": 0}
+    assert pool_targets(train, "proportional", 0.5) == {
+        "rich": 50, "mid": 20, "short": 5, "none": 0,
+    }  # fmt: skip
+    assert pool_targets(train, "proportional", 1.0, {"rich": 3})["rich"] == 103
+    assert "every class alike" in describe_targets("proportional", 1.0)

@@ -10,9 +10,10 @@
 - A process killed between the rename and `dvc add` leaves an orphan: a complete shard
   without a `.dvc` record (`pool_orphans`). The next run adopts it
   (`flows.pool_admin.adopt_orphans`) before it reads the pool; its rows passed the gates.
-- The pool is bounded: a class stops growing at its target (`pool_targets`: by default it
-  fills the class's gap to the largest class, at most `loop.synthetic_multiple` times its real
-  rows) and the whole pool at `loop.max_pool_rows`. Fuse mixes in at most the same target
+- The pool is bounded: a class stops growing at its target (`pool_targets`: `auto` fills the
+  class's gap to the largest class, at most `loop.synthetic_multiple` times its real rows;
+  `proportional` gives every class that multiple, the largest too) and the whole pool at
+  `loop.max_pool_rows`. Fuse mixes in at most the same target
   per class, so the pool never holds rows fuse would not read while the targets stand.
 - Which accepted rows a promotion takes is one pure function, `select_for_pool`; validate
   scores the same rows (tasks/validate/stage.py), so its verdict is about what the pool receives.
@@ -42,13 +43,13 @@ from datetime import datetime
 from fractions import Fraction
 from math import ceil, floor
 from pathlib import Path
-from typing import Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
+from synthloop.config import TargetRule
 from synthloop.dataset import (
     IMAGE_SCHEMA,
     atomic_file,
@@ -135,7 +136,7 @@ def describe_sizes(sizes: set[Size]) -> str:
 
 def pool_targets(
     train_per_class: dict[str, int],
-    target_per_class: int | Literal["auto"] | None,
+    target_per_class: TargetRule,
     synthetic_multiple: float,
     requests: dict[str, int] | None = None,
 ) -> dict[str, int | None]:
@@ -144,7 +145,10 @@ def pool_targets(
     `auto` fills each class's gap to the largest class, at most `synthetic_multiple` (m)
     times its own real training rows: min(floor(m * R), R_max - R) for a class with R rows
     when the largest has R_max. The short classes, the ones the loop is for, get the most;
-    the largest class gets 0. An integer is the same bound for every class; None: no
+    the largest class gets 0. `proportional` gives every class floor(m * R), the largest
+    too: when only the short classes hold synthetic rows, a classifier can learn "looks
+    synthetic, so it is a short class" and miss the short classes' real images
+    (benchmarks/long_tail.py --pool). An integer is the same bound for every class; None: no
     per-class bound. Whatever the setting, a class without real training rows gets 0: the
     generator has nothing real of it to learn from. A person's request (`requests`, label ->
     extra rows, from data/feedback's `label,extra` rows) raises that class's target by the
@@ -162,6 +166,8 @@ def pool_targets(
             return None
         if target_per_class == "auto":
             base = max(0, min(floor(multiple * real), largest - real))
+        elif target_per_class == "proportional":
+            base = floor(multiple * real)
         else:
             base = int(target_per_class)
         return base + asked.get(c, 0)
@@ -199,14 +205,17 @@ def answer_requests(
     return out
 
 
-def describe_targets(
-    target_per_class: int | Literal["auto"] | None, synthetic_multiple: float
-) -> str:
+def describe_targets(target_per_class: TargetRule, synthetic_multiple: float) -> str:
     """`pool_targets`' rule in words, for reports."""
     if target_per_class == "auto":
         return (
             f"loop.target_per_class auto: min(floor({synthetic_multiple:g} x R), R_max - R) "
             "for a class of R real train rows, the largest holding R_max"
+        )
+    if target_per_class == "proportional":
+        return (
+            f"loop.target_per_class proportional: floor({synthetic_multiple:g} x R) for a "
+            "class of R real train rows, every class alike"
         )
     if target_per_class is None:
         return "loop.target_per_class null: no per-class target"
