@@ -727,7 +727,7 @@ class LoopConfig(_Model):
     max_rounds: PositiveInt = 2
     max_retrains: int = Field(2, ge=0)
     target_per_class: TargetRule = Field(
-        "auto",
+        "proportional",
         description="a class stops growing in the pool, and fuse mixes in, at most this "
         "many synthetic rows of it; auto: its gap to the largest class, at most "
         "synthetic_multiple times its real train rows (the largest class gets none); "

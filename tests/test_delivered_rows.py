@@ -85,7 +85,7 @@ def test_the_utility_arm_holds_what_fuse_mixes_in_after_promotion(tmp_path):
     real = write(tmp_path / "clean", clean, "demo0")
     write(tmp_path / "augmented", [("short", real[-1])] * 4, "augmented")
     pool = tmp_path / "pool"
-    loop = LoopConfig(pool=pool, max_pool_rows=11)  # auto, synthetic_multiple 1
+    loop = LoopConfig(pool=pool, max_pool_rows=11, target_per_class="auto")  # multiple 1
     train_per_class = {"big": 20, "rich": 12, "short": 4}
     targets = pool_targets(train_per_class, loop.target_per_class, loop.synthetic_multiple)
     assert targets == {"big": 0, "rich": 8, "short": 4}
@@ -173,7 +173,7 @@ def test_no_row_to_promote_is_no_evidence_and_says_why(tmp_path):
     train = load_image_tensors(tmp_path / "clean", classes=["big", "short"])
     write(tmp_path / "accepted", [("big", None)] * 3, "gen")  # big's target is 0
     accepted = load_image_tensors(tmp_path / "accepted", classes=["big", "short"])
-    loop = LoopConfig(pool=tmp_path / "pool")
+    loop = LoopConfig(pool=tmp_path / "pool", target_per_class="auto")
     plan = plan_promotion(accepted, {"big": 20, "short": 4}, loop)
     assert plan.selection.chosen == [] and not plan.full  # short still has room
     test_labels = torch.tensor([0] * 10 + [1] * 30)

@@ -134,7 +134,8 @@ def test_composition_respects_share_bounds_per_class(tmp_path):
     write(tmp_path / "pool", [("a", None)] * 30 + [("b", None)] * 30 + [("c", None)] * 4, "gen")
     shares = {"augmented": 0.3}
     cfg = config(tmp_path, max_share=shares)
-    report = run_fuse(cfg)  # the default targets: auto, synthetic_multiple 1
+    auto = LoopConfig(target_per_class="auto")  # synthetic_multiple 1
+    report = run_fuse(cfg, auto)
 
     rows = fused(cfg)
     assert_share_bounds(rows, shares)
@@ -160,7 +161,7 @@ def test_composition_respects_share_bounds_per_class(tmp_path):
     assert report["synthetic_target"] == {"target_per_class": "auto", "synthetic_multiple": 1.0}
 
     again = config(tmp_path, max_share=shares).model_copy(update={"output": tmp_path / "again"})
-    run_fuse(again)
+    run_fuse(again, auto)
     assert list(fused(again).id) == list(rows.id)  # the seeded choice is deterministic
 
 
@@ -171,9 +172,10 @@ def test_the_synthetic_cap_is_the_pool_target(tmp_path):
     write(tmp_path / "pool", [("rich", None)] * 10 + [("short", None)] * 10, "gen")
     train = {"rich": 12, "short": 3}
     for loop in (
-        LoopConfig(),  # auto, m = 1: short min(3, 9) = 3, rich 0
-        LoopConfig(synthetic_multiple=2.0),  # short min(6, 9) = 6
-        LoopConfig(synthetic_multiple=5.0),  # short min(15, 9) = 9: the gap binds
+        LoopConfig(target_per_class="auto"),  # m = 1: short min(3, 9) = 3, rich 0
+        LoopConfig(target_per_class="auto", synthetic_multiple=2.0),  # short min(6, 9) = 6
+        LoopConfig(target_per_class="auto", synthetic_multiple=5.0),  # min(15, 9): gap binds
+        LoopConfig(synthetic_multiple=0.5),  # proportional: rich 6, short 1, the same multiple
         LoopConfig(target_per_class=2),  # an integer: every class alike
     ):
         report = run_fuse(config(tmp_path), loop)

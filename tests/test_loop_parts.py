@@ -179,7 +179,7 @@ def test_the_targets_fill_the_short_classes_gaps():
 def test_the_default_targets_follow_the_config():
     """params.yaml's loop section is the one owner of the rule and its multiple."""
     loop = load_params(REPO / "params.yaml").loop
-    assert (loop.target_per_class, loop.synthetic_multiple) == ("auto", 1.0)
+    assert (loop.target_per_class, loop.synthetic_multiple) == ("proportional", 1.0)
     for bad in (0, -1):
         with pytest.raises(ConfigError, match="loop.synthetic_multiple"):
             load_params(REPO / "params.yaml", {"loop": {"synthetic_multiple": bad}})

@@ -126,7 +126,7 @@ def test_the_refreshed_arm_is_the_rows_the_promotion_leaves_live(tmp_path):
     """Constructed: what validate scores with a kept refresh equals the live pool after
     the promotion performs it."""
     write(tmp_path / "clean", [("big", None)] * 20 + [("short", None)] * 4, "r")
-    loop = LoopConfig(pool=tmp_path / "pool", refresh_share=0.5)
+    loop = LoopConfig(pool=tmp_path / "pool", refresh_share=0.5, target_per_class="auto")
     write(tmp_path / "pooled", [("short", None)] * 4, "gen")
     promote(tmp_path / "pooled", loop.pool, "20261129T020000Z-00000001", 1)
     write(tmp_path / "accepted", [("short", None)] * 5, "gen")
