@@ -24,8 +24,9 @@ still apply.
 Caps: the synthetic rows of a class are capped at its pool target, `tasks.shared.pool.pool_targets`
 over the clean train split's rows per class (`loop.target_per_class`; proportional:
 floor(m * R), auto: min(floor(m * R), R_max - R), with m = `loop.synthetic_multiple`, R the
-class's real rows, R_max the largest class's; 0 for a class without real rows), the number at which promotion stops the class
-growing, so fuse mixes in every pooled row (feedback aside) while the targets stand. A source in
+class's real rows, R_max the largest class's; 0 for a class without real rows), the number
+at which promotion stops the class growing, so fuse mixes in every pooled row (feedback
+aside) while the targets stand. A source in
 `fuse.max_share` (the augmented rows; a synthetic share is refused by the config) is capped
 by its share: with R real rows in a class and the kept augmented/synthetic rows k_s, every
 capped source s must satisfy k_s <= share_s * (R + sum of k), i.e. k_s <= share_s / (1 -
