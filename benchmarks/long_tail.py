@@ -60,6 +60,7 @@ from utility import synthesize, tensors  # noqa: E402 (benchmarks/utility.py)
 from synthloop.config import load_params  # noqa: E402
 from tasks.shared.evaluator import Splits, train_net  # noqa: E402
 from tasks.shared.images import concat, to_float  # noqa: E402
+from tasks.shared.pool import pool_targets  # noqa: E402
 from tasks.validate.utility_protocol import Recipe, accuracy_of, t_interval  # noqa: E402
 from tasks.validate.utility_trainer import UtilityTrainer  # noqa: E402
 
@@ -139,9 +140,10 @@ def posterior_samples(work: Path, train, labels: torch.Tensor, seed: int) -> tor
         own, where = torch.nonzero(y == c).flatten(), torch.nonzero(labels == c).flatten()
         picks[where] = own[torch.randint(len(own), (len(where),), generator=generator)]
     out = []
+    encoder.eval()
     with torch.no_grad():
         for batch in picks.split(256):
-            mu, logvar = encoder.eval()(x[batch], y[batch])
+            mu, logvar = encoder(x[batch], y[batch])
             z = mu + torch.randn(mu.shape, generator=generator) * (0.5 * logvar).exp()
             out.append(to_uint8(torch.sigmoid(family.decoder_ema(z, y[batch])) * 2 - 1))
     return torch.cat(out)
@@ -200,8 +202,12 @@ def main() -> None:
     train_cfg = params.train.model_copy(update={"family": a.family, a.family: family})
     params = params.model_copy(update={"train": train_cfg})
     gains: dict[str, list[float]] = {r.name: [] for r in RECIPES}
+    # the loop's own rule: gap is loop.target_per_class auto
+    rule = "auto" if a.pool == "gap" else "proportional"
+    train_per_class = {str(c): int((splits.train.labels == c).sum()) for c in range(10)}
+    targets = pool_targets(train_per_class, rule, a.multiple)
+    per_class = SAMPLES_PER_CLASS if a.pool == "gap" else 2 * a.rich_train
     for g in range(a.gseeds):
-        per_class = SAMPLES_PER_CLASS if a.pool == "gap" else 2 * a.rich_train
         with tempfile.TemporaryDirectory() as work:
             samples, sample_labels, seconds = synthesize(
                 params, splits.train, g, a.steps, per_class, Path(work)
@@ -215,10 +221,7 @@ def main() -> None:
         )
         kept = []
         for c in range(10):
-            real = int((splits.train.labels == c).sum())
-            target = int(a.multiple * real)
-            if a.pool == "gap":
-                target = max(0, min(target, a.rich_train - real))
+            target = targets[str(c)]
             kept.append(torch.nonzero((sample_labels == c) & confident).flatten()[:target])
         kept = torch.cat(kept)
         synthetic = tensors(samples[kept].numpy(), sample_labels[kept].numpy(), classes, "syn")
