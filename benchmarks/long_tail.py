@@ -2,8 +2,9 @@
 generator trained on all of it add anything to the cheap alternative?
 
     python benchmarks/long_tail.py [--data digits|styled] [--family cgan] [--short-train 10]
-        [--rich-train 120] [--gseeds 2] [--cseeds 3] [--steps 1500] [--multiple 1.0]
-        [--share 0.5] [--pool gap|proportional] [--sampler prior|posterior] [--set key=value ...]
+        [--rich-train 120] [--gseeds 2] [--first-gseed 0] [--cseeds 3] [--steps 1500]
+        [--multiple 1.0] [--share 0.5] [--pool gap|proportional]
+        [--sampler prior|posterior|transfer] [--set key=value ...]
 
 The question behind issue 25's default: which data would let the loop show a gain on any
 machine? Here the rich classes can teach the short ones: the generator trains on every
@@ -26,7 +27,9 @@ gate it).
              that whether a row is synthetic says nothing about its class.
   --sampler  `prior`, the family's own sampling; `posterior` (vae only), each sample a draw
              from the encoder's posterior of one of the class's own train images, decoded by
-             the EMA decoder: variants of the user's images.
+             the EMA decoder: variants of the user's images; `transfer` (vae only), the
+             posterior of an image of another class decoded with the sample's own label:
+             the other classes' styles carried over to it.
 Prints the baselines' short-class accuracy, per generator seed the acceptance rate of the
 short classes and the paired gain per remedy, then the gain over every (generator seed,
 classifier seed) pair with its 95% t-interval. The generator trains on the real train rows
@@ -61,6 +64,8 @@ from synthloop.config import load_params  # noqa: E402
 from tasks.shared.evaluator import Splits, train_net  # noqa: E402
 from tasks.shared.images import concat, to_float  # noqa: E402
 from tasks.shared.pool import pool_targets  # noqa: E402
+from tasks.validate.figures import privacy  # noqa: E402
+from tasks.validate.privacy import membership_auc_high  # noqa: E402
 from tasks.validate.utility_protocol import Recipe, accuracy_of, t_interval  # noqa: E402
 from tasks.validate.utility_trainer import UtilityTrainer  # noqa: E402
 
@@ -122,10 +127,15 @@ def split(labels: np.ndarray, short_train: int, rich_train: int) -> tuple[np.nda
     return np.array(train), np.array(val), np.array(test)
 
 
-def posterior_samples(work: Path, train, labels: torch.Tensor, seed: int) -> torch.Tensor:
-    """Per label, a draw from the VAE's posterior q(z | x, y) of one of that class's train
-    images (chosen at random), decoded by the EMA decoder (uint8). The encoder is not part
-    of the export, so it is read from the last training checkpoint."""
+def posterior_samples(
+    work: Path, train, labels: torch.Tensor, seed: int, transfer: bool = False
+) -> torch.Tensor:
+    """Per label, a draw from the VAE's posterior q(z | x, y') of one train image x (label
+    y'), decoded by the EMA decoder with the requested label (uint8). `transfer` False: x is
+    one of the label's own images (variants of the user's images). `transfer` True: x is
+    an image of any other class, so its style (the latent) comes from the whole train set,
+    the rich classes mostly, and its class from the label. The encoder is not part of the
+    export, so it is read from the last training checkpoint."""
     from tasks.generate.stage import load_model
     from tasks.shared.images import to_uint8
 
@@ -137,15 +147,16 @@ def posterior_samples(work: Path, train, labels: torch.Tensor, seed: int) -> tor
     x, y = to_float(train.images), train.labels
     picks = torch.empty(len(labels), dtype=torch.long)
     for c in labels.unique().tolist():
-        own, where = torch.nonzero(y == c).flatten(), torch.nonzero(labels == c).flatten()
+        own = torch.nonzero((y != c) if transfer else (y == c)).flatten()
+        where = torch.nonzero(labels == c).flatten()
         picks[where] = own[torch.randint(len(own), (len(where),), generator=generator)]
     out = []
     encoder.eval()
     with torch.no_grad():
-        for batch in picks.split(256):
+        for batch, wanted in zip(picks.split(256), labels.split(256), strict=True):
             mu, logvar = encoder(x[batch], y[batch])
             z = mu + torch.randn(mu.shape, generator=generator) * (0.5 * logvar).exp()
-            out.append(to_uint8(torch.sigmoid(family.decoder_ema(z, y[batch])) * 2 - 1))
+            out.append(to_uint8(torch.sigmoid(family.decoder_ema(z, wanted)) * 2 - 1))
     return torch.cat(out)
 
 
@@ -155,13 +166,14 @@ def main() -> None:
     p.add_argument("--family", default="cgan")
     p.add_argument("--short-train", type=int, default=10)
     p.add_argument("--rich-train", type=int, default=120)
-    p.add_argument("--gseeds", type=int, default=2, help="generator seeds 0..N-1")
+    p.add_argument("--gseeds", type=int, default=2, help="generator seeds: this many")
+    p.add_argument("--first-gseed", type=int, default=0, help="...from this one on")
     p.add_argument("--cseeds", type=int, default=3, help="classifier seeds 0..N-1")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--multiple", type=float, default=1.0, help="loop.synthetic_multiple")
     p.add_argument("--share", type=float, default=0.5, help="validate.utility_synthetic_share")
     p.add_argument("--pool", choices=("gap", "proportional"), default="gap")
-    p.add_argument("--sampler", choices=("prior", "posterior"), default="prior")
+    p.add_argument("--sampler", choices=("prior", "posterior", "transfer"), default="prior")
     p.add_argument("--set", action="append", default=[], help="key=value on the family's section")
     a = p.parse_args()
     torch.set_num_threads(1)
@@ -182,6 +194,29 @@ def main() -> None:
         validation, params.train_evaluator, params.augment.policy, splits, cpu
     )
     short = torch.isin(splits.test.labels, torch.tensor(SHORT))
+
+    def privacy_line(synthetic) -> str:
+        """validate's privacy figures of the kept rows (yardstick features) and its gates."""
+        with torch.no_grad():
+            features = {
+                name: yardstick.eval().features(to_float(data.images))
+                for name, data in (("train", splits.train), ("val", splits.val),
+                                   ("test", splits.test), ("synthetic", synthetic))
+            }  # fmt: skip
+        figures = privacy(params.validation, splits, synthetic, features, classes)[1]
+        memorised, auc = figures["memorisation"]["ratio"], membership_auc_high(figures)
+        gates = params.validation.gates
+        per_class = figures["memorisation"]["pixels"]["per_class"]
+        short_memorised = ", ".join(
+            "-" if per_class[str(c)] is None else f"{per_class[str(c)]:.2f}" for c in SHORT
+        )
+        return (
+            f"memorised {memorised:.3f} (gate {gates.max_memorisation_ratio}; short classes, "
+            f"pixels: {short_memorised}), membership AUC high "
+            f"{auc:.3f} (gate {gates.max_membership_auc}): "
+            + ("pass" if memorised <= gates.max_memorisation_ratio
+               and auc <= gates.max_membership_auc else "FAIL")
+        )  # fmt: skip
 
     def short_accuracy(data, seed: int, recipe: Recipe) -> float:
         predictions = trainer(data, seed, recipe)[1]
@@ -207,13 +242,14 @@ def main() -> None:
     train_per_class = {str(c): int((splits.train.labels == c).sum()) for c in range(10)}
     targets = pool_targets(train_per_class, rule, a.multiple)
     per_class = SAMPLES_PER_CLASS if a.pool == "gap" else 2 * a.rich_train
-    for g in range(a.gseeds):
+    for g in range(a.first_gseed, a.first_gseed + a.gseeds):
         with tempfile.TemporaryDirectory() as work:
             samples, sample_labels, seconds = synthesize(
                 params, splits.train, g, a.steps, per_class, Path(work)
             )
-            if a.sampler == "posterior":
-                samples = posterior_samples(Path(work), splits.train, sample_labels, g)
+            if a.sampler != "prior":
+                transfer = a.sampler == "transfer"
+                samples = posterior_samples(Path(work), splits.train, sample_labels, g, transfer)
         with torch.no_grad():
             probs = torch.softmax(yardstick.eval()(to_float(samples)), 1)
         confident = probs[torch.arange(len(sample_labels)), sample_labels] >= (
@@ -225,6 +261,7 @@ def main() -> None:
             kept.append(torch.nonzero((sample_labels == c) & confident).flatten()[:target])
         kept = torch.cat(kept)
         synthetic = tensors(samples[kept].numpy(), sample_labels[kept].numpy(), classes, "syn")
+        print(f"  generator seed {g}: privacy of the kept rows: {privacy_line(synthetic)}")
         for r in RECIPES:
             for s in range(a.cseeds):
                 gains[r.name].append(
@@ -238,6 +275,8 @@ def main() -> None:
             flush=True,
         )
     for name, values in gains.items():
+        if len(values) < 2:
+            continue  # no interval from one pair
         i = t_interval(values)
         print(
             f"  {name}: short-class gain {100 * i.mean:+.1f} [{100 * i.low:+.1f}, "
