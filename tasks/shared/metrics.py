@@ -14,13 +14,10 @@ these metrics use.
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.kid import KernelInceptionDistance
 
 
 def round_figure(value: float | None, digits: int = 5) -> float | None:
@@ -70,38 +67,70 @@ def fid_kid_features(
     seed: int = 0,
     batch_size: int = 8192,
 ) -> tuple[float, float, float]:
-    """(FID, KID mean, KID std) of two (N, D) feature matrices, through torchmetrics.
+    """(FID, KID mean, KID std) of two (N, D) feature matrices.
+
+    The same arithmetic as torchmetrics' FrechetInceptionDistance and
+    KernelInceptionDistance fed these features through an identity module (bit for bit:
+    tests/test_metrics.py compares them), without importing torchmetrics, which costs a
+    stage process seconds (it pulls in torchvision and scipy.signal). FID: float64 sums
+    accumulated `batch_size` rows at a time, then |mu1 - mu2|^2 + tr(S1 + S2 -
+    2 sqrt(S1 S2)) through the eigenvalues of S1 S2. KID: the unbiased MMD of the cubic
+    polynomial kernel over `kid_subsets` random subsets.
 
     KID's subset size shrinks to the smaller sample count (it must not exceed either; when
     a subset is then a whole set, every subset sees the same samples and the std is ~0).
     With fewer than 2 samples on a side every figure is NaN. KID's subsets are drawn from
-    a seeded generator so the figure is reproducible.
+    the global CPU RNG seeded with `seed` inside a fork, so the figure is reproducible and
+    the caller's RNG is left alone.
     """
     if min(len(real_feats), len(fake_feats)) < 2:
         return math.nan, math.nan, math.nan
-    dim = real_feats.shape[1]
-    subset = min(kid_subset_size, len(real_feats), len(fake_feats))
-    # The figures are of the tensors given: inside a process group (train's rank 0 scores
-    # alone under DDP) torchmetrics would otherwise gather every rank's state and hang.
-    local = {"sync_on_compute": False}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-        kid = KernelInceptionDistance(
-            feature=IdentityFeatures(dim), subsets=kid_subsets, subset_size=subset, **local
-        )
-    fid = FrechetInceptionDistance(feature=IdentityFeatures(dim), **local)
     device = real_feats.device
-    fid, kid = fid.to(device), kid.to(device)
-    for feats, real in ((real_feats, True), (fake_feats, False)):
-        for lo in range(0, len(feats), batch_size):
-            batch = feats[lo : lo + batch_size].to(device)
-            fid.update(batch, real=real)
-            kid.update(batch, real=real)
-    fid_value = float(fid.compute())
-    with torch.random.fork_rng(devices=[]):  # KID draws subsets from the global CPU RNG
+    real, fake = (f.flatten(1).float().to(device) for f in (real_feats, fake_feats))
+    fid = _torchmetrics_fid(real, fake, batch_size)
+    subset = min(kid_subset_size, len(real), len(fake))
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        kid_mean, kid_std = kid.compute()
-    return fid_value, float(kid_mean), float(kid_std)
+        scores = []
+        for _ in range(kid_subsets):
+            f_real = real[torch.randperm(len(real))[:subset]]
+            f_fake = fake[torch.randperm(len(fake))[:subset]]
+            scores.append(_polynomial_mmd(f_real, f_fake))
+    kid = torch.stack(scores)
+    return fid, float(kid.mean()), float(kid.std(unbiased=False))
+
+
+def _torchmetrics_fid(real: Tensor, fake: Tensor, batch_size: int) -> float:
+    """FID as torchmetrics computes it: float64 sums over batches, eigenvalues of S1 S2."""
+    moments = []
+    for feats in (real, fake):
+        total = torch.zeros(feats.shape[1], dtype=torch.double, device=feats.device)
+        products = torch.zeros(
+            feats.shape[1], feats.shape[1], dtype=torch.double, device=feats.device
+        )
+        for lo in range(0, len(feats), batch_size):
+            batch = feats[lo : lo + batch_size].double()
+            total += batch.sum(dim=0)
+            products += batch.t().mm(batch)
+        n = len(feats)
+        mean = (total / n).unsqueeze(0)
+        moments.append((mean.squeeze(0), (products - n * mean.t().mm(mean)) / (n - 1)))
+    (mu1, s1), (mu2, s2) = moments
+    root = torch.linalg.eigvals(s1 @ s2).sqrt().real.sum(dim=-1)
+    value = (mu1 - mu2).square().sum(dim=-1) + (s1.trace() + s2.trace()) - 2 * root
+    return float(value.to(torch.float32))
+
+
+def _polynomial_mmd(x: Tensor, y: Tensor) -> Tensor:
+    """Unbiased squared MMD of the kernel (x.y / D + 1)^3 (KID's; Binkowski et al. 2018)."""
+    gamma = 1.0 / x.shape[1]
+    k_xx, k_yy, k_xy = ((a @ b.T * gamma + 1.0) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+    m = k_xx.shape[0]
+    within = (k_xx.sum(dim=-1) - torch.diag(k_xx)).sum() + (
+        k_yy.sum(dim=-1) - torch.diag(k_yy)
+    ).sum()
+    value = within / (m * (m - 1))
+    return value - 2 * k_xy.sum(dim=0).sum() / (m**2)
 
 
 def fid_kid(
@@ -115,9 +144,9 @@ def fid_kid(
 ) -> tuple[float, float, float]:
     """(FID, KID mean, KID std) of two image sets in `extractor`'s feature space.
 
-    Features are extracted once per image and fed to torchmetrics' FID and KID through an
-    identity module, rather than each metric running the extractor again.
-    `extractor` takes what torchmetrics would pass it (uint8 images) and returns (N, D).
+    Features are extracted once per image, rather than each metric running the extractor
+    again. `extractor` takes uint8 images (as torchmetrics would pass them) and returns
+    (N, D).
     """
     real = extract_features(real_images, extractor, batch_size)
     fake = extract_features(fake_images, extractor, batch_size)
