@@ -30,10 +30,12 @@ gate it).
              the EMA decoder: variants of the user's images; `transfer` (vae only), the
              posterior of an image of another class decoded with the sample's own label:
              the other classes' styles carried over to it.
-Prints the baselines' short-class accuracy, per generator seed the acceptance rate of the
-short classes and the paired gain per remedy, then the gain over every (generator seed,
-classifier seed) pair with its 95% t-interval. The generator trains on the real train rows
-only, not on the augmented rows the loop's fused set adds. Figures only: nothing asserted.
+Prints the baselines' short-class accuracy, per generator seed validate's privacy figures
+of the kept rows (yardstick features) against the loop's two privacy gates, the acceptance
+rate of the short classes and the paired gain per remedy, then the gain over every
+(generator seed, classifier seed) pair with its 95% t-interval. The generator trains on
+the real train rows only, not on the augmented rows the loop's fused set adds. Figures
+only: nothing asserted.
 
 Datasets: `digits`, scikit-learn's 8x8 digits as the demo embeds them; `styled`, the same
 digits at 16x16 with a seeded style per image shared by every class (rotation within 35
