@@ -197,15 +197,18 @@ def main() -> None:
     )
     short = torch.isin(splits.test.labels, torch.tensor(SHORT))
 
+    def features(data) -> torch.Tensor:
+        with torch.no_grad():
+            return yardstick.eval().features(to_float(data.images))
+
+    # the real splits' features once: only the kept rows change from seed to seed
+    real_features = {"train": features(splits.train), "val": features(splits.val),
+                     "test": features(splits.test)}  # fmt: skip
+
     def privacy_line(synthetic) -> str:
         """validate's privacy figures of the kept rows (yardstick features) and its gates."""
-        with torch.no_grad():
-            features = {
-                name: yardstick.eval().features(to_float(data.images))
-                for name, data in (("train", splits.train), ("val", splits.val),
-                                   ("test", splits.test), ("synthetic", synthetic))
-            }  # fmt: skip
-        figures = privacy(params.validation, splits, synthetic, features, classes)[1]
+        all_features = real_features | {"synthetic": features(synthetic)}
+        figures = privacy(params.validation, splits, synthetic, all_features, classes)[1]
         memorised, auc = figures["memorisation"]["ratio"], membership_auc_high(figures)
         gates = params.validation.gates
         per_class = figures["memorisation"]["pixels"]["per_class"]
