@@ -9,7 +9,6 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from tasks.shared.metrics import (
-    IdentityFeatures,
     _moments,
     class_consistency,
     fid_kid,
@@ -22,6 +21,18 @@ from tasks.shared.metrics import (
     pixel_space,
     prdc,
 )
+
+
+class IdentityFeatures(torch.nn.Module):
+    """A torchmetrics `feature=` module for inputs that already are (N, D) features."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).float()
+
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance`"),

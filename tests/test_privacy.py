@@ -3,12 +3,14 @@ that draws fresh samples from the same distribution passes (tasks/validate/priva
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from synthloop.config import GateConfig
-from tasks.validate.gates import acceptance, evaluate_gates
+from tasks.validate.gates import acceptance, evaluate_gates, passes, privacy_checks
 from tasks.validate.privacy import (
     PrivacySets,
     auc,
@@ -219,6 +221,19 @@ def test_gates_fail_a_copying_generator_and_pass_an_honest_one(world):
     assert not copying["memorisation_ratio"]["passed"]
     assert not copying["membership_auc"]["passed"]
     assert honest["passed"], honest
+
+
+def test_privacy_checks_alone_agree_with_the_round_gates(world):
+    """The benchmarks judge kept rows with `privacy_checks` alone; it must give the round's
+    verdicts, and an unmeasured figure fails."""
+    gates = GateConfig()
+    for kind in ("copying", "honest"):
+        privacy = figures(world, kind)[1]
+        round_gates = evaluate_gates(gates, passing_figures(privacy))
+        for name, check in privacy_checks(gates, privacy).items():
+            assert passes(*check) == round_gates[name]["passed"], (kind, name)
+    assert not passes(None, "<=", 1.0) and not passes(math.nan, ">=", 0.0)
+    assert not any(passes(*check) for check in privacy_checks(gates, {}).values())
 
 
 def test_memorised_rows_are_rejected_as_memorised(world):

@@ -36,17 +36,6 @@ def default_block_size(device: torch.device) -> int:
 # --- features ----------------------------------------------------------------------------
 
 
-class IdentityFeatures(nn.Module):
-    """A torchmetrics `feature=` module for inputs that already are (N, D) features."""
-
-    def __init__(self, num_features: int) -> None:
-        super().__init__()
-        self.num_features = num_features
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x.flatten(1).float()
-
-
 @torch.no_grad()
 def extract_features(images: Tensor, extractor: nn.Module, batch_size: int = 1024) -> Tensor:
     """Run `extractor` over `images` in batches; (N, D) float features on images' device."""

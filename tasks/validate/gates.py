@@ -1,8 +1,8 @@
 """Validate's verdicts from its figures: which synthetic rows are accepted, one by one
 (`acceptance`), in which order the pool is offered them (`delivery_order`), and which gates
-the round passes (`evaluate_gates`). Pure functions of the
-figures the stage computes (tasks/validate/stage.py); the loop reads the gates to decide
-whether to promote the accepted rows.
+the round passes (`evaluate_gates`; the privacy gates alone: `privacy_checks`). Pure
+functions of the figures the stage computes (tasks/validate/stage.py); the loop reads the
+gates to decide whether to promote the accepted rows.
 """
 
 from __future__ import annotations
@@ -62,13 +62,35 @@ def delivery_order(confidence: np.ndarray, order: str) -> np.ndarray:
     raise ValueError(f"validate.delivery_order: {order!r}; use generated or hardest")
 
 
+Check = tuple[float | None, str, float]  # (value, ">=" or "<=", threshold)
+
+
+def passes(value: float | None, op: str, threshold: float) -> bool:
+    """A gate's verdict; a figure not measured (None or NaN) fails."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    return bool(value >= threshold if op == ">=" else value <= threshold)
+
+
+def privacy_checks(gates: GateConfig, privacy: dict) -> dict[str, Check]:
+    """The two privacy gates' checks on validate's privacy figures (`figures.privacy`)."""
+    return {
+        "memorisation_ratio": (
+            privacy.get("memorisation", {}).get("ratio"),
+            "<=",
+            gates.max_memorisation_ratio,
+        ),
+        # The stronger attack's upper bound: a small hold-out cannot pass on luck.
+        "membership_auc": (membership_auc_high(privacy), "<=", gates.max_membership_auc),
+    }
+
+
 def evaluate_gates(gates: GateConfig, figures: dict) -> dict:
     """Each gate's threshold, value and verdict, and `passed` overall."""
     # Like with like: both FIDs with the train split's class mix where measured (the
     # generator is asked for more of the short classes than the real data holds).
     fid = figures.get("fid_class_matched", figures["fid"])
     floor = max(figures.get("fid_real_floor_class_matched", figures["fid_real_floor"]), 1e-6)
-    privacy = figures.get("privacy") or {}
     resolution = figures["utility"].get("resolution") or {}
     # A full pool takes no row whatever the gates say: its utility gates have nothing to
     # judge, so they pass unmeasured and the flow ends the run (the pool is full).
@@ -90,14 +112,7 @@ def evaluate_gates(gates: GateConfig, figures: dict) -> dict:
             resolution.get("max_points_per_test_image"),
         ),
         "expectations": (float(figures["expectations_critical_ok"]), ">=", 1.0),
-        # Not measured (None) fails, as for every gate.
-        "memorisation_ratio": (
-            privacy.get("memorisation", {}).get("ratio"),
-            "<=",
-            gates.max_memorisation_ratio,
-        ),
-        # The stronger attack's upper bound: a small hold-out cannot pass on luck.
-        "membership_auc": (membership_auc_high(privacy), "<=", gates.max_membership_auc),
+        **privacy_checks(gates, figures.get("privacy") or {}),
     }
     out: dict = {}
     for name, (value, op, threshold) in checks.items():
@@ -105,10 +120,7 @@ def evaluate_gates(gates: GateConfig, figures: dict) -> dict:
             out[name] = {"value": None, "op": op, "threshold": threshold, "passed": True}
             out[name]["note"] = "the pool is full: no row to promote"
             continue
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            ok = False
-        else:
-            ok = bool(value >= threshold if op == ">=" else value <= threshold)
-        out[name] = {"value": _round(value), "op": op, "threshold": threshold, "passed": ok}
+        out[name] = {"value": _round(value), "op": op, "threshold": threshold,
+                     "passed": passes(value, op, threshold)}  # fmt: skip
     out["passed"] = all(g["passed"] for g in out.values())
     return out
