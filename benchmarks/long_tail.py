@@ -4,7 +4,7 @@ generator trained on all of it add anything to the cheap alternative?
     python benchmarks/long_tail.py [--data digits|styled] [--family cgan] [--short-train 10]
         [--rich-train 120] [--gseeds 2] [--first-gseed 0] [--cseeds 3] [--steps 1500]
         [--multiple 1.0] [--share 0.5] [--pool gap|proportional]
-        [--sampler prior|posterior|transfer] [--set key=value ...]
+        [--sampler prior|posterior|transfer] [--latent-adversary W] [--set key=value ...]
 
 The question behind issue 25's default: which data would let the loop show a gain on any
 machine? Here the rich classes can teach the short ones: the generator trains on every
@@ -30,6 +30,9 @@ gate it).
              the EMA decoder: variants of the user's images; `transfer` (vae only), the
              posterior of an image of another class decoded with the sample's own label:
              the other classes' styles carried over to it.
+  --latent-adversary  (vae) W > 0 trains benchmarks/class_free_vae.py's CVAE instead: an
+             adversary pushes the latent to carry no class, with weight W, so that
+             `transfer` can carry only the style across.
 Prints the baselines' short-class accuracy, per generator seed validate's privacy figures
 of the kept rows (yardstick features) against the loop's two privacy gates, the acceptance
 rate of the short classes and the paired gain per remedy, then the gain over every
@@ -176,9 +179,16 @@ def main() -> None:
     p.add_argument("--share", type=float, default=0.5, help="validate.utility_synthetic_share")
     p.add_argument("--pool", choices=("gap", "proportional"), default="gap")
     p.add_argument("--sampler", choices=("prior", "posterior", "transfer"), default="prior")
+    p.add_argument("--latent-adversary", type=float, default=0.0, help="vae: its weight")
     p.add_argument("--set", action="append", default=[], help="key=value on the family's section")
     a = p.parse_args()
     torch.set_num_threads(1)
+    if a.latent_adversary > 0:
+        if a.family != "vae":
+            p.error("--latent-adversary needs --family vae")
+        import class_free_vae
+
+        class_free_vae.use(a.latent_adversary)
     params = load_params(PROJECT / "params.yaml")
     images, labels = DATASETS[a.data]()
     classes = [str(c) for c in range(10)]
@@ -230,7 +240,7 @@ def main() -> None:
         mean = np.mean([base[r, s] for s in range(a.cseeds)])
         print(
             f"[{a.data} {a.family} short_train={a.short_train} pool={a.pool} "
-            f"sampler={a.sampler}] {r.name}: short {mean:.3f}"
+            f"sampler={a.sampler} adversary={a.latent_adversary}] {r.name}: short {mean:.3f}"
         )
 
     family = getattr(params.train, a.family)
