@@ -41,7 +41,7 @@ trains the same weights bit for bit; repeats are for the timings):
            UtilityTrainer: class-balanced draws, validate.utility_steps, validate.utility_seeds
            paired seeds, the baseline chosen on val as validate chooses it) on the accepted rows.
            The baseline arms, trained on the real split alone, are trained once and shared
-           by every family (`shared_baseline`), so every family's delta is paired against
+           by every family (`SharedBaseline`), so every family's delta is paired against
            the very same baseline classifiers. Reported: the short-class and overall delta
            (accuracy points) with its 95% Student-t interval and the verdict (helped / no
            evidence / hurt).
@@ -53,6 +53,7 @@ Prints a markdown table; --json writes every figure. Figures only: nothing is as
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import statistics
@@ -60,6 +61,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
@@ -82,8 +84,8 @@ from tasks.shared.metrics import class_consistency, near_copy_rate  # noqa: E402
 from tasks.validate.figures import fidelity, privacy  # noqa: E402
 from tasks.validate.gates import acceptance  # noqa: E402
 from tasks.validate.promotion import subset  # noqa: E402
-from tasks.validate.utility_protocol import Recipe, Trainer, compare_arms  # noqa: E402
-from tasks.validate.utility_trainer import UtilityTrainer  # noqa: E402
+from tasks.validate.utility_protocol import Recipe, Trainer, compare_arms, run_now  # noqa: E402
+from tasks.validate.utility_trainer import TrainerPool, UtilityTrainer  # noqa: E402
 
 
 def set_value(values: dict, assignment: str) -> None:
@@ -97,20 +99,36 @@ def set_value(values: dict, assignment: str) -> None:
     node[int(leaf) if isinstance(node, list) else leaf] = yaml.safe_load(raw)
 
 
-def shared_baseline(trainer: Trainer, train: ImageTensors) -> Trainer:
-    """`trainer`, with its runs on `train` itself (the baseline arms: the real split alone,
-    per seed and recipe) trained once and reused. Every family's arms are then paired
-    with the very same baseline classifiers, and the baseline is not retrained per family."""
-    kept: dict[tuple[int, Recipe], tuple[torch.Tensor, torch.Tensor]] = {}
+def rows_digest(data: ImageTensors) -> str:
+    """The rows' identity: their ids (content hashes) and labels, in order."""
+    digest = hashlib.sha256("\n".join(data.ids).encode())
+    digest.update(data.labels.numpy().tobytes())
+    return digest.hexdigest()
 
-    def cached(data: ImageTensors, seed: int, recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
-        if data is not train:
-            return trainer(data, seed, recipe)
-        if (seed, recipe) not in kept:
-            kept[seed, recipe] = trainer(data, seed, recipe)
-        return kept[seed, recipe]
 
-    return cached
+class SharedBaseline:
+    """compare_arms' trainer: `trainer` (a plain trainer or a `TrainerPool`), with its runs on
+    `train`'s rows (the baseline arms: the real split alone, per seed and recipe) trained
+    once and reused. Every family's arms are then paired with the very same baseline
+    classifiers, and the baseline is not retrained per family. `memo` carries the baseline
+    runs over to another trainer of the same settings and splits (fashion_lt.py: every loop
+    seed's clean split is the same); a run is a deterministic function of its rows, seed
+    and recipe (tests/test_utility_trainer.py), so reuse changes no figure."""
+
+    def __init__(
+        self, trainer: Trainer | TrainerPool, train: ImageTensors, memo: dict | None = None
+    ) -> None:
+        self._submit = getattr(trainer, "submit", None) or run_now(trainer)
+        self.kept: dict[tuple[str, int, Recipe], Future] = {} if memo is None else memo
+        self.baseline = rows_digest(train)
+
+    def submit(self, data: ImageTensors, seed: int, recipe: Recipe) -> Future:
+        if rows_digest(data) != self.baseline:
+            return self._submit(data, seed, recipe)
+        key = (self.baseline, seed, recipe)
+        if key not in self.kept:
+            self.kept[key] = self._submit(data, seed, recipe)
+        return self.kept[key]
 
 
 # --- one family in its own process -------------------------------------------------------
@@ -220,7 +238,7 @@ class Judge:
             s: self.evaluator.features(getattr(self.splits, s).images)
             for s in ("train", "val", "test")
         }
-        self.trainer = shared_baseline(
+        self.trainer = SharedBaseline(
             UtilityTrainer.configured(
                 self.cfg, params.train_evaluator, params.augment.policy, self.splits, device
             ),

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -91,11 +92,15 @@ def run_loop(ws: Path, log: Path) -> tuple[float, dict]:
     return seconds, json.loads(report.read_text())
 
 
-def judge(ws: Path, root: Path, promoted: bool) -> dict:
+def judge(ws: Path, root: Path, promoted: bool, memos: dict) -> dict:
     """The project's utility protocol with the official test set as its test split, on the
     live pool; when nothing was promoted, on the rows the gate refused (the accepted rows
-    promotion would have added), so the judge can say whether refusing was right."""
+    promotion would have added), so the judge can say whether refusing was right.
+    The cheap menu and the baseline arms train on the clean real split alone, which is the
+    same for every loop seed (clean does not read `train.seed`): `memos` keeps them, per
+    val and test split, so that later loop seeds reuse them (9 of the 14 trainings)."""
     import torch
+    from families import SharedBaseline, rows_digest  # benchmarks/families.py
 
     from synthloop.config import load_params
     from synthloop.dataset import read_columns
@@ -140,7 +145,9 @@ def judge(ws: Path, root: Path, promoted: bool) -> dict:
     with TrainerPool(
         trainer, utility_workers(cfg.utility_workers, trainer, trainings(len(seeds)))
     ) as workers:
-        result = compare_arms(train, pool, val.labels, test.labels, workers, seeds, three)
+        memo = memos.setdefault((rows_digest(val), rows_digest(test)), {})
+        shared = SharedBaseline(workers, train, memo)
+        result = compare_arms(train, pool, val.labels, test.labels, shared, seeds, three)
     result["pool_per_class"] = per_class_counts(pool)
     return result
 
@@ -172,10 +179,17 @@ def main() -> None:
     sizes = tuple(max(1, round(n * args.scale)) for n in LONG_TAIL)
     picked = long_tailed(labels, sizes, seed=0)
     print(f"Fashion-MNIST-LT: {len(picked)} training images, per class {sizes}", flush=True)
+    cache = args.workdir / "dvc-cache"
+    shutil.rmtree(cache, ignore_errors=True)
     rows = []
+    memos: dict = {}  # the baseline arms' trainings, shared by the loop seeds (`judge`)
     for seed in [int(s) for s in args.loop_seeds.split(",")]:
         ws = args.workdir / f"ws-seed{seed}"
         raw = make_workspace(ws, [*DEFAULTS, *args.overrides])
+        # one DVC cache for every loop seed: the stages that do not read train.seed
+        # (ingest, clean, augment, train_evaluator) come back from DVC's run cache
+        subprocess.run([str(BIN / "dvc"), "cache", "dir", "--local", str(cache)], cwd=ws,
+                       env=environment(ws), check=True)  # fmt: skip
         write_params(ws, raw, seed)
         write_folder(ws / RAW, images[picked], labels[picked])
         subprocess.run([str(BIN / "dvc"), "add", "-q", RAW], cwd=ws, env=environment(ws),
@@ -183,7 +197,7 @@ def main() -> None:
         check_workspace(ws)
         seconds, loop = run_loop(ws, args.workdir / f"run-seed{seed}.log")
         promoted = loop.get("result") == "promoted"
-        judged = judge(ws, args.root, promoted)
+        judged = judge(ws, args.root, promoted, memos)
         short = judged["short"]
         rows.append({"seed": seed, "seconds": seconds, "result": loop.get("result"),
                      "message": loop.get("message"), "judge": judged,

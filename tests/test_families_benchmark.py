@@ -32,7 +32,7 @@ def dataset(labels: list[int], tag: str) -> ImageTensors:
     )
 
 
-def test_shared_baseline_trains_the_baseline_once_and_changes_no_figure() -> None:
+def test_the_shared_baseline_trains_the_baseline_once_and_changes_no_figure() -> None:
     families = load_benchmark()
     train = dataset([0, 0, 0, 0, 1], "real")
     val, test = torch.tensor([0, 1, 0, 1]), torch.tensor([0, 1, 1, 0, 1])
@@ -46,7 +46,7 @@ def test_shared_baseline_trains_the_baseline_once_and_changes_no_figure() -> Non
             2, (len(test),), generator=g
         )
 
-    shared = families.shared_baseline(trainer, train)
+    shared = families.SharedBaseline(trainer, train)
     seeds = [0, 1, 2]
     samples = [dataset([1, 1], "x"), dataset([1, 0, 1], "y")]
     cached = [compare_arms(train, s, val, test, shared, seeds, 0.5) for s in samples]
@@ -59,6 +59,29 @@ def test_shared_baseline_trains_the_baseline_once_and_changes_no_figure() -> Non
     assert len(baseline_calls) == len(set(baseline_calls)) == len(RECIPES) + 2
     # every family's own arms are still trained: 3 seeds plus tstr, for each sample set
     assert first_round - len(baseline_calls) == 2 * (len(seeds) + 1)
+
+
+def test_a_memo_carries_the_baseline_to_a_later_run_on_equal_rows_only() -> None:
+    """fashion_lt.py's loop seeds: a new trainer and a reloaded train split with the same rows
+    reuse the baseline runs; other rows train afresh."""
+    families = load_benchmark()
+    calls: list[tuple[str, int, Recipe]] = []
+
+    def trainer(data: ImageTensors, seed: int, recipe: Recipe):
+        calls.append((data.ids[0], seed, recipe))
+        return torch.zeros(1), torch.zeros(1)
+
+    memo: dict = {}
+    recipe = RECIPES[0]
+    first = families.SharedBaseline(trainer, dataset([0, 1, 1], "real"), memo)
+    first.submit(dataset([0, 1, 1], "real"), 0, recipe).result()
+    again = families.SharedBaseline(trainer, dataset([0, 1, 1], "real"), memo)
+    again.submit(dataset([0, 1, 1], "real"), 0, recipe).result()  # reused
+    again.submit(dataset([0, 1, 1], "real"), 1, recipe).result()  # another seed: trains
+    relabelled = families.SharedBaseline(trainer, dataset([1, 1, 1], "real"), memo)
+    relabelled.submit(dataset([1, 1, 1], "real"), 0, recipe).result()  # not the same rows
+    assert calls == [("real0", 0, recipe), ("real0", 1, recipe), ("real0", 0, recipe)]
+    assert len(memo) == 3  # two seeds of the first rows, one of the relabelled ones
 
 
 def test_delta_cell_reads_an_interval_in_points() -> None:
