@@ -13,12 +13,15 @@ Per loop seed (`train.seed`), in a fresh clone of this project (the clone's own 
 benchmarks/default_robustness.py makes it): the folder is versioned with `dvc add`,
 params.yaml points `ingest.sources` at it with `clean.image_size: 28` and any `--set`
 (defaults sized for two cores: one round, one attempt, `train.steps` 400), and
-`synthloop run` runs the real loop, the project's clean split and gates included.
+`synthloop run` runs the real loop, the project's clean split and gates included. The
+clones share one DVC cache, so a later loop seed's stages that do not read `train.seed`
+(ingest, clean, augment, train_evaluator) come back from DVC's run cache.
 Then the outside judge: the official balanced 10,000-image test set, which the pipeline
 never sees, scores the project's own utility protocol
 (tasks/validate/utility_protocol.py `compare_arms`: the cheap menu {real, real+aug} x
 {balanced draws, logit-adjusted loss} chosen on the clean val split, 5 paired classifier
-seeds) trained on the clean real train split alone and plus the live pool. When nothing
+seeds) trained on the clean real train split alone and plus the live pool; the arms on
+the real split alone are the same for every loop seed and train once. When nothing
 was promoted it judges the rows the gate refused instead (the accepted rows promotion would
 have added), so it says whether refusing them was right. Reported per loop seed and over
 loop seeds (95% t-interval of the per-seed means): the average per-class accuracy (the
