@@ -15,7 +15,8 @@ params.yaml points `ingest.sources` at it with `clean.image_size: 28` and any `-
 (defaults sized for two cores: one round, one attempt, `train.steps` 400), and
 `synthloop run` runs the real loop, the project's clean split and gates included. The
 clones share one DVC cache, so a later loop seed's stages that do not read `train.seed`
-(ingest, clean, augment, train_evaluator) come back from DVC's run cache.
+come back from DVC's run cache (ingest, augment, train_evaluator, fuse; clean runs again,
+as DVC's run cache skips a stage with an uncached out such as its near-duplicates PNG).
 Then the outside judge: the official balanced 10,000-image test set, which the pipeline
 never sees, scores the project's own utility protocol
 (tasks/validate/utility_protocol.py `compare_arms`: the cheap menu {real, real+aug} x
@@ -189,8 +190,8 @@ def main() -> None:
     for seed in [int(s) for s in args.loop_seeds.split(",")]:
         ws = args.workdir / f"ws-seed{seed}"
         raw = make_workspace(ws, [*DEFAULTS, *args.overrides])
-        # one DVC cache for every loop seed: the stages that do not read train.seed
-        # (ingest, clean, augment, train_evaluator) come back from DVC's run cache
+        # one DVC cache for every loop seed: the stages that do not read train.seed come
+        # back from DVC's run cache (all but clean: see the module docstring)
         subprocess.run([str(BIN / "dvc"), "cache", "dir", "--local", str(cache)], cwd=ws,
                        env=environment(ws), check=True)  # fmt: skip
         write_params(ws, raw, seed)
